@@ -1,0 +1,135 @@
+"""`python -m pipeline <command>`: thin Click wrappers; the work happens in the modules they call."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+
+def model_options(f):
+    """--model/--dataset/--dtype/--device/--seqlen/--experiment, shared by every command that loads a model."""
+    options = [
+        click.option("--model", default="opt-tiny", show_default=True,
+                     help="opt-tiny (embedded), opt-125m, opt-350m, opt-1.3b, opt-2.7b, a hub id or a local directory"),
+        click.option("--dataset", default="pydocs", show_default=True,
+                     help="wikitext2, ptb, c4, pydocs (embedded) or text:PATH"),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+                     show_default=True, help="auto: float32 on CPU, the checkpoint's dtype on CUDA"),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--seqlen", type=click.IntRange(min=2), default=None,
+                     help="evaluation window; default the model's max_position_embeddings"),
+        click.option("--experiment", default=None, help="MLflow experiment (ignored under `mlflow run`)"),
+        click.option("--trust-remote-code", is_flag=True, help="allow a hub model's own Python code to run"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="llm-pruning-pipeline", message="%(version)s")
+def cli():
+    """Iterative magnitude pruning vs one-shot pruning (SparseGPT, magnitude, Wanda) of causal LMs."""
+
+
+@cli.command()
+@model_options
+@click.option("--split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="windows per forward (default: by memory)")
+def evaluate(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, split, batch_size):
+    """Perplexity of a model on a dataset (SPEC §3), logged to MLflow."""
+    from .evaluation import evaluate_command
+
+    evaluate_command(model=model, dataset=dataset, dtype=dtype, device=device, seqlen=seqlen,
+                     experiment=experiment, trust_remote_code=trust_remote_code, split=split,
+                     batch_size=batch_size)
+
+
+def prune_options(f):
+    """The one-shot pruning flags, shared by `prune` and the pruning step of `iterative`."""
+    options = [
+        click.option("--pattern", default="unstructured", show_default=True, help="unstructured or N:M, e.g. 2:4"),
+        click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+                     help="magnitude: every matrix to the same sparsity, or one threshold over all"),
+        click.option("--include", default=None, help="regex: prune only matrices whose name matches"),
+        click.option("--exclude", default=None, help="regex: never prune matrices whose name matches"),
+        click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="calibration windows (SparseGPT, Wanda)"),
+        click.option("--blocksize", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--percdamp", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        click.option("--calibration-dataset", default=None,
+                     help="default: c4 for hub models (as the reference), pydocs for opt-tiny"),
+        click.option("--calibration-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="calibration windows per layer forward"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@model_options
+@click.option("--method", type=click.Choice(["magnitude", "sparsegpt", "wanda"]), default="sparsegpt",
+              show_default=True)
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="fraction of zeros, in [0, 1)")
+@prune_options
+@click.option("--seed", type=int, default=0, show_default=True, help="calibration draw (0 as the reference)")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None,
+              help="default pruned_models/<model>-<method>-<sparsity>")
+def prune(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, method, sparsity, pattern,
+          scope, include, exclude, nsamples, blocksize, percdamp, calibration_dataset, calibration_batch_size,
+          seed, output_dir):
+    """One-shot pruning (magnitude, SparseGPT, Wanda): dense and pruned perplexity, saved model."""
+    from .prune import prune_command
+    from .pruning import PruneConfig
+
+    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, scope=scope, include=include,
+                         exclude=exclude, nsamples=nsamples, blocksize=blocksize, percdamp=percdamp,
+                         calibration_batch_size=calibration_batch_size)
+    prune_command(model=model, dataset=dataset, dtype=dtype, device=device, seqlen=seqlen,
+                  experiment=experiment, trust_remote_code=trust_remote_code, config=config,
+                  calibration_dataset=calibration_dataset, seed=seed, output_dir=output_dir)
+
+
+@cli.command()
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("pretrained/opt-tiny"), show_default=True)
+@click.option("--experiment", default=None, help="MLflow experiment (ignored under `mlflow run`)")
+@click.option("--vocab-size", type=click.IntRange(min=300), default=4096, show_default=True)
+@click.option("--hidden-size", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--num-layers", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--num-heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--ffn-dim", type=click.IntRange(min=8), default=1024, show_default=True)
+@click.option("--max-positions", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def pretrain(output_dir, experiment, **options):
+    """Train the embedded opt-tiny from scratch on the pydocs corpus (reproduces the shipped model)."""
+    from .pretrain import PretrainConfig, pretrain_command
+
+    pretrain_command(PretrainConfig(**options), output_dir, experiment)
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)

@@ -1,0 +1,222 @@
+"""Datasets as the SparseGPT reference code reads them, plus the offline `pydocs` and `text:PATH` corpora.
+
+Every corpus yields the same three things: an evaluation text tokenized once as a whole (SPEC §3),
+calibration windows for one-shot pruning, and packed training blocks for recovery training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+DATASETS = ("wikitext2", "ptb", "c4", "pydocs", "text:PATH")
+C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_DOCUMENTS = 1100
+C4_EVAL_WINDOWS = 256
+C4_TRAINING_DOCUMENTS = 20000  # recovery training reads this prefix of the 356k-document shard
+
+
+@dataclass
+class Corpus:
+    name: str
+    train_text: str                    # one token stream: calibration windows and training blocks
+    eval_texts: dict                   # split -> text, tokenized once as a whole
+    eval_max_windows: int | None = None
+    train_documents: list | None = None  # c4 only: calibration draws whole documents (SPEC §4)
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(self.train_text.encode("utf-8"))
+        for split in sorted(self.eval_texts):
+            h.update(split.encode() + b"\0" + self.eval_texts[split].encode("utf-8"))
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"dataset": self.name, "corpus_digest": self.digest[:16],
+                "corpus_bytes": len(self.train_text.encode("utf-8"))
+                + sum(len(t.encode("utf-8")) for t in self.eval_texts.values()), **self.tags}
+
+    def eval_text(self, split: str) -> str:
+        if split not in self.eval_texts:
+            raise UserError(f"dataset {self.name} has no '{split}' split; "
+                            f"use one of {', '.join(sorted(self.eval_texts))}", exit_code=2)
+        return self.eval_texts[split]
+
+
+def _hub_dataset(loader_name: str, *args, **kwargs):
+    """`datasets.load_dataset`, with the offline failure turned into one line."""
+    from datasets import load_dataset
+
+    from .hub import offline_when_unreachable
+
+    with offline_when_unreachable() as unreachable:
+        try:
+            return load_dataset(*args, **kwargs)
+        except Exception as error:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    where = (f"is not in the local HF datasets cache and the hub could not be reached ({unreachable})"
+             if unreachable else f"could not be loaded ({detail})")
+    raise UserError(f"dataset '{loader_name}' {where}; use --dataset pydocs or --dataset text:PATH, "
+                    "or fill the HF datasets cache on a machine with network access")
+
+
+def _wikitext2() -> Corpus:
+    splits = {s: _hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=s)
+              for s in ("train", "validation", "test")}
+    return Corpus("wikitext2", " ".join(splits["train"]["text"]),
+                  {s: "\n\n".join(splits[s]["text"]) for s in ("validation", "test")})
+
+
+def _ptb() -> Corpus:
+    splits = {s: _hub_dataset("ptb", "ptb_text_only", "penn_treebank", split=s)
+              for s in ("train", "validation", "test")}
+    return Corpus("ptb", " ".join(splits["train"]["sentence"]),
+                  {s: " ".join(splits[s]["sentence"]) for s in ("validation", "test")})
+
+
+def _c4() -> Corpus:
+    train = _hub_dataset("c4", "allenai/c4", data_files={"train": C4_TRAIN_SHARD}, split="train")
+    valid = _hub_dataset("c4", "allenai/c4", data_files={"validation": C4_VALIDATION_SHARD},
+                         split="validation")
+    eval_text = " ".join(valid[:C4_EVAL_DOCUMENTS]["text"])
+    documents = list(train["text"])
+    return Corpus("c4", " ".join(documents[:C4_TRAINING_DOCUMENTS]),
+                  {"validation": eval_text, "test": eval_text},
+                  eval_max_windows=C4_EVAL_WINDOWS, train_documents=documents)
+
+
+def _pydocs() -> Corpus:
+    from .pydocs import build_pydocs_splits, python_version
+
+    splits = build_pydocs_splits()
+    return Corpus("pydocs", splits["train"], {"validation": splits["validation"], "test": splits["test"]},
+                  tags={"corpus_python": python_version()})
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"text file {path} does not exist", exit_code=2) from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); convert it with "
+                        "`iconv -t utf-8`", exit_code=2) from None
+    if not text.strip():
+        raise UserError(f"{path} is empty: give it some text", exit_code=2)
+    return text
+
+
+def _text_path(path: str) -> Corpus:
+    root = Path(path).expanduser()
+    if root.is_dir():
+        if not (root / "train.txt").exists() or not (root / "test.txt").exists():
+            raise UserError(f"directory {root} must hold train.txt and test.txt "
+                            "(validation.txt is optional)", exit_code=2)
+        test = _read_utf8(root / "test.txt")
+        validation = _read_utf8(root / "validation.txt") if (root / "validation.txt").exists() else test
+        return Corpus(f"text:{path}", _read_utf8(root / "train.txt"),
+                      {"validation": validation, "test": test})
+    if not root.exists():
+        raise UserError(f"--dataset text:{path}: no such file or directory", exit_code=2)
+    text = _read_utf8(root)
+    return Corpus(f"text:{path}", text, {"validation": text, "test": text})
+
+
+def load_corpus(name: str) -> Corpus:
+    if name.startswith("text:"):
+        return _text_path(name[len("text:"):])
+    loaders = {"wikitext2": _wikitext2, "ptb": _ptb, "c4": _c4, "pydocs": _pydocs}
+    if name not in loaders:
+        raise UserError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}", exit_code=2)
+    return loaders[name]()
+
+
+# --- tokenization, cached on disk ---------------------------------------------------------------
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "pipeline"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    identity = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """The whole text tokenized at once, as `tokenizer(text, return_tensors="pt")` in the reference.
+
+    Cached by (tokenizer, text) digest: tokenizing WikiText-2's train split takes a while, and a
+    pruning grid reads it many times.
+    """
+    key = hashlib.sha256((tokenizer_fingerprint(tokenizer) + "\0").encode() + text.encode("utf-8"))
+    path = cache_dir() / f"tokens-{key.hexdigest()[:24]}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a cache entry cut short by a kill is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "sequence longer than model_max_length" warning is expected here
+    try:
+        ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
+    return ids
+
+
+def eval_tokens(corpus: Corpus, tokenizer, split: str, seqlen: int) -> torch.Tensor:
+    ids = tokenize_stream(tokenizer, corpus.eval_text(split))
+    if corpus.eval_max_windows is not None:
+        ids = ids[: corpus.eval_max_windows * seqlen]
+    return ids
+
+
+def training_blocks(corpus: Corpus, tokenizer, seqlen: int) -> torch.Tensor:
+    """The train stream packed into [n_blocks, seqlen]; the partial tail is dropped."""
+    ids = tokenize_stream(tokenizer, corpus.train_text)
+    n_blocks = ids.numel() // seqlen
+    if n_blocks == 0:
+        raise UserError(f"the train split of {corpus.name} has {ids.numel()} tokens, fewer than one "
+                        f"window of {seqlen}; use more text or a smaller --seqlen", exit_code=2)
+    return ids[: n_blocks * seqlen].view(n_blocks, seqlen)
+
+
+def calibration_windows(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens, drawn exactly as the SparseGPT reference does."""
+    random.seed(seed)
+    windows = []
+    if corpus.train_documents is not None:  # c4: pick a long enough document, then a start in it
+        for _ in range(nsamples):
+            while True:
+                doc = corpus.train_documents[random.randint(0, len(corpus.train_documents) - 1)]
+                ids = torch.tensor(tokenizer(doc).input_ids)
+                if ids.numel() > seqlen:
+                    break
+            start = random.randint(0, ids.numel() - seqlen - 1)
+            windows.append(ids[start:start + seqlen])
+        return torch.stack(windows)
+    ids = tokenize_stream(tokenizer, corpus.train_text)
+    if ids.numel() <= seqlen + 1:
+        raise UserError(f"the train split of {corpus.name} has {ids.numel()} tokens, too few for "
+                        f"calibration windows of {seqlen}; use a smaller --seqlen", exit_code=2)
+    for _ in range(nsamples):
+        start = random.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start:start + seqlen])
+    return torch.stack(windows)

@@ -1,0 +1,47 @@
+"""Dense perplexity, remembered per (model, dataset, split, seqlen, dtype) so a pruning grid computes it once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .data import cache_dir
+
+
+def _model_identity(source: str) -> str:
+    """A hub id names fixed weights; a local directory's weights can change, so their mtimes count."""
+    path = Path(source)
+    if not path.is_dir():
+        return source
+    stamps = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in path.iterdir()
+                    if f.suffix in (".safetensors", ".bin", ".json"))
+    return f"{path.resolve()}|{'|'.join(stamps)}"
+
+
+def dense_key(source: str, corpus_digest: str, split: str, seqlen: int, dtype: str) -> str:
+    raw = "\0".join([_model_identity(source), corpus_digest, split, str(seqlen), dtype])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _path() -> Path:
+    return cache_dir() / "dense_perplexity.json"
+
+
+def cached_dense_perplexity(key: str) -> float | None:
+    try:
+        return json.loads(_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def remember_dense_perplexity(key: str, value: float) -> None:
+    try:
+        table = json.loads(_path().read_text())
+    except (OSError, ValueError):
+        table = {}
+    table[key] = value
+    tmp = _path().with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, _path())

@@ -1,0 +1,12 @@
+"""One exception type for everything a user can fix; the CLI turns it into one line and an exit code."""
+
+
+class UserError(Exception):
+    """A problem with the input or the environment, stated so the user knows what to do.
+
+    exit_code 2 is a usage error (bad flag value), 1 a runtime one (model not reachable, ...).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,136 @@
+"""Loading causal LMs, and the one place that knows where a model keeps its decoder layers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+HUB_ALIASES = {
+    "opt-125m": "facebook/opt-125m",
+    "opt-350m": "facebook/opt-350m",
+    "opt-1.3b": "facebook/opt-1.3b",
+    "opt-2.7b": "facebook/opt-2.7b",
+}
+EMBEDDED_MODEL = "opt-tiny"
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "opt-tiny"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_source(name: str) -> str:
+    """Alias, embedded model, local directory or hub id -> what `from_pretrained` takes."""
+    if name == EMBEDDED_MODEL:
+        if not (EMBEDDED_MODEL_DIR / "config.json").exists():
+            raise UserError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}; "
+                            "reinstall the package or run `python -m pipeline pretrain`")
+        return str(EMBEDDED_MODEL_DIR)
+    if name in HUB_ALIASES:
+        return HUB_ALIASES[name]
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise UserError(f"{name} is a directory but holds no config.json: "
+                            "save the model there with save_pretrained()", exit_code=2)
+        return name
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+    if looks_like_path:
+        raise UserError(f"model directory {name} does not exist", exit_code=2)
+    if "/" not in name:
+        known = ", ".join([EMBEDDED_MODEL, *HUB_ALIASES])
+        raise UserError(f"unknown model '{name}': use one of {known}, a hub id (org/name) "
+                        "or a local directory saved with save_pretrained()", exit_code=2)
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu",
+                        exit_code=2)
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU (half precision is slow and inexact there), the checkpoint's dtype on GPU."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    return DTYPES[dtype]
+
+
+def _hub_unreachable(name: str, source: str, reason: str) -> UserError:
+    return UserError(
+        f"model '{name}' ({source}) is not in the local Hugging Face cache and the hub could not be "
+        f"reached ({reason}); pass a local directory saved with save_pretrained(), "
+        "fill the HF cache on a machine with network access, or use --model opt-tiny "
+        "(HF_HUB_OFFLINE=1 makes this fail fast)")
+
+
+def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu",
+                             trust_remote_code: bool = False, keep_on_cpu: bool = False):
+    """Returns (model in eval mode on `device`, tokenizer). Hub failures become one UserError line.
+
+    The dtype is chosen for `device`; with keep_on_cpu the model stays in host memory (SparseGPT moves
+    one layer at a time to the device).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hub import offline_when_unreachable
+
+    source = resolve_model_source(name)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    with offline_when_unreachable() as unreachable:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+        except OSError as error:  # transformers reports "offline" and "not found" alike as OSError
+            if os.path.isdir(source):
+                raise UserError(f"could not load the model in {source}: "
+                                f"{str(error).splitlines()[0]}") from None
+            if unreachable:
+                raise _hub_unreachable(name, source, unreachable) from None
+            if "not a valid model identifier" in str(error):
+                raise UserError(f"model '{name}' was not found on the hub; check the id",
+                                exit_code=2) from None
+            raise UserError(f"could not load model '{name}': {str(error).splitlines()[0]}") from None
+    if not keep_on_cpu:
+        model.to(torch_device)
+    model.eval()
+    return model, tokenizer
+
+
+# --- where the decoder layers live -------------------------------------------------------------
+# The only architecture-specific knowledge of the project. To support another family (LLaMA: model.model.layers,
+# model.model.embed_tokens, model.model.norm, rotary embeddings) add an entry here.
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    layers: nn.ModuleList
+    before_layers: list   # modules the input passes through before the first decoder layer
+    layer_prefix: str     # qualified name of the layer list, e.g. "model.decoder.layers"
+
+
+def decoder_layout(model: nn.Module) -> DecoderLayout:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type == "opt":
+        decoder = model.model.decoder
+        before = [decoder.embed_tokens, decoder.embed_positions]
+        if decoder.project_in is not None:
+            before.append(decoder.project_in)
+        return DecoderLayout(decoder.layers, before, "model.decoder.layers")
+    if model_type in ("llama", "mistral", "qwen2"):
+        inner = model.model
+        before = [inner.embed_tokens] + ([inner.rotary_emb] if hasattr(inner, "rotary_emb") else [])
+        return DecoderLayout(inner.layers, before, "model.layers")
+    raise UserError(f"model type '{model_type}' is not supported yet: its decoder layers are unknown "
+                    "(add it to pipeline/models.py:decoder_layout)", exit_code=2)
+
+
+def max_positions(model: nn.Module) -> int:
+    return int(model.config.max_position_embeddings)

@@ -1,0 +1,63 @@
+"""Perplexity exactly as the SparseGPT reference computes it (SPEC §3).
+
+The token stream is cut into non-overlapping windows of `seqlen` tokens, the last partial window is
+dropped, and ppl = exp(mean over windows of each window's mean next-token NLL). Unlike the reference,
+several windows go through the model per forward, and the loss is taken in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOGITS_BUDGET_BYTES = 1 << 30  # float32 logits held at once; decides the windows per forward
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    windows: int
+    tokens: int
+    seconds: float
+
+    def metrics(self, prefix: str = "") -> dict:
+        return {f"{prefix}perplexity": self.perplexity, f"{prefix}eval_tokens": self.tokens,
+                f"{prefix}eval_windows": self.windows, f"{prefix}eval_seconds": self.seconds}
+
+
+def windows_per_forward(seqlen: int, vocab_size: int) -> int:
+    return max(1, LOGITS_BUDGET_BYTES // (seqlen * vocab_size * 4))
+
+
+def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> torch.Tensor:
+    """Mean next-token NLL of each full window, float64 on CPU, shape [n_windows]."""
+    n_windows = input_ids.numel() // seqlen
+    if n_windows == 0:
+        raise ValueError(f"{input_ids.numel()} tokens make no window of {seqlen}")
+    device = next(model.parameters()).device
+    windows = input_ids.reshape(-1)[: n_windows * seqlen].view(n_windows, seqlen)
+    batch_size = batch_size or windows_per_forward(seqlen, model.config.vocab_size)
+    was_training = model.training
+    model.eval()
+    nlls = []
+    with torch.inference_mode():
+        for start in range(0, n_windows, batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            logits = model(batch, use_cache=False).logits[:, :-1, :]
+            token_nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                        batch[:, 1:].reshape(-1), reduction="none")
+            nlls.append(token_nll.view(batch.shape[0], -1).mean(dim=1).double().cpu())
+    model.train(was_training)
+    return torch.cat(nlls)
+
+
+def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> PerplexityResult:
+    started = time.perf_counter()
+    nlls = window_nlls(model, input_ids, seqlen, batch_size)
+    return PerplexityResult(perplexity=math.exp(nlls.mean().item()), windows=nlls.numel(),
+                            tokens=nlls.numel() * seqlen, seconds=time.perf_counter() - started)

@@ -1,0 +1,152 @@
+"""`pretrain`: builds the embedded `opt-tiny` from scratch on the pydocs corpus.
+
+A byte-level BPE tokenizer is trained on the train split, then an OPT-architecture model with most
+of its parameters in the decoder layers (pruning touches only those) is trained on packed blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: pad 1, bos/eos 2
+
+
+@dataclass
+class PretrainConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_dim: int = 1024
+    max_positions: int = 512
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    steps: int = 240
+    batch_size: int = 16
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+def train_tokenizer(text: str, vocab_size: int):
+    """Byte-level BPE like GPT-2/OPT's, with `</s>` prepended as OPT's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(text.split("\n\n"), trainer=trainer)
+    bos = tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
+                                                             special_tokens=[("</s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="</s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", model_max_length=1 << 30)
+
+
+def build_model(config: PretrainConfig, tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(config.seed)
+    opt_config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        ffn_dim=config.ffn_dim, num_attention_heads=config.num_heads,
+        max_position_embeddings=config.max_positions, word_embed_proj_dim=config.hidden_size,
+        dropout=0.0, attention_dropout=0.0, do_layer_norm_before=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    return OPTForCausalLM(opt_config)
+
+
+def pretrain(config: PretrainConfig, output_dir: Path, on_log=None) -> dict:
+    from .data import eval_tokens, load_corpus, training_blocks
+    from .perplexity import perplexity
+    from .training import TrainConfig, train_causal_lm
+
+    started = time.perf_counter()
+    corpus = load_corpus("pydocs")
+    tokenizer = train_tokenizer(corpus.train_text, config.vocab_size)
+    model = build_model(config, tokenizer)
+    blocks = training_blocks(corpus, tokenizer, config.max_positions)
+    epochs = math.ceil(config.steps * config.batch_size / blocks.shape[0])
+    train_config = TrainConfig(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+                               schedule="cosine", batch_size=config.batch_size, epochs=epochs,
+                               max_steps=math.ceil(config.steps / epochs), seed=config.seed)
+    result = train_causal_lm(model, blocks, train_config, desc="Pretraining opt-tiny", on_log=on_log)
+    test = perplexity(model, eval_tokens(corpus, tokenizer, "test", config.max_positions), config.max_positions)
+    validation = perplexity(model, eval_tokens(corpus, tokenizer, "validation", config.max_positions),
+                            config.max_positions)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_decoder = sum(p.numel() for p in model.model.decoder.layers.parameters())
+    summary = {
+        "config": asdict(config), "corpus": corpus.describe(), "train_blocks": blocks.shape[0],
+        "optimizer_steps": result.steps, "epochs": epochs, "final_train_loss": result.final_loss,
+        "test_perplexity": test.perplexity, "validation_perplexity": validation.perplexity,
+        "parameters": n_params, "decoder_layer_parameters": n_decoder,
+        "train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+    }
+    (output_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / "README.md").write_text(model_card(summary))
+    return summary
+
+
+def model_card(summary: dict) -> str:
+    c = summary["config"]
+    corpus = summary["corpus"]
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in c.items())
+    return f"""# opt-tiny
+
+An OPT-architecture causal LM (`OPTForCausalLM`) trained from scratch on the `pydocs` corpus: the
+standard-library documentation of Python {corpus.get('corpus_python')}. It is this project's embedded default, so
+that pruning, training and evaluation run offline. It is a test subject, not a useful language model.
+
+| | |
+|---|---|
+| layers x hidden x ffn x heads | {c['num_layers']} x {c['hidden_size']} x {c['ffn_dim']} x {c['num_heads']} |
+| vocabulary | {c['vocab_size']} (byte-level BPE trained on the pydocs train split) |
+| positions (seqlen) | {c['max_positions']} |
+| parameters | {summary['parameters']:,}, of which {summary['decoder_layer_parameters']:,} ({100 * summary['decoder_layer_parameters'] / summary['parameters']:.0f}%) in the decoder layers |
+| corpus | pydocs, {corpus['corpus_bytes']:,} bytes, digest `{corpus['corpus_digest']}` |
+| training | {summary['optimizer_steps']} AdamW steps of {c['batch_size']} x {c['max_positions']} tokens ({summary['epochs']} epochs), cosine lr {c['lr']}, seed {c['seed']} |
+| training time | {summary['train_seconds'] / 60:.1f} min on 2 CPU cores (torch {summary['torch']}) |
+| final train loss | {summary['final_train_loss']:.4f} |
+| **dense test perplexity (pydocs)** | **{summary['test_perplexity']:.2f}** |
+| dense validation perplexity | {summary['validation_perplexity']:.2f} |
+
+Reproduce with
+
+```
+python -m pipeline pretrain {flags} --output-dir pipeline/assets/opt-tiny
+```
+
+Perplexities are computed as in SPEC §3 (non-overlapping windows of {c['max_positions']} tokens). The corpus
+is rebuilt from the running Python's documentation: another Python version gives another digest,
+and then these numbers do not apply.
+"""
+
+
+def pretrain_command(config: PretrainConfig, output_dir: Path, experiment: str | None) -> dict:
+    from .tracking import tracked_run
+
+    with tracked_run("pretrain opt-tiny pydocs", asdict(config) | {"output_dir": str(output_dir)},
+                     {"model": "opt-tiny", "dataset": "pydocs"}, experiment) as logger:
+        summary = pretrain(config, output_dir,
+                           on_log=lambda step, loss, lr: logger.log_dict({"train_loss": loss, "lr": lr}, step))
+        logger.set_tags({k: v for k, v in summary["corpus"].items() if k != "dataset"})
+        logger.log_dict({"test_perplexity": summary["test_perplexity"],
+                         "validation_perplexity": summary["validation_perplexity"],
+                         "train_seconds": summary["train_seconds"]})
+    print(f"opt-tiny saved to {output_dir}: test perplexity {summary['test_perplexity']:.2f}, "
+          f"{summary['train_seconds'] / 60:.1f} min of training")
+    return summary

@@ -1,0 +1,32 @@
+"""Magnitude pruning: per matrix (the SparseGPT paper's baseline) or one global threshold (open_lth)."""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import lowest_k_mask, zeros_to_reach
+
+
+@torch.no_grad()
+def magnitude_prune_layerwise(linears: dict, sparsity: float) -> None:
+    """Every matrix to exactly round(sparsity * numel) zeros (never fewer than it already has)."""
+    for module in linears.values():
+        weight = module.weight
+        zeros = int((weight == 0).sum())
+        k = zeros + zeros_to_reach(weight.numel(), zeros, sparsity)
+        weight[lowest_k_mask(weight.abs(), k)] = 0
+
+
+@torch.no_grad()
+def magnitude_prune_global(linears: dict, sparsity: float) -> None:
+    """One threshold over all matrices: exactly round(sparsity * total) zeros in the whole set."""
+    weights = [m.weight for m in linears.values()]
+    scores = torch.cat([w.detach().abs().reshape(-1).float().cpu() for w in weights])
+    zeros = int((scores == 0).sum())
+    k = zeros + zeros_to_reach(scores.numel(), zeros, sparsity)
+    prune = lowest_k_mask(scores, k)
+    offset = 0
+    for weight in weights:
+        n = weight.numel()
+        weight[prune[offset:offset + n].view_as(weight).to(weight.device)] = 0
+        offset += n

@@ -1,0 +1,154 @@
+"""What is prunable, what is pruned, and how to prune exactly k more weights.
+
+A model's mask is simply `weight != 0` over the prunable matrices: no separate state that could drift
+from the weights. Pruning is monotone (a zero stays a zero) and exact: selections break ties by
+position, so a matrix (or the whole set) lands on exactly round(s * n) zeros.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models import decoder_layout
+
+
+def prunable_linears(model: nn.Module, include: str | None = None, exclude: str | None = None) -> dict:
+    """Qualified name -> nn.Linear for every Linear inside the decoder layers (not embeddings, lm_head).
+
+    `include` / `exclude` are regexes searched in the qualified name (e.g. `fc[12]`, `layers\\.0\\.`).
+    """
+    layout = decoder_layout(model)
+    found = {}
+    for index, layer in enumerate(layout.layers):
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            qualified = f"{layout.layer_prefix}.{index}.{name}"
+            if include and not re.search(include, qualified):
+                continue
+            if exclude and re.search(exclude, qualified):
+                continue
+            found[qualified] = module
+    return found
+
+
+def model_masks(linears: dict) -> dict:
+    """Name -> bool tensor, True where the weight is kept (non-zero)."""
+    return {name: module.weight.detach() != 0 for name, module in linears.items()}
+
+
+def count_zeros(linears: dict) -> tuple[int, int]:
+    zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
+    return zeros, sum(m.weight.numel() for m in linears.values())
+
+
+def sparsity_of(linears: dict) -> float:
+    zeros, total = count_zeros(linears)
+    return zeros / total if total else 0.0
+
+
+def target_after_fraction(current_sparsity: float, fraction_of_remaining: float) -> float:
+    """Sparsity after pruning `fraction_of_remaining` of the weights that are still non-zero."""
+    return current_sparsity + fraction_of_remaining * (1.0 - current_sparsity)
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (True = prune) of exactly the k lowest scores; ties go to the lower flat index.
+
+    Uses kthvalue plus an index-ordered pick among the ties, not a full sort: no O(n log n) and no
+    n-sized index tensor for the common case.
+    """
+    flat = scores.reshape(-1).float()
+    prune = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return prune.view_as(scores)
+    if k >= flat.numel():
+        return torch.ones_like(prune).view_as(scores)
+    threshold = torch.kthvalue(flat, k).values
+    below = flat < threshold
+    missing = k - int(below.sum())
+    tied = (flat == threshold).nonzero().squeeze(1)[:missing]
+    prune |= below
+    prune[tied] = True
+    return prune.view_as(scores)
+
+
+def allocate_exactly(total: int, weights: torch.Tensor) -> torch.Tensor:
+    """Splits integer `total` across slots in proportion to `weights`, summing to exactly `total`.
+
+    Cumulative rounding: slot i gets round(total * W_i) - round(total * W_{i-1}) with W the cumulative
+    share. Used to spread a matrix's new zeros over SparseGPT's column blocks or Wanda's rows.
+    """
+    weights = weights.double()
+    cumulative = torch.cumsum(weights, 0) / weights.sum().clamp_min(1e-300)
+    edges = torch.round(cumulative * total).long()
+    return torch.diff(edges, prepend=torch.zeros(1, dtype=torch.long))
+
+
+def zeros_to_reach(numel: int, current_zeros: int, sparsity: float) -> int:
+    """How many more zeros bring `numel` weights with `current_zeros` to round(sparsity * numel)."""
+    return max(0, round(sparsity * numel) - current_zeros)
+
+
+@dataclass
+class MatrixSparsity:
+    name: str
+    zeros: int
+    numel: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel
+
+
+def sparsity_report(model: nn.Module, linears: dict) -> dict:
+    """Per matrix, per decoder layer, over the prunable set and over all parameters."""
+    layout_prefix = decoder_layout(model).layer_prefix
+    matrices = [MatrixSparsity(n, int((m.weight == 0).sum()), m.weight.numel()) for n, m in linears.items()]
+    layers = {}
+    for matrix in matrices:
+        layer = matrix.name[len(layout_prefix) + 1:].split(".")[0]
+        zeros, numel = layers.get(layer, (0, 0))
+        layers[layer] = (zeros + matrix.zeros, numel + matrix.numel)
+    prunable_zeros = sum(m.zeros for m in matrices)
+    prunable_numel = sum(m.numel for m in matrices)
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    all_numel = sum(p.numel() for p in model.parameters())
+    return {
+        "matrices": {m.name: m.sparsity for m in matrices},
+        "layers": {k: z / n for k, (z, n) in layers.items()},
+        "prunable": prunable_zeros / prunable_numel if prunable_numel else 0.0,
+        "prunable_zeros": prunable_zeros, "prunable_numel": prunable_numel,
+        "all_parameters": all_zeros / all_numel,
+    }
+
+
+class MaskKeeper:
+    """Keeps pruned weights at zero during training (llm-compressor's layer_mask idea).
+
+    Gradients of pruned weights are zeroed before the optimizer step and the weights re-zeroed after
+    it, each as one fused `_foreach_mul_` over all matrices.
+    """
+
+    def __init__(self, linears: dict):
+        self.names = list(linears)
+        self.weights = [linears[n].weight for n in self.names]
+        self.masks = [(w.detach() != 0).to(w.dtype) for w in self.weights]
+
+    def zero_pruned_grads(self) -> None:
+        pairs = [(w.grad, m) for w, m in zip(self.weights, self.masks) if w.grad is not None]
+        if pairs:
+            grads, masks = zip(*pairs)
+            torch._foreach_mul_(list(grads), list(masks))
+
+    @torch.no_grad()
+    def zero_pruned_weights(self) -> None:
+        torch._foreach_mul_(self.weights, self.masks)
+
+    def changed_matrices(self) -> list:
+        """Names whose mask differs from the one captured: any entry here is a bug."""
+        return [n for n, w, m in zip(self.names, self.weights, self.masks) if not torch.equal(w.detach() != 0, m != 0)]

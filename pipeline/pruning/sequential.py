@@ -1,0 +1,148 @@
+"""Layer-by-layer calibration, shared by SparseGPT and Wanda (as in both reference implementations).
+
+The calibration windows go through the embeddings once; their outputs, with the exact arguments the
+installed transformers passes to a decoder layer, are captured at layer 0. Then per layer: one
+forward of the dense layer collects input statistics of its Linear maps, the layer is pruned, and a
+second forward of the pruned layer produces the inputs of the next. The model stays where it is (CPU)
+and only the layer being worked on moves to the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models import decoder_layout
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class CalibrationBatch:
+    hidden: torch.Tensor  # [b, seqlen, hidden]
+    kwargs: dict          # what the decoder passes each layer besides the hidden states
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                         batch_size: int) -> list[CalibrationBatch]:
+    layout = decoder_layout(model)
+    first = layout.layers[0]
+    moved = layout.before_layers + [first]
+    original_device = next(first.parameters()).device
+    captured = []
+
+    def catch(_module, args, kwargs):
+        captured.append(CalibrationBatch(args[0] if args else kwargs.pop("hidden_states"),
+                                         {k: v for k, v in kwargs.items()}))
+        raise _StopForward
+
+    for module in moved:
+        module.to(device)
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module in moved:
+            module.to(original_device)
+    return captured
+
+
+def layer_output(layer: nn.Module, batch: CalibrationBatch) -> torch.Tensor:
+    out = layer(batch.hidden, **batch.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class InputStatistics:
+    """Running mean over calibration windows of X^T X (SparseGPT: H = 2/n sum X X^T) or of its diagonal
+    (Wanda: the squared column norms), updated exactly as the references do: fp32, rescaled per batch."""
+
+    def __init__(self, columns: int, device: torch.device, full: bool):
+        shape = (columns, columns) if full else (columns,)
+        self.full = full
+        self.sum = torch.zeros(shape, device=device, dtype=torch.float32)
+        self.nsamples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        windows = inputs.shape[0] if inputs.ndim == 3 else 1
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.sum *= self.nsamples / (self.nsamples + windows)
+        self.nsamples += windows
+        if self.full:
+            x = x * (2.0 / self.nsamples) ** 0.5
+            self.sum.addmm_(x.t(), x)
+        else:
+            self.sum += (x * x).sum(dim=0) / self.nsamples
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    seconds: dict = field(default_factory=dict)  # phase -> seconds
+    relative_output_error: float = 0.0           # ||pruned out - dense out||^2 / ||dense out||^2
+
+
+@torch.no_grad()
+def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, device: torch.device,
+                       full_statistics: bool,
+                       prune_matrix: Callable[[str, nn.Linear, InputStatistics, dict], None],
+                       batch_size: int = 8, progress: bool = True) -> list[LayerRecord]:
+    """Runs the calibration windows layer by layer and calls `prune_matrix(name, linear, stats, timings)`
+    for every prunable Linear of the layer, between the dense and the pruned forward."""
+    layout = decoder_layout(model)
+    batches = capture_layer_inputs(model, windows, device, batch_size)
+    records = []
+    for index, layer in enumerate(layout.layers):
+        record = LayerRecord(index)
+        started = time.perf_counter()
+        original_device = next(layer.parameters()).device
+        layer.to(device)
+        prefix = f"{layout.layer_prefix}.{index}."
+        targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
+        stats = {name: InputStatistics(m.in_features, device, full_statistics) for name, m in targets.items()}
+        handles = [module.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
+                   for name, module in targets.items()]
+        try:
+            dense_outputs = [layer_output(layer, batch) for batch in batches]
+        finally:
+            for handle in handles:
+                handle.remove()
+        record.seconds["statistics"] = time.perf_counter() - started
+        for name, module in targets.items():
+            prune_matrix(name, module, stats.pop(name), record.seconds)
+        started = time.perf_counter()
+        error, norm = 0.0, 0.0
+        for batch, dense in zip(batches, dense_outputs):
+            pruned = layer_output(layer, batch)
+            error += float((pruned.float() - dense.float()).pow(2).sum())
+            norm += float(dense.float().pow(2).sum())
+            batch.hidden = pruned
+        record.relative_output_error = error / max(norm, 1e-30)
+        record.seconds["forward"] = time.perf_counter() - started
+        layer.to(original_device)
+        del dense_outputs
+        records.append(record)
+        if progress:
+            total = sum(record.seconds.values())
+            print(f"  layer {index}: {total:.2f}s, relative output error {record.relative_output_error:.4g}",
+                  flush=True)
+    return records

@@ -1,0 +1,95 @@
+"""SparseGPT (Frantar & Alistarh, 2023), algorithmically the reference `fasterprune`.
+
+Per matrix: dampen H, handle dead inputs, take the upper Cholesky factor of H^-1, then sweep the
+columns in blocks. In each block the mask is chosen jointly over all rows by w^2 / d^2 (d = the
+factor's diagonal), and each pruned weight's error is pushed onto the not-yet-visited columns (the
+OBS update), lazily batched per block. The one departure: the reference thresholds each block at
+sorted[int(s * numel)], which can overshoot on ties; here each block gets an exact share of the
+matrix's zeros, so the matrix lands on exactly round(s * numel). Already-zero weights stay zero.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .masks import allocate_exactly, lowest_k_mask, zeros_to_reach
+
+
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    damp = percdamp * torch.mean(torch.diag(hessian))
+    diagonal = torch.arange(hessian.shape[0], device=hessian.device)
+    hessian[diagonal, diagonal] += damp
+    factor = torch.linalg.cholesky(hessian)
+    inverse = torch.cholesky_inverse(factor)
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+@torch.no_grad()
+def sparsegpt_prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
+                           prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
+                           percdamp: float = 0.01, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (pruned weight in weight's dtype, per-row loss sum of (w - q)^2 / d^2 / 2).
+
+    `hessian` is consumed (modified in place). With prune_n > 0 the N:M pattern is used and `sparsity`
+    is ignored: in every group of prune_m columns of a row, the prune_n lowest scores go.
+    """
+    timings = timings if timings is not None else {}
+    started = time.perf_counter()
+    W = weight.detach().clone().float()
+    rows, columns = W.shape
+    kept = W != 0  # the existing mask: these zeros stay zeros
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    W[:, dead] = 0
+    kept[:, dead] = False
+    Hinv = _upper_cholesky_of_inverse(hessian, percdamp)
+    if W.device.type == "cuda":
+        torch.cuda.synchronize()
+    timings["factorization"] = timings.get("factorization", 0.0) + time.perf_counter() - started
+
+    started = time.perf_counter()
+    block_starts = list(range(0, columns, blocksize))
+    if not prune_n:
+        # New zeros for the whole matrix, shared among the blocks by their remaining non-zeros.
+        new_zeros = zeros_to_reach(W.numel(), int((~kept).sum()), sparsity)
+        nonzeros_per_block = torch.stack([kept[:, i:i + blocksize].sum() for i in block_starts]).cpu()
+        block_new_zeros = allocate_exactly(new_zeros, nonzeros_per_block).tolist()
+    losses = torch.zeros(rows, device=W.device)
+    for block, i1 in enumerate(block_starts):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        kept1 = kept[:, i1:i2]
+        if not prune_n:
+            scores = (W1 ** 2 / d.reshape(1, -1) ** 2).masked_fill(~kept1, float("-inf"))
+            mask1 = lowest_k_mask(scores, int((~kept1).sum()) + block_new_zeros[block])
+        else:
+            mask1 = ~kept1
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            if prune_n and i % prune_m == 0:
+                group = slice(i, min(i + prune_m, i2 - i1))
+                scores = (W1[:, group] ** 2 / d[group].reshape(1, -1) ** 2).masked_fill(~kept1[:, group], float("-inf"))
+                take = min(prune_n, scores.shape[1])
+                lowest = torch.topk(scores, take, dim=1, largest=False).indices
+                mask1[:, group] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d[i] ** 2
+            err1 = (w - q) / d[i]
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        losses += torch.sum(Losses1, 1) / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if W.device.type == "cuda":
+        torch.cuda.synchronize()
+    timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - started
+    return W.to(weight.dtype), losses

@@ -1,0 +1,36 @@
+"""Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2, compared within each output row."""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import allocate_exactly, zeros_to_reach
+
+
+def _lowest_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the k_per_row[r] lowest scores of each row r; ties go to the lower column."""
+    order = torch.sort(scores, dim=1, stable=True).indices
+    ranks_pruned = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < k_per_row.unsqueeze(1)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, ranks_pruned)
+
+
+@torch.no_grad()
+def wanda_prune_matrix(weight: torch.Tensor, column_norm_sq: torch.Tensor, sparsity: float,
+                       prune_n: int = 0, prune_m: int = 0) -> torch.Tensor:
+    """Returns the pruned weight. Already-zero weights stay zero and count toward each row's share."""
+    W = weight.detach().float()
+    kept = W != 0
+    scores = (W.abs() * column_norm_sq.sqrt().reshape(1, -1)).masked_fill(~kept, float("-inf"))
+    rows, columns = W.shape
+    if prune_n:
+        usable = columns - columns % prune_m
+        groups = scores[:, :usable].reshape(rows, -1, prune_m)
+        lowest = torch.topk(groups, prune_n, dim=2, largest=False).indices
+        prune = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True).reshape(rows, usable)
+        prune = torch.cat([prune, ~kept[:, usable:]], dim=1)
+        prune |= ~kept
+    else:
+        new_zeros = zeros_to_reach(W.numel(), int((~kept).sum()), sparsity)
+        per_row = (~kept).sum(dim=1) + allocate_exactly(new_zeros, kept.sum(dim=1).cpu()).to(W.device)
+        prune = _lowest_per_row(scores, per_row)
+    return weight.detach().masked_fill(prune, 0)

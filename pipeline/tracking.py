@@ -1,0 +1,139 @@
+"""Everything MLflow, in one module: where runs go, what a run records, and a batched metric logger."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_EXPERIMENT = "llm-pruning"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # never the deprecated ./mlruns file store
+FLUSH_EVERY = 200  # metrics buffered per log_batch call; MLflow's batch limit is 1000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def under_mlflow_run() -> bool:
+    """`mlflow run` injects a run through MLFLOW_RUN_ID; set_experiment would break it."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _param_value(value) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+class MLflowLogger:
+    """The one metric-logger interface (torchtune style): log_dict buffers, flush sends one log_batch."""
+
+    def __init__(self, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        self.run_id = run_id
+        self._buffer = []
+
+    def log_dict(self, metrics: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer += [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        if len(self._buffer) >= FLUSH_EVERY:
+            self.flush()
+
+    def log(self, name: str, value: float, step: int = 0) -> None:
+        self.log_dict({name: value}, step)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict_artifact(self, data: dict, artifact_file: str) -> None:
+        import json
+
+        self.client.log_text(self.run_id, json.dumps(data, indent=2), artifact_file)
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _tracking_unreachable(error: Exception):
+    from .errors import UserError
+
+    return UserError(f"MLflow tracking store {tracking_uri()} is not usable "
+                     f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); start the server or "
+                     "set MLFLOW_TRACKING_URI to a reachable store (default sqlite:///mlflow.db)")
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None = None):
+    """Starts (or, under `mlflow run`, adopts) a run; ends it FINISHED, FAILED or KILLED."""
+    import logging
+
+    import mlflow
+
+    # MLflow's INFO lines (creating tables, creating the experiment) drown the one line a user reads.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        if under_mlflow_run():
+            run = mlflow.start_run()
+        else:
+            mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+            run = mlflow.start_run(run_name=run_name)
+    except Exception as error:  # an unreachable server or a broken store must stop us before any work
+        raise _tracking_unreachable(error) from None
+    logger = MLflowLogger(run.info.run_id)
+    status = "FAILED"
+    try:
+        logger.set_tags({"mlflow.runName": run_name, "pipeline_version": __version__,
+                         "git_commit": git_commit(), **tags})
+        logger.log_params(params)
+        yield logger
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as error:
+        logger.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        raise
+    finally:
+        try:
+            logger.close()
+        finally:
+            mlflow.end_run(status)

@@ -1,0 +1,143 @@
+"""Causal-LM training on packed token blocks: the loop behind `pretrain`, `train` and each IMP iteration.
+
+Pruned weights stay pruned the llm-compressor way: the gradients of pruned weights are zeroed before
+the optimizer step and the weights themselves re-zeroed after it (AdamW's moments and weight decay
+would revive them otherwise). Both are one `torch._foreach_mul_` over all prunable matrices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"      # constant | cosine (to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None    # cap on optimizer steps per epoch (SPEC §2 --max-steps)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    epoch_losses: list = field(default_factory=list)
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.epoch_losses[-1] if self.epoch_losses else float("nan")
+
+
+def steps_per_epoch(n_blocks: int, config: TrainConfig) -> int:
+    full = math.ceil(n_blocks / (config.batch_size * config.grad_accum))
+    return min(full, config.max_steps) if config.max_steps else full
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    return config.lr
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, *, mask_keeper=None,
+                    desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
+                    show_progress: bool = True) -> TrainResult:
+    """Trains `model` in place on `blocks` [n, seqlen]; `on_log(global_step, loss, lr)` every log_every steps."""
+    device = next(model.parameters()).device
+    use_bf16 = device.type == "cuda"
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    per_epoch = steps_per_epoch(blocks.shape[0], config)
+    total_steps = per_epoch * config.epochs
+    micro = config.batch_size
+    result = TrainResult()
+    started = time.perf_counter()
+    model.train()
+    step = 0
+    for epoch in range(config.epochs):
+        order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(config.seed + epoch))
+        bar = tqdm(range(per_epoch), desc=f"{desc}, Epoch {epoch + 1}/{config.epochs}",
+                   disable=not show_progress, dynamic_ncols=True)
+        epoch_loss_sum = torch.zeros((), device=device)
+        window_loss_sum = torch.zeros((), device=device)
+        steps_in_window = 0
+        for step_in_epoch in bar:
+            lr = lr_at(step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for accum in range(config.grad_accum):
+                first = ((step_in_epoch * config.grad_accum + accum) * micro) % blocks.shape[0]
+                index = order[first:first + micro]
+                batch = blocks[index].to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                (loss / config.grad_accum).backward()
+                step_loss += loss.detach() / config.grad_accum
+                result.tokens += batch.numel()
+            if mask_keeper is not None:
+                mask_keeper.zero_pruned_grads()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if mask_keeper is not None:
+                mask_keeper.zero_pruned_weights()
+            epoch_loss_sum += step_loss
+            window_loss_sum += step_loss
+            steps_in_window += 1
+            step += 1
+            # Reading the loss forces a device sync, so it happens only every log_every steps.
+            if step % config.log_every == 0 or step_in_epoch == per_epoch - 1:
+                running = window_loss_sum.item() / steps_in_window
+                window_loss_sum.zero_()
+                steps_in_window = 0
+                if not math.isfinite(running):
+                    raise NonFiniteLoss(step, running)
+                bar.set_postfix(loss=f"{running:.4f}")
+                if on_log is not None:
+                    on_log(step, running, lr)
+        bar.close()
+        result.epoch_losses.append(epoch_loss_sum.item() / per_epoch)
+        if show_progress:
+            tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
+    result.steps = step
+    result.seconds = time.perf_counter() - started
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    return result

@@ -1,0 +1,65 @@
+"""Shared fixtures: real tiny models and corpora made here, a real MLflow store in a temp dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["PIPELINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pipeline-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable in CI; fail fast, never retry
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store; the test runs in its own working directory."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A text:PATH directory cut from the pydocs corpus (train/validation/test)."""
+    from pipeline.pydocs import build_pydocs_splits
+
+    splits = build_pydocs_splits()
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train.txt").write_text(splits["train"][:120_000], encoding="utf-8")
+    (root / "validation.txt").write_text(splits["validation"][:20_000], encoding="utf-8")
+    (root / "test.txt").write_text(splits["test"][:20_000], encoding="utf-8")
+    return root
+
+
+def make_tiny_opt(directory: Path, text: str, *, hidden=64, layers=2, ffn=128, heads=2, positions=128,
+                  vocab=400, seed=0) -> Path:
+    """A randomly initialised OPT with a BPE tokenizer trained on `text`, saved with save_pretrained."""
+    from pipeline.pretrain import PretrainConfig, build_model, train_tokenizer
+
+    tokenizer = train_tokenizer(text, vocab)
+    config = PretrainConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                            ffn_dim=ffn, max_positions=positions, seed=seed)
+    model = build_model(config, tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
+    text = (corpus_dir / "train.txt").read_text(encoding="utf-8")
+    return make_tiny_opt(tmp_path_factory.mktemp("tiny-opt"), text)
