@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import UserError
+from .errors import Terminated, UserError
 
 
 def model_options(f):
@@ -96,6 +96,87 @@ def prune(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, 
                   calibration_dataset=calibration_dataset, seed=seed, output_dir=output_dir)
 
 
+def train_options(f):
+    """Recovery-training flags, shared by `train` and `iterative`."""
+    options = [
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--lr", type=float, default=1e-5, show_default=True),
+        click.option("--max-steps", type=int, default=2500, show_default=True,
+                     help="cap on optimizer steps per epoch"),
+        click.option("--seed", type=int, default=42, show_default=True),
+        click.option("--grad-accum", type=int, default=1, show_default=True),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
+        click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+                     show_default=True, help="within each training run, after the warmup"),
+        click.option("--grad-clip", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--gradient-checkpointing", is_flag=True, help="trade compute for activation memory"),
+        click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="steps between train_loss points in MLflow"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"--{name} must be positive, got {value}", 2)
+
+
+@cli.command()
+@model_options
+@click.option("--epochs", type=int, default=1, show_default=True)
+@train_options
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None,
+              help="default pruned_models/<model>-trained")
+def train(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, epochs, batch_size, lr,
+          max_steps, seed, grad_accum, weight_decay, warmup_steps, lr_schedule, grad_clip,
+          gradient_checkpointing, log_every, output_dir):
+    """Fine-tune a (pruned) model on a dataset; pruned weights stay exactly zero."""
+    from .finetune import train_command
+    from .training import TrainConfig
+
+    for name, value in (("epochs", epochs), ("batch-size", batch_size), ("lr", lr), ("max-steps", max_steps),
+                        ("grad-accum", grad_accum)):
+        _positive(name, value)
+    config = TrainConfig(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=lr_schedule,
+                         grad_clip=grad_clip, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                         max_steps=max_steps, seed=seed, gradient_checkpointing=gradient_checkpointing,
+                         log_every=log_every)
+    train_command(model=model, dataset=dataset, dtype=dtype, device=device, seqlen=seqlen, experiment=experiment,
+                  trust_remote_code=trust_remote_code, config=config, output_dir=output_dir)
+
+
+@cli.command()
+@model_options
+@click.option("--target-sparsity", type=float, default=0.9, show_default=True, help="fraction of zeros to reach")
+@click.option("--prune-percentage", type=float, default=0.1, show_default=True,
+              help="fraction of the remaining non-zeros pruned per iteration")
+@click.option("--epochs-per-iteration", type=int, default=3, show_default=True)
+@click.option("--max-iterations", type=int, default=25, show_default=True, help="safety cap")
+@train_options
+@click.option("--final-lr", type=float, default=None, help="last iteration's lr (default: --lr); geometric in between")
+@click.option("--prune-method", type=click.Choice(["magnitude", "sparsegpt", "wanda"]), default="magnitude",
+              show_default=True)
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--schedule", type=click.Choice(["geometric", "cubic"]), default="geometric", show_default=True)
+@click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--calibration-dataset", default=None)
+@click.option("--train-seqlen", type=click.IntRange(min=2), default=None, help="default: --seqlen")
+@click.option("--eval-split", type=click.Choice(["test", "validation"]), default="test", show_default=True)
+@click.option("--output-dir", default=None, help="checkpoint directory (default under checkpoints/)")
+@click.option("--resume", is_flag=True, help="continue from the last completed iteration in --output-dir")
+@click.option("--save-model/--no-save-model", default=True, show_default=True)
+def iterative(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, resume, **options):
+    """Iterative magnitude pruning with recovery training (the main job, SPEC §1)."""
+    from .iterative import IterativeConfig, iterative_command
+
+    config = IterativeConfig(model=model, dataset=dataset, dtype=dtype, device=device, seqlen=seqlen,
+                             experiment=experiment, trust_remote_code=trust_remote_code, **options)
+    iterative_command(config, resume=resume)
+
+
 @cli.command()
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("pretrained/opt-tiny"), show_default=True)
 @click.option("--experiment", default=None, help="MLflow experiment (ignored under `mlflow run`)")
@@ -121,15 +202,16 @@ def pretrain(output_dir, experiment, **options):
 def main():
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as abort:  # Click turns KeyboardInterrupt (and our SIGTERM) into Abort
+        terminated = isinstance(abort.__cause__, Terminated)
+        click.echo("Terminated." if terminated else "Interrupted.", err=True)
+        sys.exit(143 if terminated else 130)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
     except UserError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        click.echo("Terminated." if isinstance(interrupt, Terminated) else "Interrupted.", err=True)
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)

@@ -10,3 +10,11 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: runs are marked KILLED, checkpoints left as they were."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()

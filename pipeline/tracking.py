@@ -74,6 +74,13 @@ class MLflowLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def logged_steps(self, key: str) -> set:
+        """Steps of `key` already in the run: what a resumed run must not log again."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -91,6 +98,10 @@ class MLflowLogger:
         self.flush()
 
 
+def _logged_params(logger: "MLflowLogger") -> set:
+    return set(logger.client.get_run(logger.run_id).data.params)
+
+
 def _tracking_unreachable(error: Exception):
     from .errors import UserError
 
@@ -100,8 +111,13 @@ def _tracking_unreachable(error: Exception):
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None = None):
-    """Starts (or, under `mlflow run`, adopts) a run; ends it FINISHED, FAILED or KILLED."""
+def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None = None,
+                resume_run_id: str | None = None):
+    """Starts (or, under `mlflow run`, adopts) a run; ends it FINISHED, FAILED or KILLED.
+
+    `resume_run_id` reopens an earlier run (a resumed IMP run keeps one history), whatever its
+    status: a run left RUNNING by a SIGKILL is taken over, not duplicated.
+    """
     import logging
 
     import mlflow
@@ -113,6 +129,8 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     try:
         if under_mlflow_run():
             run = mlflow.start_run()
+        elif resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id)
         else:
             mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
             run = mlflow.start_run(run_name=run_name)
@@ -123,7 +141,10 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     try:
         logger.set_tags({"mlflow.runName": run_name, "pipeline_version": __version__,
                          "git_commit": git_commit(), **tags})
-        logger.log_params(params)
+        if resume_run_id and not under_mlflow_run():
+            logger.log_params({k: v for k, v in params.items() if k not in _logged_params(logger)})
+        else:
+            logger.log_params(params)
         yield logger
         status = "FINISHED"
     except KeyboardInterrupt:

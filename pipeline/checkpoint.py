@@ -1,0 +1,79 @@
+"""Iteration checkpoints: written atomically, loaded safely, so a killed run resumes for free.
+
+One file per run directory, `checkpoint.pt`, replaced as a whole after every iteration: a temp file
+is written and fsynced, then renamed over the old one, and the directory fsynced. A kill at any moment
+leaves either the previous checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({error.strerror or error}); the previous checkpoint "
+                        "is intact: free some space and resume with --resume") from None
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(directory: Path, *, model_state: dict, masks: dict, iteration: int, history: list,
+                    config: dict, run_id: str | None, extra: dict | None = None) -> Path:
+    payload = {"format": FORMAT_VERSION, "iteration": iteration, "history": history, "config": config,
+               "run_id": run_id, "rng": rng_state(), "model": model_state,
+               "masks": {name: mask.to("cpu") for name, mask in masks.items()}, **(extra or {})}
+    path = Path(directory) / CHECKPOINT_NAME
+    atomic_torch_save(payload, path)
+    return path
+
+
+def load_checkpoint(directory: Path) -> dict | None:
+    """The checkpoint, or None when there is none; a damaged one is a clear error, never a traceback."""
+    path = Path(directory) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} is damaged or truncated ({type(error).__name__}); "
+                        "delete it to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path} is not a checkpoint of this version of the pipeline; delete it to start over")
+    return payload

@@ -1,0 +1,198 @@
+"""Schedules, mask-preserving training, the IMP loop, checkpoints and resume (issue 4)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.schedules import (cubic_schedule, geometric_schedule, iterations_to_reach, learning_rate_for,
+                                sparsity_schedule)
+
+PER_ITERATION = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss",
+                 "iteration_seconds")
+
+
+@pytest.mark.parametrize("target, fraction, n", [(0.9, 0.1, 22), (0.5, 0.1, 7), (0.95, 0.1, 29), (0.19, 0.1, 2),
+                                                 (0.5, 0.2, 4)])
+def test_iteration_counts_match_the_spec(target, fraction, n):
+    assert iterations_to_reach(target, fraction) == n
+    schedule = geometric_schedule(target, fraction)
+    assert len(schedule) == n and schedule[-1] == target
+    assert all(a < b for a, b in zip(schedule, schedule[1:]))
+    assert schedule[0] == pytest.approx(fraction)
+    if n > 1:
+        assert schedule[-2] == pytest.approx(1 - (1 - fraction) ** (n - 1))
+
+
+def test_cubic_schedule_is_zhu_gupta():
+    s = cubic_schedule(0.9, 10)
+    assert s[-1] == pytest.approx(0.9) and len(s) == 10
+    assert s[0] == pytest.approx(0.9 * (1 - (1 - 0.1) ** 3))
+    steps = [b - a for a, b in zip([0.0] + s, s)]
+    assert all(x > y for x, y in zip(steps, steps[1:]))  # prunes most early
+    assert len(sparsity_schedule("cubic", 0.5, 0.1)) == 7
+
+
+def test_learning_rate_decays_geometrically():
+    assert learning_rate_for(1, 5, 1e-5, 1e-6) == pytest.approx(1e-5)
+    assert learning_rate_for(5, 5, 1e-5, 1e-6) == pytest.approx(1e-6)
+    assert learning_rate_for(3, 5, 1e-5, 1e-6) == pytest.approx(math.sqrt(1e-5 * 1e-6))
+
+
+def test_training_keeps_the_mask_and_lowers_the_loss(tiny_model_dir, corpus_dir):
+    from pipeline.data import load_corpus, training_blocks
+    from pipeline.models import load_model_and_tokenizer
+    from pipeline.pruning.magnitude import magnitude_prune_layerwise
+    from pipeline.pruning.masks import MaskKeeper, model_masks, prunable_linears
+    from pipeline.training import TrainConfig, train_causal_lm
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    blocks = training_blocks(load_corpus(f"text:{corpus_dir}"), tokenizer, 64)
+    linears = prunable_linears(model)
+    magnitude_prune_layerwise(linears, 0.6)
+    before = model_masks(linears)
+    keeper = MaskKeeper(linears)
+    result = train_causal_lm(model, blocks, TrainConfig(lr=3e-3, weight_decay=0.1, batch_size=4, epochs=2,
+                                                        max_steps=8, log_every=4), mask_keeper=keeper,
+                             show_progress=False)
+    after = model_masks(linears)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert result.steps == 16 and result.tokens == 16 * 4 * 64
+    assert result.epoch_losses[1] < result.epoch_losses[0]
+    # Without the keeper, AdamW's weight decay and moments revive pruned weights: the keeper is what holds them.
+    revived = train_causal_lm(model, blocks, TrainConfig(lr=3e-3, weight_decay=0.1, batch_size=4, max_steps=2),
+                              show_progress=False)
+    assert revived.steps == 2
+    assert any(not torch.equal(before[n], m.weight != 0) for n, m in linears.items())
+
+
+def run_iterative_cli(workdir: Path, model_dir, corpus_dir, *extra, env=None, **popen):
+    args = [sys.executable, "-m", "pipeline", "iterative", "--model", str(model_dir), "--dataset",
+            f"text:{corpus_dir}", "--target-sparsity", "0.5", "--prune-percentage", "0.2",
+            "--epochs-per-iteration", "1", "--max-steps", "6", "--batch-size", "4", "--lr", "2e-3",
+            "--seqlen", "64", "--device", "cpu", "--experiment", "imp", "--log-every", "2", *extra]
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.Popen(args, cwd=workdir, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def finished_output(process) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    return out
+
+
+def final_perplexity(output: str) -> float:
+    return float(output.split("Final perplexity:")[1].split()[0])
+
+
+def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    reference = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "ref",
+                                                  "--experiment", "reference", env=env))
+
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", env=env)
+    seen = []
+    for line in process.stdout:  # kill it inside iteration 2's training
+        seen.append(line)
+        if "Iteration 2, Epoch 1/1" in line:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert any("Iteration 1:" in line for line in seen)
+    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed",
+                                                "--resume", env=env))
+    assert "Resuming after iteration 1" in resumed
+    assert final_perplexity(resumed) == final_perplexity(reference)
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["imp"])
+    assert len(runs) == 1  # the resumed run continued the killed one
+    run_id = runs.iloc[0]["run_id"]
+    assert runs.iloc[0]["status"] == "FINISHED"
+    client = MlflowClient()
+    for key in PER_ITERATION:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [0, 1, 2, 3, 4], key  # one point per iteration, none twice, none missing
+    step_losses = [m.step for m in client.get_metric_history(run_id, "train_step_loss")]
+    assert len(step_losses) == len(set(step_losses))
+    assert runs.iloc[0]["metrics.final_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert runs.iloc[0]["metrics.final_perplexity"] == pytest.approx(final_perplexity(reference), rel=1e-4)
+
+
+def test_iterative_api_saves_models_that_reload_to_the_same_numbers(mlflow_store, tiny_model_dir, corpus_dir):
+    import mlflow
+
+    from pipeline.data import load_corpus
+    from pipeline.evaluation import evaluate_on
+    from pipeline.iterative_train import iterative_training_wrapper
+    from pipeline.models import load_model_and_tokenizer
+    from pipeline.pruning.masks import prunable_linears, sparsity_of
+
+    history = iterative_training_wrapper({
+        "model_name": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.3,
+        "prune_percentage": 0.2, "epochs_per_iteration": 1, "max_iterations": 25, "batch_size": 4,
+        "lr": 1e-3, "train_steps": 3, "seed": 1, "save_model": True, "seqlen": 64, "experiment": "api"})
+    assert [round(h["sparsity"], 4) for h in history] == [0.0, 0.2, 0.3]
+    for h in history[1:]:
+        assert h["recovery_pct"] == pytest.approx(100 * (h["ppl_after_prune"] - h["ppl_after_train"])
+                                                  / h["ppl_after_prune"])
+    corpus = load_corpus(f"text:{corpus_dir}")
+    name = f"{tiny_model_dir.name}-iterative-0.30"
+    model, tokenizer = load_model_and_tokenizer(f"pruned_models/{name}")
+    assert sparsity_of(prunable_linears(model)) == pytest.approx(0.3, abs=1e-4)
+    assert evaluate_on(model, tokenizer, corpus, "test", 64, "cpu").perplexity == pytest.approx(
+        history[-1]["ppl_after_train"], rel=1e-5)
+    state = torch.load(f"pruned_models/{name}.pt", weights_only=True)
+    fresh, _ = load_model_and_tokenizer(str(tiny_model_dir))
+    fresh.load_state_dict(state)
+    assert evaluate_on(fresh, tokenizer, corpus, "test", 64, "cpu").perplexity == pytest.approx(
+        history[-1]["ppl_after_train"], rel=1e-5)
+    run = mlflow.search_runs(experiment_names=["api"]).iloc[0]
+    assert run["metrics.vs_unpruned_pct"] == pytest.approx(
+        100 * (history[-1]["ppl_after_train"] - history[0]["ppl_after_train"]) / history[0]["ppl_after_train"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"], "model")}
+    assert "model/model.safetensors" in artifacts
+
+
+def test_api_rejects_unknown_keys():
+    from pipeline.iterative_train import iterative_training_wrapper
+
+    with pytest.raises(UserError, match="unknown config keys: learning_rate, traget_sparsity"):
+        iterative_training_wrapper({"traget_sparsity": 0.9, "learning_rate": 1e-5})
+
+
+def test_sigterm_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_model_dir, corpus_dir):
+    import mlflow
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
+    for line in process.stdout:
+        if "Iteration 1, Epoch 1/1" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=120)
+    assert process.returncode == 143
+    assert "--resume" in rest and "Traceback" not in rest
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assert mlflow.search_runs(experiment_names=["imp"]).iloc[0]["status"] == "KILLED"
+    assert not list((tmp_path / "run").glob(".*tmp*"))  # no half-written checkpoint
+    refused = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--resume",
+                                "--batch-size", "2", env=env)
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "batch_size" in out and "Traceback" not in out
+    again = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 2 and "--resume" in out
