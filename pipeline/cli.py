@@ -63,7 +63,7 @@ def prune_options(f):
         click.option("--blocksize", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--percdamp", type=click.FloatRange(min=0), default=0.01, show_default=True),
         click.option("--calibration-dataset", default=None,
-                     help="default: c4 for hub models (as the reference), pydocs for opt-tiny"),
+                     help="default: c4 for hub models (as the reference), pydocs for opt-tiny, the --dataset for a local directory"),
         click.option("--calibration-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                      help="calibration windows per layer forward"),
     ]
@@ -175,6 +175,55 @@ def iterative(model, dataset, dtype, device, seqlen, experiment, trust_remote_co
     config = IterativeConfig(model=model, dataset=dataset, dtype=dtype, device=device, seqlen=seqlen,
                              experiment=experiment, trust_remote_code=trust_remote_code, **options)
     iterative_command(config, resume=resume)
+
+
+def _float_list(text: str) -> list:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--sparsities '{text}' is not a comma-separated list of numbers, e.g. 0.5,0.9", 2) from None
+
+
+@cli.command()
+@click.option("--model", default="opt-tiny", show_default=True)
+@click.option("--dataset", default="pydocs", show_default=True)
+@click.option("--sparsities", default="0.5,0.9", show_default=True, help="comma-separated target sparsities")
+@click.option("--methods", default="sparsegpt,magnitude,wanda,iterative", show_default=True)
+@click.option("--prune-percentage", type=float, default=0.1, show_default=True)
+@click.option("--epochs-per-iteration", type=int, default=3, show_default=True)
+@click.option("--max-iterations", type=int, default=25, show_default=True)
+@click.option("--max-steps", type=int, default=2500, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--final-lr", type=float, default=None)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--nsamples", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seqlen", type=click.IntRange(min=2), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--experiment", default=None, help="MLflow experiment (ignored under `mlflow run`)")
+@click.option("--force", is_flag=True, help="rerun cells that already have a finished run")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None, help="default reports/<experiment>")
+@click.option("--report/--no-report", "make_report", default=True, show_default=True)
+def compare(sparsities, methods, experiment, force, output_dir, make_report, **options):
+    """The comparison grid: dense, one-shot SparseGPT/magnitude/Wanda and iterative at each sparsity."""
+    from .compare import CompareConfig, compare_command
+
+    config = CompareConfig(sparsities=_float_list(sparsities),
+                           methods=[m.strip() for m in methods.split(",") if m.strip()], **options)
+    for name in ("epochs_per_iteration", "max_iterations", "max_steps", "batch_size"):
+        _positive(name.replace("_", "-"), getattr(config, name))
+    compare_command(config, experiment, force, output_dir, make_report)
+
+
+@cli.command()
+@click.option("--experiment", default=None, help="MLflow experiment to report on (default: the project's)")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None, help="default reports/<experiment>")
+def report(experiment, output_dir):
+    """Markdown + self-contained HTML report of an experiment's comparison runs, from MLflow."""
+    from .report import report_command
+
+    report_command(experiment, output_dir)
 
 
 @cli.command()

@@ -177,7 +177,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
     linears = prunable_linears(model)
     windows = None
     if config.prune_method in ("sparsegpt", "wanda"):
-        calibration_name = config.calibration_dataset or default_calibration_dataset(config.model)
+        calibration_name = config.calibration_dataset or default_calibration_dataset(config.model, config.dataset)
         calibration = corpus if calibration_name == config.dataset else load_corpus(calibration_name)
         windows = calibration_windows(calibration, tokenizer, config.nsamples, seqlen, seed=0)
 

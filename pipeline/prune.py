@@ -11,9 +11,16 @@ from .pruning import PruneConfig, prune_model
 from .pruning.masks import prunable_linears, sparsity_report
 
 
-def default_calibration_dataset(model: str) -> str:
-    """The reference calibrates hub models on C4; the embedded model knows only pydocs."""
-    return "pydocs" if model == "opt-tiny" else "c4"
+def default_calibration_dataset(model: str, dataset: str) -> str:
+    """Hub models calibrate on C4, as the reference; the embedded model on pydocs, the corpus it knows;
+    a local directory on the evaluation dataset's train split (it may not know C4 either)."""
+    import os
+
+    from .models import EMBEDDED_MODEL
+
+    if model == EMBEDDED_MODEL:
+        return "pydocs"
+    return dataset if os.path.isdir(model) else "c4"
 
 
 def layer_table_csv(records) -> str:
@@ -52,7 +59,7 @@ def prune_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
     from .tracking import tracked_run
 
     resolve_model_source(model)
-    calibration_dataset = calibration_dataset or default_calibration_dataset(model)
+    calibration_dataset = calibration_dataset or default_calibration_dataset(model, dataset)
     output_dir = output_dir or Path("pruned_models") / f"{Path(model).name}-{config.label}"
     params = {"model": model, "dataset": dataset, "dtype": dtype, "device": device, "seqlen": seqlen,
               "calibration_dataset": calibration_dataset, "seed": seed, "output_dir": str(output_dir),

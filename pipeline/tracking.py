@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import subprocess
 import time
@@ -13,6 +14,20 @@ from . import __version__
 DEFAULT_EXPERIMENT = "llm-pruning"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # never the deprecated ./mlruns file store
 FLUSH_EVERY = 200  # metrics buffered per log_batch call; MLflow's batch limit is 1000
+
+
+# Tags every run started inside `run_tags(...)` gets: how `compare` marks the runs of its grid cells
+# without threading a parameter through every command.
+_EXTRA_TAGS: contextvars.ContextVar = contextvars.ContextVar("pipeline_run_tags", default={})
+
+
+@contextlib.contextmanager
+def run_tags(tags: dict):
+    token = _EXTRA_TAGS.set({**_EXTRA_TAGS.get(), **tags})
+    try:
+        yield
+    finally:
+        _EXTRA_TAGS.reset(token)
 
 
 def tracking_uri() -> str:
@@ -98,6 +113,23 @@ class MLflowLogger:
         self.flush()
 
 
+def _use_experiment(name: str) -> None:
+    """set_experiment, creating it with artifacts in `mlartifacts/` beside a sqlite store: MLflow's
+    default would be `./mlruns`, the directory name of the deprecated file store."""
+    import mlflow
+
+    if mlflow.get_experiment_by_name(name) is None:
+        uri = tracking_uri()
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent run
+            pass
+    mlflow.set_experiment(name)
+
+
 def _logged_params(logger: "MLflowLogger") -> set:
     return set(logger.client.get_run(logger.run_id).data.params)
 
@@ -127,12 +159,15 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
     try:
-        if under_mlflow_run():
+        parent = mlflow.active_run()
+        if parent is not None and resume_run_id is None:  # a grid cell inside `compare`: a child run
+            run = mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id)
+        elif under_mlflow_run():
             run = mlflow.start_run()
         elif resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id)
+            run = mlflow.start_run(run_id=resume_run_id, nested=parent is not None)
         else:
-            mlflow.set_experiment(experiment or DEFAULT_EXPERIMENT)
+            _use_experiment(experiment or DEFAULT_EXPERIMENT)
             run = mlflow.start_run(run_name=run_name)
     except Exception as error:  # an unreachable server or a broken store must stop us before any work
         raise _tracking_unreachable(error) from None
@@ -140,7 +175,7 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     status = "FAILED"
     try:
         logger.set_tags({"mlflow.runName": run_name, "pipeline_version": __version__,
-                         "git_commit": git_commit(), **tags})
+                         "git_commit": git_commit(), **tags, **_EXTRA_TAGS.get()})
         if resume_run_id and not under_mlflow_run():
             logger.log_params({k: v for k, v in params.items() if k not in _logged_params(logger)})
         else:
@@ -157,4 +192,5 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
         try:
             logger.close()
         finally:
-            mlflow.end_run(status)
+            if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
+                mlflow.end_run(status)
