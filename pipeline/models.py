@@ -78,8 +78,11 @@ def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu"
     one layer at a time to the device).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .hub import offline_when_unreachable
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line an error gets
 
     source = resolve_model_source(name)
     torch_device = resolve_device(device)

@@ -25,9 +25,9 @@ class PretrainConfig:
     num_heads: int = 4
     ffn_dim: int = 1024
     max_positions: int = 512
-    lr: float = 2e-3
-    warmup_steps: int = 20
-    steps: int = 240
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    steps: int = 480
     batch_size: int = 16
     weight_decay: float = 0.1
     seed: int = 0

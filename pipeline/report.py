@@ -213,14 +213,22 @@ td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width
 
 
 def report_command(experiment: str | None, output_dir: Path | None) -> Path:
+    """Reports on `experiment` (default: the one this report run goes to, e.g. under `mlflow run`)."""
     import mlflow
 
-    from .tracking import tracked_run, under_mlflow_run
+    from .tracking import tracked_run, tracking_uri
 
+    mlflow.set_tracking_uri(tracking_uri())
+    reported = None
+    if experiment:
+        reported = mlflow.get_experiment_by_name(experiment)
+        if reported is None:
+            raise UserError(f"no MLflow experiment named '{experiment}' in {tracking_uri()}; "
+                            "`mlflow experiments search` lists them", 2)
     with tracked_run("report", {"experiment": experiment}, {"kind": "report"}, experiment) as logger:
-        experiment_id = mlflow.get_run(logger.run_id).info.experiment_id
-        name = mlflow.get_experiment(experiment_id).name
-        path = write_report(experiment_id, output_dir or Path("reports") / name)
+        if reported is None:
+            reported = mlflow.get_experiment(mlflow.get_run(logger.run_id).info.experiment_id)
+        path = write_report(reported.experiment_id, output_dir or Path("reports") / reported.name)
         logger.log_artifacts(path.parent, "report")
     print(f"report: {path} and {path.with_suffix('.html')}")
     return path

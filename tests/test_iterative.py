@@ -196,3 +196,35 @@ def test_sigterm_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_mod
     again = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 2 and "--resume" in out
+
+
+def test_train_command_keeps_the_mask_and_logs(mlflow_store, tiny_model_dir, corpus_dir, tmp_path):
+    import mlflow
+
+    from pipeline.data import load_corpus
+    from pipeline.evaluation import evaluate_on
+    from pipeline.finetune import train_command
+    from pipeline.models import load_model_and_tokenizer
+    from pipeline.pruning.magnitude import magnitude_prune_layerwise
+    from pipeline.pruning.masks import model_masks, prunable_linears
+    from pipeline.training import TrainConfig
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    magnitude_prune_layerwise(prunable_linears(model), 0.7)
+    masks = model_masks(prunable_linears(model))
+    model.save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    result = train_command(model=str(tmp_path / "pruned"), dataset=f"text:{corpus_dir}", dtype="auto", device="cpu",
+                           seqlen=64, experiment="train", trust_remote_code=False, output_dir=tmp_path / "trained",
+                           config=TrainConfig(lr=2e-3, batch_size=4, epochs=2, max_steps=5, log_every=2))
+    trained, _ = load_model_and_tokenizer(str(tmp_path / "trained"))
+    after = model_masks(prunable_linears(trained))
+    assert all(torch.equal(masks[n], after[n]) for n in masks)
+    ppl = evaluate_on(trained, tokenizer, load_corpus(f"text:{corpus_dir}"), "validation", 64, "cpu").perplexity
+    assert result["perplexity"] == pytest.approx(ppl, rel=1e-5)
+    run = mlflow.search_runs(experiment_names=["train"]).iloc[0]
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run["run_id"], "train_loss")] == [2, 4, 5, 7, 9, 10]
+    assert [m.step for m in client.get_metric_history(run["run_id"], "epoch_loss")] == [1, 2]
+    assert run["metrics.validation_perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert run["metrics.sparsity"] == pytest.approx(0.7, abs=1e-3)

@@ -1,0 +1,72 @@
+"""Bad input: one clear line, the right exit code, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.iterative import IterativeConfig
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_sparsity": 1.0}, "outside (0, 1)"), ({"target_sparsity": -0.5}, "outside (0, 1)"),
+    ({"prune_percentage": 0.0}, "prune percentage"), ({"prune_percentage": 1.5}, "prune percentage"),
+    ({"epochs_per_iteration": 0}, "epochs-per-iteration"), ({"batch_size": -1}, "batch-size"),
+    ({"max_iterations": 0}, "max-iterations"), ({"max_steps": 0}, "max-steps"), ({"lr": 0}, "learning rates"),
+    ({"schedule": "linear"}, "unknown schedule"), ({"prune_method": "random"}, "unknown pruning method"),
+    ({"prune_method": "wanda", "scope": "global"}, "global"),
+])
+def test_iterative_config_rejects(kwargs, message):
+    with pytest.raises(UserError, match=message) as caught:
+        IterativeConfig(**kwargs)
+    assert caught.value.exit_code == 2
+
+
+def test_unreachable_target_is_announced_at_the_start():
+    from pipeline.iterative import planned_schedule
+
+    schedule, uncapped = planned_schedule(IterativeConfig(target_sparsity=0.9, prune_percentage=0.1,
+                                                          max_iterations=5))
+    assert uncapped == 22 and len(schedule) == 5
+    assert schedule[-1] == pytest.approx(1 - 0.9 ** 5)
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    from pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match="damaged or truncated"):
+        load_checkpoint(tmp_path)
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["iterative", "--target-sparsity", "1.2"], "outside (0, 1)"),
+    (["iterative", "--epochs-per-iteration", "0"], "epochs-per-iteration"),
+    (["prune", "--pattern", "2:x"], "N:M"),
+    (["train", "--batch-size", "0"], "--batch-size must be positive"),
+    (["compare", "--sparsities", "0.5,abc"], "comma-separated"),
+    (["report", "--experiment", "nope"], "no MLflow experiment named 'nope'"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stdout + result.stderr
+
+
+def test_resume_of_a_corrupt_checkpoint_exits_1(tmp_path):
+    from pipeline.checkpoint import CHECKPOINT_NAME
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"\x00" * 100)
+    result = cli("iterative", "--output-dir", "run", "--resume", cwd=tmp_path)
+    assert result.returncode == 1 and "damaged or truncated" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
