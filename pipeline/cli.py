@@ -261,6 +261,15 @@ def main():
     except UserError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except Exception as error:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(error, MlflowException):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        click.echo(f"error: MLflow refused a request ({first[:300]}); completed iterations are in the "
+                   "output directory's checkpoint", err=True)
+        sys.exit(1)
     except KeyboardInterrupt as interrupt:
         click.echo("Terminated." if isinstance(interrupt, Terminated) else "Interrupted.", err=True)
         sys.exit(143 if isinstance(interrupt, Terminated) else 130)

@@ -160,6 +160,7 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     mlflow.set_tracking_uri(tracking_uri())
     try:
         parent = mlflow.active_run()
+        adopted = under_mlflow_run() or resume_run_id is not None
         if parent is not None and resume_run_id is None:  # a grid cell inside `compare`: a child run
             run = mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id)
         elif under_mlflow_run():
@@ -176,7 +177,7 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     try:
         logger.set_tags({"mlflow.runName": run_name, "pipeline_version": __version__,
                          "git_commit": git_commit(), **tags, **_EXTRA_TAGS.get()})
-        if resume_run_id and not under_mlflow_run():
+        if adopted:  # `mlflow run` logged its entry-point parameters; a resumed run logged its own
             logger.log_params({k: v for k, v in params.items() if k not in _logged_params(logger)})
         else:
             logger.log_params(params)

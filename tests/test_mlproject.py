@@ -29,3 +29,27 @@ def test_mlflow_run_evaluate_entry_point(tmp_path, corpus_dir):
     assert runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["metrics.perplexity"] == pytest.approx(printed, rel=1e-6)
     assert runs.iloc[0]["tags.model"] == "opt-tiny"
+
+
+def test_mlflow_run_compare_entry_point_builds_the_report(tmp_path, tiny_model_dir, corpus_dir):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    params = {"model": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "sparsities": "0.5",
+              "prune_percentage": "0.4", "max_steps": "2", "batch_size": "4", "lr": "1e-3", "nsamples": "4",
+              "epochs_per_iteration": "1", "device": "cpu"}
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "compare", "--env-manager", "local",
+            "--experiment-name", "demo"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "report: reports/demo/report.md" in result.stdout
+    report = (tmp_path / "reports" / "demo" / "report.md").read_text()
+    assert report.count("| ") > 5 and "Iterative" in report and "SparseGPT" in report
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["demo"])
+    assert set(runs["status"]) == {"FINISHED"}
+    assert len(runs) == 1 + 1 + 3 + 1  # the compare run + dense + three one-shot + one iterative
+    assert runs["tags.mlflow.parentRunId"].notna().sum() == 5
