@@ -34,6 +34,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def use_tracking_store() -> None:
+    """Points MLflow at our store, with its INFO lines (creating tables, creating the experiment)
+    silenced: they would drown the one line a user reads."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+
+
 def under_mlflow_run() -> bool:
     """`mlflow run` injects a run through MLFLOW_RUN_ID; set_experiment would break it."""
     return bool(os.environ.get("MLFLOW_RUN_ID"))
@@ -150,14 +162,9 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     `resume_run_id` reopens an earlier run (a resumed IMP run keeps one history), whatever its
     status: a run left RUNNING by a SIGKILL is taken over, not duplicated.
     """
-    import logging
-
     import mlflow
 
-    # MLflow's INFO lines (creating tables, creating the experiment) drown the one line a user reads.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
+    use_tracking_store()
     try:
         parent = mlflow.active_run()
         adopted = under_mlflow_run() or resume_run_id is not None

@@ -19,6 +19,15 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_run_state_between_tests():
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID into os.environ; a later test's store (or its
+    `mlflow run` subprocess) must not inherit an experiment id from another store."""
+    yield
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        os.environ.pop(name, None)
+
+
 @pytest.fixture()
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store; the test runs in its own working directory."""

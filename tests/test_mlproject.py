@@ -10,14 +10,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "checkpoints", "pruned_models", "reports", ".git",
+               "__pycache__", "*.egg-info", ".pytest_cache")
 
 
-def test_mlflow_run_evaluate_entry_point(tmp_path, corpus_dir):
+@pytest.fixture()
+def project(tmp_path) -> Path:
+    """A copy of the project: `mlflow run` works in the project directory, and must not write into ours."""
+    import shutil
+
+    copy = tmp_path / "project"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(*RUN_OUTPUTS))
+    return copy
+
+
+def test_mlflow_run_evaluate_entry_point(tmp_path, corpus_dir, project):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    result = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "evaluate",
+    result = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "evaluate",
                              "--env-manager", "local", "--experiment-name", "projects",
                              "-P", f"dataset=text:{corpus_dir}", "-P", "device=cpu"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -31,7 +43,7 @@ def test_mlflow_run_evaluate_entry_point(tmp_path, corpus_dir):
     assert runs.iloc[0]["tags.model"] == "opt-tiny"
 
 
-def test_mlflow_run_compare_entry_point_builds_the_report(tmp_path, tiny_model_dir, corpus_dir):
+def test_mlflow_run_compare_entry_point_builds_the_report(tmp_path, tiny_model_dir, corpus_dir, project):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -39,14 +51,14 @@ def test_mlflow_run_compare_entry_point_builds_the_report(tmp_path, tiny_model_d
     params = {"model": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "sparsities": "0.5",
               "prune_percentage": "0.4", "max_steps": "2", "batch_size": "4", "lr": "1e-3", "nsamples": "4",
               "epochs_per_iteration": "1", "device": "cpu"}
-    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "compare", "--env-manager", "local",
+    args = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "compare", "--env-manager", "local",
             "--experiment-name", "demo"]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "report: reports/demo/report.md" in result.stdout
-    report = (tmp_path / "reports" / "demo" / "report.md").read_text()
+    report = (project / "reports" / "demo" / "report.md").read_text()  # `mlflow run` works in the project dir
     assert report.count("| ") > 5 and "Iterative" in report and "SparseGPT" in report
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["demo"])

@@ -227,7 +227,9 @@ def test_mask_keeper_keeps_zeros_through_adamw(tiny):
     assert sparsity_of(linears) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_model_dir, corpus_dir, capsys):
+def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_model_dir, corpus_dir, capsys,
+                                                           tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "own-cache"))  # no dense value from earlier tests
     import mlflow
 
     from pipeline.data import eval_tokens, load_corpus
