@@ -126,7 +126,7 @@ def compare_command(config: CompareConfig, experiment: str | None, force: bool, 
                     make_report: bool) -> "object":
     from .data import load_corpus
     from .models import resolve_model_source
-    from .report import collect_results, markdown_table, write_report
+    from .report import collect_results, markdown_table, publish_report
     from .tracking import run_tags, tracked_run
 
     resolve_model_source(config.model)
@@ -158,7 +158,6 @@ def compare_command(config: CompareConfig, experiment: str | None, force: bool, 
         logger.log_artifact(out / "compare.md")
         print("\n" + markdown_table(table))
         if make_report:
-            report = write_report(experiment_id, out, keys)
-            logger.log_artifacts(out, "report")
+            report = publish_report(experiment_id, out, keys)
             print(f"\nreport: {report}")
     return table

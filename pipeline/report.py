@@ -218,23 +218,36 @@ td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width
     return out / "report.md"
 
 
+def publish_report(experiment_id: str, out: Path, keys: set | None = None,
+                   experiment: str | None = None) -> Path:
+    """write_report inside a `report` MLflow run (a child run when called from `compare`)."""
+    from .tracking import tracked_run
+
+    with tracked_run("report", {"experiment": experiment, "output_dir": str(out)}, {"kind": "report"},
+                     experiment) as logger:
+        path = write_report(experiment_id, out, keys)
+        logger.log_artifacts(out, "report")
+    return path
+
+
 def report_command(experiment: str | None, output_dir: Path | None) -> Path:
-    """Reports on `experiment` (default: the one this report run goes to, e.g. under `mlflow run`)."""
+    """Reports on `experiment` (default: the one the report run goes to, e.g. under `mlflow run`)."""
     import mlflow
 
     from .tracking import tracked_run, tracking_uri, use_tracking_store
 
     use_tracking_store()
-    reported = None
     if experiment:
         reported = mlflow.get_experiment_by_name(experiment)
         if reported is None:
             raise UserError(f"no MLflow experiment named '{experiment}' in {tracking_uri()}; "
                             "`mlflow experiments search` lists them", 2)
-    with tracked_run("report", {"experiment": experiment}, {"kind": "report"}, experiment) as logger:
-        if reported is None:
+        path = publish_report(reported.experiment_id, output_dir or Path("reports") / reported.name,
+                              experiment=experiment)
+    else:  # under `mlflow run`: the experiment the injected run belongs to
+        with tracked_run("report", {"experiment": None}, {"kind": "report"}) as logger:
             reported = mlflow.get_experiment(mlflow.get_run(logger.run_id).info.experiment_id)
-        path = write_report(reported.experiment_id, output_dir or Path("reports") / reported.name)
-        logger.log_artifacts(path.parent, "report")
+            path = write_report(reported.experiment_id, output_dir or Path("reports") / reported.name)
+            logger.log_artifacts(path.parent, "report")
     print(f"report: {path} and {path.with_suffix('.html')}")
     return path

@@ -53,7 +53,7 @@ def test_rerun_reuses_finished_cells(finished_grid):
     before = len(mlflow.search_runs(experiment_names=["grid"]))
     again = compare_command(config, "grid", force=False, output_dir=Path("reports/grid"), make_report=False)
     runs = mlflow.search_runs(experiment_names=["grid"])
-    assert len(runs) == before + 1  # only the new compare run itself
+    assert len(runs) == before + 1  # only the new compare run itself (no report asked)
     assert list(again["run_id"]) == list(table["run_id"])
 
 
