@@ -6,8 +6,8 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import raise_terminated
-from .training import TrainConfig
+from .errors import UserError, raise_terminated
+from .training import NonFiniteLoss, TrainConfig
 
 
 def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: int | None,
@@ -36,7 +36,11 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
             keeper = MaskKeeper(linears)
             sparsity = sparsity_of(linears)
             print(f"training {model} ({sparsity:.2%} sparse, mask kept) on {blocks.shape[0]} blocks of {window}")
-            result = train_causal_lm_logged(lm, blocks, config, keeper, logger)
+            try:
+                result = train_causal_lm_logged(lm, blocks, config, keeper, logger)
+            except NonFiniteLoss as fault:
+                raise UserError(f"training stopped: the loss became {fault.loss} at step {fault.step}; nothing "
+                                "was saved: lower --lr") from None
             changed = keeper.changed_matrices()
             if changed:
                 raise RuntimeError(f"the mask changed during training in {changed[:3]}: a bug, please report it")

@@ -155,7 +155,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
     from .pruning import PruneConfig, prune_model
     from .pruning.masks import MaskKeeper, model_masks, prunable_linears, sparsity_of
     from .schedules import learning_rate_for
-    from .training import TrainConfig, steps_per_epoch, train_causal_lm
+    from .training import NonFiniteLoss, TrainConfig, steps_per_epoch, train_causal_lm
 
     out = config.resolved_output_dir()
     schedule, uncapped = planned_schedule(config)
@@ -240,8 +240,13 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
                                    epochs=config.epochs_per_iteration, max_steps=config.max_steps,
                                    seed=config.seed + 1000 * k, gradient_checkpointing=config.gradient_checkpointing,
                                    log_every=config.log_every)
-        result = train_causal_lm(model, blocks, train_config, mask_keeper=keeper, desc=f"Iteration {k}",
-                                 on_log=log_step)
+        try:
+            result = train_causal_lm(model, blocks, train_config, mask_keeper=keeper, desc=f"Iteration {k}",
+                                     on_log=log_step)
+        except NonFiniteLoss as fault:
+            raise UserError(f"iteration {k} stopped: the training loss became {fault.loss} at step {fault.step} "
+                            f"(lr {lr:g}); the checkpoint of iteration {k - 1} in {out} is intact: lower --lr "
+                            "(resuming may change it) and rerun with --resume") from None
         changed = keeper.changed_matrices()
         if changed:
             raise RuntimeError(f"the mask changed during training in {changed[:3]}: a bug, please report it")

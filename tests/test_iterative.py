@@ -228,3 +228,20 @@ def test_train_command_keeps_the_mask_and_logs(mlflow_store, tiny_model_dir, cor
     assert [m.step for m in client.get_metric_history(run["run_id"], "epoch_loss")] == [1, 2]
     assert run["metrics.validation_perplexity"] == pytest.approx(ppl, rel=1e-5)
     assert run["metrics.sparsity"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(mlflow_store, tiny_model_dir, corpus_dir):
+    import mlflow
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.iterative_train import iterative_training_wrapper
+
+    config = {"model_name": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.5,
+              "prune_percentage": 0.4, "epochs_per_iteration": 1, "batch_size": 4, "train_steps": 4, "seqlen": 64,
+              "lr": 1e6, "experiment": "nan", "output_dir": "run"}
+    with pytest.raises(UserError, match=r"iteration 1 stopped: the training loss became (nan|inf)") as caught:
+        iterative_training_wrapper(config)
+    assert "--resume" in str(caught.value)
+    assert load_checkpoint(Path("run"))["iteration"] == 0  # the last good checkpoint, untouched
+    run = mlflow.search_runs(experiment_names=["nan"]).iloc[0]
+    assert run["status"] == "FAILED" and "training loss became" in run["tags.error"]
