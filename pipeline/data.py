@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ class Corpus:
     train_documents: list | None = None  # c4 only: calibration draws whole documents (SPEC §4)
     tags: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         h = hashlib.sha256(self.train_text.encode("utf-8"))
         for split in sorted(self.eval_texts):
