@@ -1,5 +1,8 @@
 """One exception type for everything a user can fix; the CLI turns it into one line and an exit code."""
 
+import contextlib
+import signal
+
 
 class UserError(Exception):
     """A problem with the input or the environment, stated so the user knows what to do.
@@ -18,3 +21,13 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame):
     raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM raises Terminated, so runs end KILLED and nothing is left half-written."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import UserError, raise_terminated
+from .errors import UserError, sigterm_as_interrupt
 from .training import NonFiniteLoss, TrainConfig
 
 
@@ -23,8 +22,7 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
     output_dir = output_dir or Path("pruned_models") / f"{Path(model).name}-trained"
     params = {"model": model, "dataset": dataset, "dtype": dtype, "device": device, "seqlen": seqlen,
               "output_dir": str(output_dir), **asdict(config)}
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
+    with sigterm_as_interrupt():
         with tracked_run(f"train {Path(model).name} {dataset}", params, {"model": model, "dataset": dataset},
                          experiment) as logger:
             lm, tokenizer = load_model_and_tokenizer(model, dtype, device, trust_remote_code)
@@ -49,8 +47,6 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
                              "train_seconds": result.seconds, "train_tokens": result.tokens})
             lm.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s: average loss of the last epoch "
           f"{result.final_loss:.4f}, {split} perplexity {ppl:.2f}, sparsity {sparsity:.2%}; saved to {output_dir}")
     return {"perplexity": ppl, "sparsity": sparsity, "epoch_losses": result.epoch_losses}

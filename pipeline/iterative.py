@@ -9,15 +9,13 @@ same MLflow run.
 
 from __future__ import annotations
 
-import math
-import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from .errors import UserError, raise_terminated
+from .errors import UserError, sigterm_as_interrupt
 
 # Per-iteration metrics, one point per iteration (step = iteration; step 0 is the unpruned model).
 ITERATION_METRICS = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss",
@@ -309,9 +307,8 @@ def iterative_command(config: IterativeConfig, resume: bool = False) -> list:
     params["output_dir"] = str(out)
     name = (f"iterative {config.prune_method} {config.model_label} {config.dataset} "
             f"-> {config.target_sparsity:.2f}")
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        with tracked_run(name, params, {"model": config.model, "dataset": config.dataset,
+        with sigterm_as_interrupt(), tracked_run(name, params, {"model": config.model, "dataset": config.dataset,
                                         "method": config.prune_method, "kind": "iterative"},
                          config.experiment, resume_run_id=checkpoint["run_id"] if checkpoint else None) as logger:
             return run_iterative(config, logger, checkpoint)
@@ -319,5 +316,3 @@ def iterative_command(config: IterativeConfig, resume: bool = False) -> list:
         print(f"\nStopped. Completed iterations are saved in {out}; continue with the same command "
               "plus --resume", flush=True)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -218,13 +218,21 @@ td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width
     return out / "report.md"
 
 
-def publish_report(experiment_id: str, out: Path, keys: set | None = None,
+def publish_report(experiment_id: str | None, out: Path | None, keys: set | None = None,
                    experiment: str | None = None) -> Path:
-    """write_report inside a `report` MLflow run (a child run when called from `compare`)."""
+    """write_report inside a `report` MLflow run (a child run when called from `compare`).
+
+    experiment_id None: the experiment the report run itself goes to (under `mlflow run`, the injected
+    run's); out None: reports/<experiment name>.
+    """
+    import mlflow
+
     from .tracking import tracked_run
 
-    with tracked_run("report", {"experiment": experiment, "output_dir": str(out)}, {"kind": "report"},
-                     experiment) as logger:
+    with tracked_run("report", {"experiment": experiment, "output_dir": str(out) if out else None},
+                     {"kind": "report"}, experiment) as logger:
+        experiment_id = experiment_id or mlflow.get_run(logger.run_id).info.experiment_id
+        out = out or Path("reports") / mlflow.get_experiment(experiment_id).name
         path = write_report(experiment_id, out, keys)
         logger.log_artifacts(out, "report")
     return path
@@ -234,20 +242,16 @@ def report_command(experiment: str | None, output_dir: Path | None) -> Path:
     """Reports on `experiment` (default: the one the report run goes to, e.g. under `mlflow run`)."""
     import mlflow
 
-    from .tracking import tracked_run, tracking_uri, use_tracking_store
+    from .tracking import tracking_uri, use_tracking_store
 
     use_tracking_store()
+    experiment_id = None
     if experiment:
         reported = mlflow.get_experiment_by_name(experiment)
         if reported is None:
             raise UserError(f"no MLflow experiment named '{experiment}' in {tracking_uri()}; "
                             "`mlflow experiments search` lists them", 2)
-        path = publish_report(reported.experiment_id, output_dir or Path("reports") / reported.name,
-                              experiment=experiment)
-    else:  # under `mlflow run`: the experiment the injected run belongs to
-        with tracked_run("report", {"experiment": None}, {"kind": "report"}) as logger:
-            reported = mlflow.get_experiment(mlflow.get_run(logger.run_id).info.experiment_id)
-            path = write_report(reported.experiment_id, output_dir or Path("reports") / reported.name)
-            logger.log_artifacts(path.parent, "report")
+        experiment_id = reported.experiment_id
+    path = publish_report(experiment_id, output_dir, experiment=experiment)
     print(f"report: {path} and {path.with_suffix('.html')}")
     return path

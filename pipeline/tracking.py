@@ -83,9 +83,6 @@ class MLflowLogger:
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
 
-    def log(self, name: str, value: float, step: int = 0) -> None:
-        self.log_dict({name: value}, step)
-
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 

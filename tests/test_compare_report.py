@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.compare import CompareConfig, compare_command
-from pipeline.report import collect_results, findings
+from pipeline.report import findings
 
 
 @pytest.fixture()

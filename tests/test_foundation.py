@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.data import calibration_windows, eval_tokens, load_corpus, training_blocks
 from pipeline.errors import UserError
