@@ -33,9 +33,19 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """torch.save reports a full disk as a RuntimeError from its zip writer, raised while handling the
+    OSError: the OSError is the cause a user needs to see."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
@@ -43,9 +53,12 @@ def atomic_torch_save(obj, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({error.strerror or error}); the previous checkpoint "
+        cause = _os_error_behind(error)
+        if cause is None:
+            raise
+        raise UserError(f"could not write {path} ({cause.strerror or cause}); the previous checkpoint "
                         "is intact: free some space and resume with --resume") from None
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -247,6 +247,34 @@ def pretrain(output_dir, experiment, **options):
     pretrain_command(PretrainConfig(**options), output_dir, experiment)
 
 
+@cli.command()
+@click.option("--model", default="opt-tiny", show_default=True)
+@click.option("--dataset", default="pydocs", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seqlen", type=click.IntRange(min=2), default=None, help="default: the model's positions")
+@click.option("--quick", is_flag=True, help="a smoke run in seconds: tiny sizes, figures not meaningful")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None, help="default reports/bench")
+@click.option("--experiment", default=None, help="MLflow experiment (ignored under `mlflow run`)")
+def bench(output_dir, experiment, **options):
+    """Speed and memory of the hot paths, side by side with their baselines, against targets."""
+    from .bench import BenchConfig, bench_command
+
+    bench_command(BenchConfig(**options), output_dir, experiment)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the store the run started in")
+def sync(paths, tracking_uri):
+    """Replay tracking calls a run kept locally while the MLflow server was unreachable."""
+    from .journal import sync_command
+
+    sync_command(list(paths), tracking_uri)
+
+
 def main():
     try:
         cli.main(standalone_mode=False)

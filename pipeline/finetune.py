@@ -24,7 +24,7 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
               "output_dir": str(output_dir), **asdict(config)}
     with sigterm_as_interrupt():
         with tracked_run(f"train {Path(model).name} {dataset}", params, {"model": model, "dataset": dataset},
-                         experiment) as logger:
+                         experiment, journal_dir=output_dir) as logger:
             lm, tokenizer = load_model_and_tokenizer(model, dtype, device, trust_remote_code)
             corpus = load_corpus(dataset)
             logger.set_tags(corpus.describe())

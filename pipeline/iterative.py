@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from .errors import UserError, sigterm_as_interrupt
 
 # Per-iteration metrics, one point per iteration (step = iteration; step 0 is the unpruned model).
 ITERATION_METRICS = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss",
-                     "iteration_seconds", "lr")
+                     "iteration_seconds", "train_seconds", "lr")
 # Keys that may differ when resuming: where it runs, and what SPEC §6 advises changing mid-run.
 RESUMABLE_CHANGES = {"device", "experiment", "save_model", "log_every", "max_iterations", "lr", "final_lr"}
 
@@ -139,12 +140,14 @@ def _backfill(logger, history: list) -> None:
     present = logger.logged_steps("ppl_after_train")
     for entry in history:
         if entry["iteration"] not in present:
-            logger.log_dict({k: entry[k] for k in ITERATION_METRICS}, step=entry["iteration"])
+            logger.log_dict({k: entry[k] for k in ITERATION_METRICS if k in entry}, step=entry["iteration"])
     logger.flush()
 
 
-def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = None) -> list:
-    """The IMP loop; returns the history (entry 0 is the unpruned model)."""
+def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = None,
+                  on_iteration: Callable[[dict], None] | None = None) -> list:
+    """The IMP loop; returns the history (entry 0 is the unpruned model). `on_iteration(entry)` runs
+    once an iteration is checkpointed and logged (`bench` times whole iterations with it)."""
     from .checkpoint import restore_rng_state, save_checkpoint
     from .data import calibration_windows, load_corpus, training_blocks
     from .evaluation import evaluate_on, resolve_seqlen
@@ -188,11 +191,13 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
         dense = evaluate()
         history = [{"iteration": 0, "sparsity": sparsity_of(linears), "ppl_after_prune": dense,
                     "ppl_after_train": dense, "recovery_pct": 0.0, "train_loss": float("nan"),
-                    "iteration_seconds": time.perf_counter() - started, "lr": 0.0}]
+                    "iteration_seconds": time.perf_counter() - started, "train_seconds": 0.0, "lr": 0.0}]
         print(f"Iteration 0 (unpruned): perplexity {dense:.2f}")
         save_checkpoint(out, model_state=model.state_dict(), masks=model_masks(linears), iteration=0,
                         history=history, config=resolved, run_id=logger.run_id)
         _backfill(logger, history)
+        if on_iteration is not None:
+            on_iteration(history[0])
         first = 1
     else:
         model.load_state_dict(checkpoint["model"])
@@ -252,12 +257,14 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
         recovery = 100.0 * (ppl_pruned - ppl_trained) / ppl_pruned
         entry = {"iteration": k, "sparsity": sparsity, "ppl_after_prune": ppl_pruned,
                  "ppl_after_train": ppl_trained, "recovery_pct": recovery, "train_loss": result.final_loss,
-                 "iteration_seconds": time.perf_counter() - started, "lr": lr}
+                 "iteration_seconds": time.perf_counter() - started, "train_seconds": result.seconds, "lr": lr}
         history.append(entry)
         save_checkpoint(out, model_state=model.state_dict(), masks=model_masks(linears), iteration=k,
                         history=history, config=resolved, run_id=logger.run_id)
         logger.log_dict({key: entry[key] for key in ITERATION_METRICS}, step=k)
         logger.flush()
+        if on_iteration is not None:
+            on_iteration(entry)
         done = [h["iteration_seconds"] for h in history[1:]]
         remaining = (n - k) * sum(done) / len(done)
         print(f"Iteration {k}: perplexity {ppl_pruned:.2f} -> {ppl_trained:.2f} after training "
@@ -310,7 +317,8 @@ def iterative_command(config: IterativeConfig, resume: bool = False) -> list:
     try:
         with sigterm_as_interrupt(), tracked_run(name, params, {"model": config.model, "dataset": config.dataset,
                                         "method": config.prune_method, "kind": "iterative"},
-                         config.experiment, resume_run_id=checkpoint["run_id"] if checkpoint else None) as logger:
+                         config.experiment, resume_run_id=checkpoint["run_id"] if checkpoint else None,
+                         journal_dir=out) as logger:
             return run_iterative(config, logger, checkpoint)
     except KeyboardInterrupt:
         print(f"\nStopped. Completed iterations are saved in {out}; continue with the same command "

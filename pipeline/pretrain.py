@@ -140,7 +140,7 @@ def pretrain_command(config: PretrainConfig, output_dir: Path, experiment: str |
     from .tracking import tracked_run
 
     with tracked_run("pretrain opt-tiny pydocs", asdict(config) | {"output_dir": str(output_dir)},
-                     {"model": "opt-tiny", "dataset": "pydocs"}, experiment) as logger:
+                     {"model": "opt-tiny", "dataset": "pydocs"}, experiment, journal_dir=output_dir) as logger:
         summary = pretrain(config, output_dir,
                            on_log=lambda step, loss, lr: logger.log_dict({"train_loss": loss, "lr": lr}, step))
         logger.set_tags({k: v for k, v in summary["corpus"].items() if k != "dataset"})

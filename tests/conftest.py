@@ -72,3 +72,13 @@ def make_tiny_opt(directory: Path, text: str, *, hidden=64, layers=2, ffn=128, h
 def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")
     return make_tiny_opt(tmp_path_factory.mktemp("tiny-opt"), text)
+
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 that a test may stop and start again."""
+    from pipeline.local_server import LocalMlflowServer
+
+    with LocalMlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server

@@ -1,0 +1,381 @@
+"""`python -m pipeline bench`: speed and memory of every hot path, each measured side by side with its
+baseline in the same process, as ratios against targets (timed tests would only measure the noise of
+a shared machine).
+
+    a  masked training step / the same loop without masks                        <= 1.03
+    b  our training loop / a bare PyTorch loop (same model, batch, optimizer)     >= 0.95, + FLOP/s vs matmul peak
+    c  batched perplexity evaluation / the reference one-window loop (tokens/s)  >= 1.0, same perplexity
+    d  SparseGPT per-layer seconds and working memory, 2 vs 8 layers             memory(8) / memory(2) <= 1.10
+    e  MLflow logging time per training step, sqlite and `mlflow server`         <= 1% of a step
+    f  IMP time outside training steps, share of an iteration (demo settings)    <= 10%
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (result key, comparison, target, what it measures)
+TARGETS = [
+    ("masked_step_ratio", "<=", 1.03, "a masked training step / unmasked"),
+    ("loop_throughput_ratio", ">=", 0.95, "b train loop throughput / bare PyTorch loop"),
+    ("eval_speedup", ">=", 1.0, "c batched eval tokens/s / one-window loop"),
+    ("sparsegpt_memory_depth_ratio", "<=", 1.10, "d SparseGPT working memory, 8 / 2 layers"),
+    ("logging_share_sqlite", "<=", 0.01, "e MLflow logging / step time, sqlite"),
+    ("logging_share_server", "<=", 0.01, "e MLflow logging / step time, mlflow server"),
+    ("imp_outside_training_share", "<=", 0.10, "f IMP time outside training steps / iteration"),
+]
+
+
+@dataclass
+class BenchConfig:
+    model: str = "opt-tiny"
+    dataset: str = "pydocs"
+    quick: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    seqlen: int | None = None       # default: the model's positions
+    steps: int = 10                 # training steps per timed run (a, b)
+    repeats: int = 3                # timed runs per variant, alternated; the median counts
+    eval_windows: int | None = None  # cap on evaluation windows (c); None = the whole test split
+    calibration_samples: int = 32   # SparseGPT windows (d)
+    logged_steps: int = 2000        # simulated training steps of metrics (e)
+    imp_steps: int = 40             # training steps per IMP iteration (f), the demo's --max-steps
+
+    def __post_init__(self):
+        if self.quick:
+            self.steps, self.repeats, self.eval_windows = 2, 1, 4
+            self.calibration_samples, self.logged_steps, self.imp_steps = 4, 200, 2
+            self.seqlen = self.seqlen or 64
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_training_loop(model, blocks: torch.Tensor, batch_size: int, steps: int, lr: float) -> None:
+    """The loop every PyTorch tutorial writes: the baseline our `train` loop is held against."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        batch = blocks[(step * batch_size) % len(blocks):][:batch_size].to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    model.eval()
+
+
+def one_window_perplexity(model, input_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> float:
+    """The SparseGPT reference's opt_eval loop: one window per forward, loss * seqlen summed."""
+    device = next(model.parameters()).device
+    n = input_ids.numel() // seqlen
+    n = min(n, max_windows) if max_windows else n
+    nlls = []
+    with torch.no_grad():
+        for i in range(n):
+            batch = input_ids.reshape(1, -1)[:, i * seqlen:(i + 1) * seqlen].to(device)
+            logits = model(batch).logits
+            loss = F.cross_entropy(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+            nlls.append(loss.float() * seqlen)
+    return torch.exp(torch.stack(nlls).sum() / (n * seqlen)).item()
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of a few square matmuls: the machine's attainable matmul FLOP/s in this dtype."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(5):
+        _sync(device)
+        best = min(best, _timed(lambda: (a @ b, _sync(device))))
+    return 2 * n ** 3 / best
+
+
+def training_flops_per_token(model, seqlen: int) -> float:
+    """6 N + 6 L T d (Kaplan et al. 2020): N = weights of every matmul, lm_head included; the second term
+    is attention's score and value products."""
+    config = model.config
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * matmul_params + 6 * config.num_hidden_layers * seqlen * config.hidden_size
+
+
+def bench_training(model, blocks, config: BenchConfig, device) -> dict:
+    from .pruning.magnitude import magnitude_prune_layerwise
+    from .pruning.masks import MaskKeeper, prunable_linears
+    from .training import TrainConfig, train_causal_lm
+
+    linears = prunable_linears(model)
+    magnitude_prune_layerwise(linears, 0.5)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    train_config = TrainConfig(lr=1e-5, batch_size=config.batch_size, max_steps=config.steps,
+                               log_every=config.steps)
+    subset = blocks[: config.batch_size * config.steps]
+
+    def ours(masked: bool) -> float:
+        model.load_state_dict(initial)
+        result = train_causal_lm(model, subset, train_config, mask_keeper=MaskKeeper(linears) if masked else None,
+                                 show_progress=False)
+        return result.seconds / result.steps
+
+    def bare() -> float:
+        model.load_state_dict(initial)
+        return _timed(lambda: bare_training_loop(model, subset, config.batch_size, config.steps, 1e-5)) / config.steps
+
+    ours(True)  # warm-up: allocator, kernels, first-touch of optimizer state
+    times = {"masked": [], "unmasked": [], "bare": []}
+    for _ in range(config.repeats):  # alternated, so drifting machine load hits every variant alike
+        times["masked"].append(ours(True))
+        times["unmasked"].append(ours(False))
+        times["bare"].append(bare())
+    step = {k: statistics.median(v) for k, v in times.items()}
+    tokens = config.batch_size * blocks.shape[1]
+    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    peak = matmul_peak_flops(device, dtype)
+    achieved = training_flops_per_token(model, blocks.shape[1]) * tokens / step["masked"]
+    return {"step_seconds_masked": step["masked"], "step_seconds_unmasked": step["unmasked"],
+            "step_seconds_bare": step["bare"], "masked_step_ratio": step["masked"] / step["unmasked"],
+            "loop_throughput_ratio": step["bare"] / step["unmasked"],
+            "train_tokens_per_second": tokens / step["masked"], "train_flops_per_second": achieved,
+            "matmul_peak_flops_per_second": peak, "train_flops_share_of_peak": achieved / peak}
+
+
+def bench_evaluation(model, tokenizer, corpus, seqlen: int, config: BenchConfig) -> dict:
+    from .data import eval_tokens
+    from .perplexity import perplexity
+
+    ids = eval_tokens(corpus, tokenizer, "test", seqlen)
+    if config.eval_windows:
+        ids = ids.reshape(-1)[: config.eval_windows * seqlen]
+    windows = ids.numel() // seqlen
+    perplexity(model, ids, seqlen)  # warm-up
+    batched = perplexity(model, ids, seqlen)
+    started = time.perf_counter()
+    reference = one_window_perplexity(model, ids, seqlen)
+    reference_seconds = time.perf_counter() - started
+    return {"eval_windows": windows, "eval_tokens_per_second": batched.tokens / batched.seconds,
+            "eval_tokens_per_second_one_window": windows * seqlen / reference_seconds,
+            "eval_speedup": reference_seconds / batched.seconds,
+            "eval_perplexity": batched.perplexity, "eval_perplexity_one_window": reference,
+            "eval_perplexity_rel_diff": abs(batched.perplexity - reference) / reference}
+
+
+class _PeakRSS(threading.Thread):
+    """Samples this process's resident memory every 2 ms: the CPU counterpart of max_memory_allocated."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self._done = _rss(), threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, _rss())
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sparsegpt_at_depth(model_config: dict, layers: int, samples: int, seqlen: int, device: str) -> dict:
+    """Runs in a fresh process: SparseGPT at 50% on a random model `layers` deep; time and working memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .pruning import PruneConfig, prune_model
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**{**model_config, "num_hidden_layers": layers})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    windows = torch.randint(0, config.vocab_size, (samples, seqlen))
+    target = torch.device(device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before, sampler = _rss(), _PeakRSS()
+        sampler.start()
+    result = prune_model(model, PruneConfig(method="sparsegpt", sparsity=0.5), windows, target)
+    peak = torch.cuda.max_memory_allocated() if target.type == "cuda" else sampler.stop()
+    phases = {}
+    for record in result.layers:
+        for phase, seconds in record.seconds.items():
+            phases[phase] = phases.get(phase, 0.0) + seconds / len(result.layers)
+    return {"layers": layers, "weights_bytes": weights, "working_bytes": peak - before,
+            "seconds_per_layer": phases, "sparsity": result.sparsity}
+
+
+def bench_sparsegpt_depth(model, config: BenchConfig, seqlen: int, device) -> dict:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a fresh process per depth: memory peaks do not mix
+    model_config = model.config.to_dict()
+    out = {}
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        for layers in (2, 8):
+            out[layers] = pool.apply(sparsegpt_at_depth, (model_config, layers, config.calibration_samples,
+                                                          seqlen, str(device)))
+    return {"sparsegpt": out,
+            "sparsegpt_memory_depth_ratio": out[8]["working_bytes"] / max(1, out[2]["working_bytes"])}
+
+
+def _logging_seconds_per_step(store_uri: str, steps: int, log_every: int, journal_dir: Path) -> float:
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import MLflowLogger
+
+    client = MlflowClient(store_uri)
+    experiment = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
+    run = client.create_run(experiment.experiment_id)
+    logger = MLflowLogger(run.info.run_id, journal_dir, store_uri)
+    started = time.perf_counter()
+    for step in range(1, steps + 1):  # what train_causal_lm's on_log does, every log_every steps
+        if step % log_every == 0:
+            logger.log_dict({"train_step_loss": 3.0 + 1 / step, "train_lr": 1e-5}, step=step)
+    logger.close()
+    seconds = time.perf_counter() - started
+    client.set_terminated(run.info.run_id)
+    return seconds / steps
+
+
+def bench_logging(step_seconds: float, config: BenchConfig, workdir: Path) -> dict:
+    from .local_server import LocalMlflowServer
+    from .tracking import use_tracking_store
+
+    use_tracking_store()  # the HTTP retry defaults
+    out = {}
+    sqlite = f"sqlite:///{workdir / 'bench-mlflow.db'}"
+    with LocalMlflowServer(workdir / "server") as server:
+        for name, uri in (("sqlite", sqlite), ("server", server.uri)):
+            for log_every in (10, 1):
+                per_step = _logging_seconds_per_step(uri, config.logged_steps, log_every, workdir)
+                suffix = "" if log_every == 10 else "_every_step"
+                out[f"logging_seconds_per_step_{name}{suffix}"] = per_step
+                out[f"logging_share_{name}{suffix}"] = per_step / step_seconds
+    return out
+
+
+def bench_imp(config: BenchConfig, seqlen: int, workdir: Path) -> dict:
+    from .iterative import IterativeConfig, run_iterative
+    from .tracking import tracked_run
+
+    imp = IterativeConfig(model=config.model, dataset=config.dataset, target_sparsity=0.5, prune_percentage=0.3,
+                          epochs_per_iteration=1, max_iterations=2, batch_size=config.batch_size, lr=1e-3,
+                          max_steps=config.imp_steps, seqlen=seqlen, device=config.device, dtype=config.dtype,
+                          output_dir=str(workdir / "imp"), save_model=False)
+    ended = []
+    with tracked_run("bench iterative", asdict(imp), {"kind": "bench"}, journal_dir=workdir) as logger:
+        history = run_iterative(imp, logger, on_iteration=lambda entry: ended.append(time.perf_counter()))
+    walls = [b - a for a, b in zip(ended, ended[1:])]  # iteration k: end of k-1 to end of k, all included
+    trained = [h["train_seconds"] for h in history[1:]]
+    shares = [1 - t / w for t, w in zip(trained, walls)]
+    return {"imp_iteration_seconds": walls, "imp_train_seconds": trained,
+            "imp_outside_training_share": statistics.mean(shares)}
+
+
+def run_bench(config: BenchConfig) -> dict:
+    from .data import load_corpus, training_blocks
+    from .evaluation import resolve_seqlen
+    from .models import load_model_and_tokenizer, resolve_device
+
+    device = resolve_device(config.device)
+    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, config.device)
+    seqlen = resolve_seqlen(model, config.seqlen)
+    corpus = load_corpus(config.dataset)
+    blocks = training_blocks(corpus, tokenizer, seqlen)
+    results = {"model": config.model, "device": str(device), "dtype": str(next(model.parameters()).dtype),
+               "seqlen": seqlen, "batch_size": config.batch_size, "quick": config.quick,
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        workdir = Path(tmp)
+        for name, measure in (
+                ("a/b training", lambda: bench_training(model, blocks, config, device)),
+                ("c evaluation", lambda: bench_evaluation(model, tokenizer, corpus, seqlen, config)),
+                ("d SparseGPT depth", lambda: bench_sparsegpt_depth(model, config, seqlen, device)),
+                ("e MLflow logging", lambda: bench_logging(results["step_seconds_masked"], config, workdir)),
+                ("f IMP iteration", lambda: bench_imp(config, seqlen, workdir))):
+            print(f"bench: {name} ...", flush=True)
+            results.update(measure())
+    return results
+
+
+def verdicts(results: dict) -> list:
+    rows = []
+    for key, op, target, label in TARGETS:
+        value = results[key]
+        met = value <= target if op == "<=" else value >= target
+        rows.append({"measure": label, "key": key, "value": value, "target": f"{op} {target:g}", "met": met})
+    return rows
+
+
+def format_table(results: dict) -> str:
+    lines = [f"bench on {results['model']}, {results['device']} {results['dtype']}, batch {results['batch_size']} x "
+             f"{results['seqlen']} tokens{' (quick)' if results['quick'] else ''}",
+             f"| {'measure':<46} | {'value':>9} | {'target':>8} | met |", f"|{'-' * 48}|{'-' * 11}|{'-' * 10}|-----|"]
+    for row in verdicts(results):
+        lines.append(f"| {row['measure']:<46} | {row['value']:>9.4f} | {row['target']:>8} | "
+                     f"{'yes' if row['met'] else 'NO':<3} |")
+    lines.append(f"training: {results['step_seconds_masked']:.3f} s/step masked, {results['train_tokens_per_second']:.0f} "
+                 f"tokens/s, {results['train_flops_per_second'] / 1e9:.1f} GFLOP/s = "
+                 f"{results['train_flops_share_of_peak']:.1%} of the {results['matmul_peak_flops_per_second'] / 1e9:.1f} "
+                 "GFLOP/s matmul peak")
+    lines.append(f"evaluation: {results['eval_tokens_per_second']:.0f} vs {results['eval_tokens_per_second_one_window']:.0f} "
+                 f"tokens/s; perplexity {results['eval_perplexity']:.4f} vs {results['eval_perplexity_one_window']:.4f}")
+    for layers, row in results["sparsegpt"].items():
+        phases = ", ".join(f"{k} {v:.3f}" for k, v in row["seconds_per_layer"].items())
+        lines.append(f"SparseGPT {layers} layers: s/layer {phases}; working memory {row['working_bytes'] / 2**20:.1f} MiB, "
+                     f"weights {row['weights_bytes'] / 2**20:.1f} MiB")
+    lines.append("IMP iterations: " + ", ".join(f"{w:.1f}s wall / {t:.1f}s training" for w, t in
+                                                 zip(results["imp_iteration_seconds"], results["imp_train_seconds"])))
+    return "\n".join(lines)
+
+
+def bench_command(config: BenchConfig, output_dir: Path | None, experiment: str | None) -> dict:
+    from .errors import sigterm_as_interrupt
+    from .tracking import tracked_run
+
+    out = Path(output_dir or Path("reports") / "bench")
+    label = f"{Path(config.model).name}-{'quick' if config.quick else 'full'}"
+    with sigterm_as_interrupt(), tracked_run(f"bench {label}", asdict(config), {"kind": "bench"}, experiment) as logger:
+        results = run_bench(config)
+        table = format_table(results)
+        print(table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"bench-{label}.json").write_text(json.dumps(results, indent=2))
+        (out / f"bench-{label}.md").write_text(table + "\n")
+        logger.log_dict({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        logger.log_dict({f"target_met_{row['key']}": float(row["met"]) for row in verdicts(results)})
+        logger.log_artifact(out / f"bench-{label}.json")
+        logger.log_artifact(out / f"bench-{label}.md")
+    return results

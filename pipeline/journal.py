@@ -1,0 +1,173 @@
+"""What the tracking server could not take yet: a local JSON-lines journal per run, and its replay.
+
+A run lasts hours; an `mlflow server` restart must not stop it. When a call to the server fails with an
+outage (connection refused, timeout, 5xx), the logger appends what it was sending to
+`mlflow-pending-<run_id>.jsonl` in the run's output directory and keeps training. Every later flush
+first replays the journal, so the metrics land as soon as the server is back; if it never comes back
+the file stays, and `python -m pipeline sync` replays it. Replay skips metric points the run already
+has (same key and step), so replaying twice, or after a half-delivered batch, duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+JOURNAL_PREFIX = "mlflow-pending-"
+
+# MLflow error codes that mean "try again later" rather than "this request is wrong".
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "ABORTED",
+                    "DEADLINE_EXCEEDED", "UNAVAILABLE"}
+
+
+def is_outage(error: BaseException) -> bool:
+    """True for a tracking store that is down or overloaded; False for a request it rejects."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, MlflowException):
+        # the REST client wraps connection failures (after its own retries) as "API request to ... failed"
+        return error.error_code in _TRANSIENT_CODES or str(error).startswith("API request to")
+    return False
+
+
+def metric_entries(metrics: list) -> list:
+    return [{"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+            for m in metrics]
+
+
+def journal_path(directory: Path, run_id: str) -> Path:
+    return Path(directory) / f"{JOURNAL_PREFIX}{run_id}.jsonl"
+
+
+class Journal:
+    """Append-only record of one run's undelivered tracking calls."""
+
+    def __init__(self, path: Path, run_id: str, tracking_uri: str):
+        self.path, self.run_id, self.tracking_uri = Path(path), run_id, tracking_uri
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def append(self, entries: list) -> None:
+        if not entries:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        with open(self.path, "a", encoding="utf-8") as handle:
+            if new:
+                handle.write(json.dumps({"kind": "run", "run_id": self.run_id,
+                                         "tracking_uri": self.tracking_uri}) + "\n")
+            for entry in entries:
+                handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def replay(self, client) -> int:
+        """Sends everything in the journal to `client`'s store, then deletes it; returns entries sent."""
+        entries = read_journal(self.path)[1]
+        send_entries(client, self.run_id, entries)
+        self.path.unlink()
+        return len(entries)
+
+
+def read_journal(path: Path) -> tuple[dict, list]:
+    """(header, entries); a line cut by a kill mid-write is the last one and is dropped."""
+    header, entries = None, []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") == "run":
+                header = record
+            else:
+                entries.append(record)
+    if header is None:
+        from .errors import UserError
+
+        raise UserError(f"{path} is not a tracking journal of this pipeline (no run header)")
+    return header, entries
+
+
+def send_entries(client, run_id: str, entries: list) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    metrics = [e for e in entries if e["kind"] == "metric"]
+    present = {}
+    for key in {m["key"] for m in metrics}:
+        present[key] = {m.step for m in client.get_metric_history(run_id, key)}
+    missing = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics
+               if m["step"] not in present[m["key"]]]
+    for start in range(0, len(missing), 1000):
+        client.log_batch(run_id, metrics=missing[start:start + 1000])
+    for entry in entries:
+        kind = entry["kind"]
+        if kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+        elif kind == "params":
+            logged = client.get_run(run_id).data.params
+            params = [Param(k, v) for k, v in entry["params"].items() if k not in logged]
+            if params:
+                client.log_batch(run_id, params=params)
+        elif kind == "text":
+            client.log_text(run_id, entry["text"], entry["artifact_file"])
+        elif kind == "artifacts":
+            source = Path(entry["path"])
+            if source.is_dir():
+                client.log_artifacts(run_id, str(source), entry.get("artifact_path"))
+            elif source.exists():
+                client.log_artifact(run_id, str(source), entry.get("artifact_path"))
+        elif kind == "status":
+            client.set_terminated(run_id, entry["status"], entry["end_time"])
+
+
+def find_journals(paths: list) -> list:
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(path.rglob(f"{JOURNAL_PREFIX}*.jsonl"))
+        elif path.exists():
+            found.append(path)
+    return found
+
+
+def sync_command(paths: list, tracking_uri: str | None) -> int:
+    """`python -m pipeline sync`: replays journals into MLflow; returns how many runs were completed."""
+    from mlflow.tracking import MlflowClient
+
+    from .errors import UserError
+    from .tracking import tracking_unreachable, use_tracking_store
+
+    use_tracking_store()
+    journals = find_journals(paths or ["."])
+    if not journals:
+        print(f"nothing to sync: no {JOURNAL_PREFIX}*.jsonl under {', '.join(map(str, paths or ['.']))}")
+        return 0
+    for path in journals:
+        header, entries = read_journal(path)
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header["tracking_uri"]
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            client.get_run(header["run_id"])
+        except Exception as error:
+            if is_outage(error):
+                raise tracking_unreachable(error, uri) from None
+            raise UserError(f"{path}: run {header['run_id']} is not in {uri} ({str(error).splitlines()[0][:200]}); "
+                            "pass --tracking-uri with the store the run was started in") from None
+        started = time.perf_counter()
+        try:
+            send_entries(client, header["run_id"], entries)
+        except Exception as error:
+            if is_outage(error):
+                raise tracking_unreachable(error, uri) from None
+            raise
+        path.unlink()
+        print(f"synced {len(entries)} entries of run {header['run_id']} into {uri} "
+              f"({time.perf_counter() - started:.1f}s); removed {path}")
+    return len(journals)

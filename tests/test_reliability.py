@@ -1,0 +1,177 @@
+"""Issue 7: tracking outages (a real `mlflow server` stopped and restarted), kills mid-write, a full disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.local_server import free_port
+from test_iterative import PER_ITERATION, final_perplexity, finished_output, run_iterative_cli
+
+
+def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, tiny_model_dir, corpus_dir):
+    started = time.monotonic()
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run",
+                                env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 1, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking store http://127.0.0.1:"), out
+    assert "start the server" in lines[0]
+    assert not (tmp_path / "run").exists()  # no work was done
+    assert time.monotonic() - started < 60
+
+
+def test_metrics_sent_during_an_outage_land_when_the_server_is_back(tmp_path, mlflow_server, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import MLflowLogger, tracked_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setattr(MLflowLogger, "RETRY_SECONDS", 1.0)
+    with tracked_run("outage", {"lr": 0.1}, {}, "outage", journal_dir=tmp_path) as logger:
+        logger.log_dict({"loss": 1.0}, step=1)
+        logger.flush()
+        mlflow_server.stop()
+        for step in range(2, 302):  # crosses FLUSH_EVERY: one flush fails mid-"training"
+            logger.log_dict({"loss": float(step)}, step=step)
+        logger.set_tags({"phase": "outage"})
+        logger.flush()
+        assert logger.journal.exists()
+        assert "unreachable" in capsys.readouterr().out
+        mlflow_server.start()
+        time.sleep(1.0)  # past the retry delay: the next ordinary flush replays the journal
+        logger.log_dict({"loss": 302.0}, step=302)
+        logger.flush()
+        assert not logger.journal.exists()
+        run_id = logger.run_id
+    client = MlflowClient(mlflow_server.uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 303)]
+    run = client.get_run(run_id)
+    assert run.data.tags["phase"] == "outage" and run.data.params["lr"] == "0.1"
+    assert run.info.status == "FINISHED"
+
+
+def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_path, mlflow_server, tiny_model_dir,
+                                                                          corpus_dir):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.checkpoint import load_checkpoint
+
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("Iteration 1:"):  # iteration 1 is in MLflow; the server dies for good
+            mlflow_server.stop()
+            break
+    out = "".join(seen) + finished_output(process)
+    assert "unreachable" in out and "pipeline sync" in out
+    journals = list((tmp_path / "run").glob("mlflow-pending-*.jsonl"))
+    assert len(journals) == 1
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint["iteration"] == 4
+
+    mlflow_server.start()
+    sync = subprocess.run([sys.executable, "-m", "pipeline", "sync", "run"], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(os.environ, **env), timeout=300)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    assert not journals[0].exists()
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(checkpoint["run_id"])
+    assert run.info.status == "FINISHED"
+    for key in PER_ITERATION:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        expected = [(h["iteration"], h[key]) for h in checkpoint["history"]]
+        assert [s for s, _ in points] == [s for s, _ in expected], key  # none missing, none twice
+        assert [v for _, v in points] == pytest.approx([v for _, v in expected], nan_ok=True), key
+    step_losses = [m.step for m in client.get_metric_history(run.info.run_id, "train_step_loss")]
+    assert sorted(step_losses) == list(range(2, 25, 2))  # 4 iterations x 6 steps, logged every 2
+    assert run.data.metrics["final_perplexity"] == pytest.approx(final_perplexity(out), abs=0.01)
+    assert client.list_artifacts(run.info.run_id, "model")
+    again = subprocess.run([sys.executable, "-m", "pipeline", "sync", "run"], cwd=tmp_path, capture_output=True,
+                           text=True, env=dict(os.environ, **env), timeout=300)
+    assert again.returncode == 0 and "nothing to sync" in again.stdout
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+
+    weights = {"w": torch.arange(6.0)}
+    save_checkpoint(tmp_path, model_state=weights, masks={}, iteration=1, history=[{"iteration": 1}], config={},
+                    run_id="r")
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch; from pipeline.checkpoint import save_checkpoint; "
+        "save_checkpoint(sys.argv[1], model_state={'w': torch.ones(100_000_000)}, masks={}, iteration=2, "
+        "history=[], config={}, run_id='r')"), str(tmp_path)])
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 0 for p in tmp_path.glob(".checkpoint.pt.tmp*")):
+        assert time.monotonic() < deadline and writer.poll() is None, "the writer never started writing"
+        time.sleep(0.001)
+    writer.send_signal(signal.SIGKILL)  # mid-write of a 400 MB payload
+    writer.wait(timeout=60)
+    assert list(tmp_path.glob(".checkpoint.pt.tmp*"))  # the half-written file is there ...
+    kept = load_checkpoint(tmp_path)
+    assert kept["iteration"] == 1 and torch.equal(kept["model"]["w"], weights["w"])  # ... the checkpoint intact
+    save_checkpoint(tmp_path, model_state=weights, masks={}, iteration=2, history=[], config={}, run_id="r")
+    assert load_checkpoint(tmp_path)["iteration"] == 2
+    assert not list(tmp_path.glob(".checkpoint.pt.tmp*"))  # the next write cleans up after the killed one
+
+
+def test_kill_during_pruning_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    sparsegpt = ("--prune-method", "sparsegpt", "--nsamples", "8")
+    reference = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, *sparsegpt, "--output-dir",
+                                                  "ref", "--experiment", "reference", env=env))
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, *sparsegpt, "--output-dir", "killed", env=env)
+    for line in process.stdout:
+        if "Iteration 3/4" in line:  # printed just before iteration 3's SparseGPT pass
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, *sparsegpt, "--output-dir",
+                                                "killed", "--resume", env=env))
+    assert "Resuming after iteration 2" in resumed
+    assert final_perplexity(resumed) == final_perplexity(reference)
+
+
+def mount_tmpfs(directory: Path, size: int) -> None:
+    directory.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a small filesystem cannot be mounted here ({done.stderr.strip()}): needs root")
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir, corpus_dir):
+    from pipeline.checkpoint import load_checkpoint
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "probe",
+                                              "--max-iterations", "1", "--no-save-model", env=env))
+    size = (tmp_path / "probe" / "checkpoint.pt").stat().st_size
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, int(size * 1.5))  # one checkpoint fits; writing the next beside it does not
+    try:
+        process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "disk/run", env=env)
+        out, _ = process.communicate(timeout=600)
+        assert process.returncode == 1, out
+        assert "Traceback" not in out
+        error = out.strip().splitlines()[-1]
+        assert error.startswith("error: could not write disk/run/checkpoint.pt (No space left on device)"), out
+        assert "previous checkpoint is intact" in error
+        kept = load_checkpoint(disk / "run")
+        assert kept["iteration"] == 0 and kept["history"][0]["ppl_after_train"] == pytest.approx(
+            load_checkpoint(tmp_path / "probe")["history"][0]["ppl_after_train"])
+        assert not list((disk / "run").glob(".checkpoint.pt.tmp*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
