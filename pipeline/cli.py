@@ -276,6 +276,9 @@ def sync(paths, tracking_uri):
 
 
 def main():
+    from .distributed import silence_other_processes
+
+    silence_other_processes()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort as abort:  # Click turns KeyboardInterrupt (and our SIGTERM) into Abort

@@ -13,6 +13,7 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
                   experiment: str | None, trust_remote_code: bool, config: TrainConfig,
                   output_dir: Path | None, split: str = "validation") -> dict:
     from .data import load_corpus, training_blocks
+    from .distributed import is_main_process
     from .evaluation import evaluate_on, resolve_seqlen
     from .models import load_model_and_tokenizer, resolve_device, resolve_model_source
     from .pruning.masks import MaskKeeper, prunable_linears, sparsity_of
@@ -45,8 +46,9 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
             ppl = evaluate_on(lm, tokenizer, corpus, split, window, resolve_device(device)).perplexity
             logger.log_dict({"sparsity": sparsity_of(linears), "validation_perplexity": ppl,
                              "train_seconds": result.seconds, "train_tokens": result.tokens})
-            lm.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
+            if is_main_process():
+                lm.save_pretrained(output_dir)
+                tokenizer.save_pretrained(output_dir)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s: average loss of the last epoch "
           f"{result.final_loss:.4f}, {split} perplexity {ppl:.2f}, sparsity {sparsity:.2%}; saved to {output_dir}")
     return {"perplexity": ppl, "sparsity": sparsity, "epoch_losses": result.epoch_losses}

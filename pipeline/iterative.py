@@ -150,6 +150,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
     once an iteration is checkpointed and logged (`bench` times whole iterations with it)."""
     from .checkpoint import restore_rng_state, save_checkpoint
     from .data import calibration_windows, load_corpus, training_blocks
+    from .distributed import is_main_process, sync_from_main
     from .evaluation import evaluate_on, resolve_seqlen
     from .models import load_model_and_tokenizer, resolve_device
     from .prune import default_calibration_dataset
@@ -193,8 +194,9 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
                     "ppl_after_train": dense, "recovery_pct": 0.0, "train_loss": float("nan"),
                     "iteration_seconds": time.perf_counter() - started, "train_seconds": 0.0, "lr": 0.0}]
         print(f"Iteration 0 (unpruned): perplexity {dense:.2f}")
-        save_checkpoint(out, model_state=model.state_dict(), masks=model_masks(linears), iteration=0,
-                        history=history, config=resolved, run_id=logger.run_id)
+        if is_main_process():
+            save_checkpoint(out, model_state=model.state_dict(), masks=model_masks(linears), iteration=0,
+                            history=history, config=resolved, run_id=logger.run_id)
         _backfill(logger, history)
         if on_iteration is not None:
             on_iteration(history[0])
@@ -225,6 +227,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
         prune_model(model, PruneConfig(method=config.prune_method, sparsity=schedule[k - 1], scope=config.scope,
                                        nsamples=config.nsamples, blocksize=config.blocksize,
                                        percdamp=config.percdamp), windows, device)
+        sync_from_main(model)
         sparsity = sparsity_of(linears)
         ppl_pruned = evaluate()
         print(f"Pruned {config.prune_method}: sparsity {before:.2%} -> {sparsity:.2%}; "
@@ -259,8 +262,9 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
                  "ppl_after_train": ppl_trained, "recovery_pct": recovery, "train_loss": result.final_loss,
                  "iteration_seconds": time.perf_counter() - started, "train_seconds": result.seconds, "lr": lr}
         history.append(entry)
-        save_checkpoint(out, model_state=model.state_dict(), masks=model_masks(linears), iteration=k,
-                        history=history, config=resolved, run_id=logger.run_id)
+        if is_main_process():
+            save_checkpoint(out, model_state=model.state_dict(), masks=model_masks(linears), iteration=k,
+                            history=history, config=resolved, run_id=logger.run_id)
         logger.log_dict({key: entry[key] for key in ITERATION_METRICS}, step=k)
         logger.flush()
         if on_iteration is not None:
@@ -272,7 +276,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
               f"about {remaining / 60:.1f} min left")
 
     model_paths = []
-    if config.save_model:
+    if config.save_model and is_main_process():
         model_paths = save_final_model(model, tokenizer, config)
         logger.log_artifacts(model_paths[1], "model")
     logger.log_dict(_final_metrics(history))

@@ -47,11 +47,14 @@ def resolve_model_source(name: str) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`: CUDA when there is one. Under `accelerate launch` each process gets its own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu",
                         exit_code=2)
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)
 
 

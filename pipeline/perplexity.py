@@ -35,7 +35,10 @@ def windows_per_forward(seqlen: int, vocab_size: int) -> int:
 
 
 def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> torch.Tensor:
-    """Mean next-token NLL of each full window, float64 on CPU, shape [n_windows]."""
+    """Mean next-token NLL of each full window, float64 on CPU, shape [n_windows]. Under a multi-process
+    launch each process takes every num_processes-th window and the results are gathered."""
+    from .distributed import gather_window_nlls, num_processes, process_index
+
     n_windows = input_ids.numel() // seqlen
     if n_windows == 0:
         raise ValueError(f"{input_ids.numel()} tokens make no window of {seqlen}")
@@ -45,15 +48,16 @@ def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_si
     was_training = model.training
     model.eval()
     nlls = []
+    mine = torch.arange(n_windows)[process_index()::num_processes()]
     with torch.inference_mode():
-        for start in range(0, n_windows, batch_size):
-            batch = windows[start:start + batch_size].to(device)
+        for start in range(0, len(mine), batch_size):
+            batch = windows[mine[start:start + batch_size]].to(device)
             logits = model(batch, use_cache=False).logits[:, :-1, :]
             token_nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                         batch[:, 1:].reshape(-1), reduction="none")
             nlls.append(token_nll.view(batch.shape[0], -1).mean(dim=1).double().cpu())
     model.train(was_training)
-    return torch.cat(nlls)
+    return gather_window_nlls(mine, torch.cat(nlls) if nlls else torch.empty(0, dtype=torch.float64), n_windows)
 
 
 def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> PerplexityResult:

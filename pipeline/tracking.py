@@ -178,6 +178,25 @@ class MLflowLogger:
         self.flush(force=True)
 
 
+class NullLogger:
+    """What the non-main processes of a multi-process launch log through: nothing."""
+
+    run_id = None
+
+    def log_dict(self, metrics: dict, step: int = 0) -> None: ...
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_artifact(self, path, artifact_path=None) -> None: ...
+    def log_artifacts(self, directory, artifact_path=None) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_dict_artifact(self, data: dict, artifact_file: str) -> None: ...
+    def flush(self, force: bool = False) -> None: ...
+    def close(self) -> None: ...
+
+    def logged_steps(self, key: str) -> set:
+        return set()
+
+
 def _use_experiment(name: str) -> None:
     """set_experiment, creating it with artifacts in `mlartifacts/` beside a sqlite store: MLflow's
     default would be `./mlruns`, the directory name of the deprecated file store."""
@@ -218,8 +237,12 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     """
     import mlflow
 
+    from .distributed import is_main_process
     from .journal import is_outage
 
+    if not is_main_process():
+        yield NullLogger()
+        return
     use_tracking_store()
     try:
         parent = mlflow.active_run()

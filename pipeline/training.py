@@ -3,10 +3,15 @@
 Pruned weights stay pruned the llm-compressor way: the gradients of pruned weights are zeroed before
 the optimizer step and the weights themselves re-zeroed after it (AdamW's moments and weight decay
 would revive them otherwise). Both are one `torch._foreach_mul_` over all prunable matrices.
+
+Accelerate runs the loop: one process as is, several under `accelerate launch` with DDP. `batch_size`
+is the global batch: each of the P processes takes its 1/P share of every batch, so P processes take
+the same optimizer steps on the same data as one process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -71,6 +76,8 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                     desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
                     show_progress: bool = True) -> TrainResult:
     """Trains `model` in place on `blocks` [n, seqlen]; `on_log(global_step, loss, lr)` every log_every steps."""
+    from accelerate import Accelerator
+
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
     if config.gradient_checkpointing:
@@ -81,9 +88,21 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
             (decay if param.ndim >= 2 else no_decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if mask_keeper is not None:
+        # DDP copied the main process's weights to every process when it wrapped the model: the masks
+        # are read after that, so every process keeps the same ones.
+        mask_keeper.refresh()
+    device = next(wrapped.parameters()).device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} does not split over {world} processes")
     per_epoch = steps_per_epoch(blocks.shape[0], config)
     total_steps = per_epoch * config.epochs
     micro = config.batch_size
+    share = micro // world
+    show_progress = show_progress and accelerator.is_main_process
     result = TrainResult()
     started = time.perf_counter()
     model.train()
@@ -102,17 +121,20 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
             step_loss = torch.zeros((), device=device)
             for accum in range(config.grad_accum):
                 first = ((step_in_epoch * config.grad_accum + accum) * micro) % blocks.shape[0]
-                index = order[first:first + micro]
+                index = order[first:first + micro][rank * share:(rank + 1) * share]
                 batch = blocks[index].to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                (loss / config.grad_accum).backward()
+                last = accum == config.grad_accum - 1
+                # gradients are averaged across processes once per optimizer step, not per micro-batch
+                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+                    accelerator.backward(loss / config.grad_accum)
                 step_loss += loss.detach() / config.grad_accum
-                result.tokens += batch.numel()
+                result.tokens += batch.numel() * world
             if mask_keeper is not None:
                 mask_keeper.zero_pruned_grads()
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if mask_keeper is not None:
@@ -123,7 +145,7 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
             step += 1
             # Reading the loss forces a device sync, so it happens only every log_every steps.
             if step % config.log_every == 0 or step_in_epoch == per_epoch - 1:
-                running = window_loss_sum.item() / steps_in_window
+                running = accelerator.reduce(window_loss_sum, "mean").item() / steps_in_window
                 window_loss_sum.zero_()
                 steps_in_window = 0
                 if not math.isfinite(running):
@@ -132,12 +154,13 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                 if on_log is not None:
                     on_log(step, running, lr)
         bar.close()
-        result.epoch_losses.append(epoch_loss_sum.item() / per_epoch)
+        result.epoch_losses.append(accelerator.reduce(epoch_loss_sum, "mean").item() / per_epoch)
         if show_progress:
             tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
     result.steps = step
     result.seconds = time.perf_counter() - started
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
+    accelerator.free_memory()  # drops the DDP wrapper; `model` itself holds the trained weights
     model.eval()
     return result

@@ -137,6 +137,10 @@ class MaskKeeper:
     def __init__(self, linears: dict):
         self.names = list(linears)
         self.weights = [linears[n].weight for n in self.names]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Masks read again from the weights (pruned ones are exactly zero)."""
         self.masks = [(w.detach() != 0).to(w.dtype) for w in self.weights]
 
     def zero_pruned_grads(self) -> None:
