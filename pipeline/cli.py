@@ -266,6 +266,16 @@ def bench(output_dir, experiment, **options):
 
 
 @cli.command()
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="also train small random OPTs on the CPU and compare their peak memory with the formula")
+def memory(measure):
+    """Peak memory per OPT size (training, SparseGPT) from the formula, checked by measurement on CPU."""
+    from .memory import memory_table
+
+    click.echo(memory_table(measure))
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the store the run started in")
 def sync(paths, tracking_uri):

@@ -15,7 +15,7 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
     from .data import load_corpus, training_blocks
     from .distributed import is_main_process
     from .evaluation import evaluate_on, resolve_seqlen
-    from .models import load_model_and_tokenizer, resolve_device, resolve_model_source
+    from .models import load_model_and_tokenizer, resolve_device, resolve_model_source, training_dtype
     from .pruning.masks import MaskKeeper, prunable_linears, sparsity_of
     from .tracking import tracked_run
 
@@ -26,7 +26,7 @@ def train_command(*, model: str, dataset: str, dtype: str, device: str, seqlen: 
     with sigterm_as_interrupt():
         with tracked_run(f"train {Path(model).name} {dataset}", params, {"model": model, "dataset": dataset},
                          experiment, journal_dir=output_dir) as logger:
-            lm, tokenizer = load_model_and_tokenizer(model, dtype, device, trust_remote_code)
+            lm, tokenizer = load_model_and_tokenizer(model, training_dtype(dtype), device, trust_remote_code)
             corpus = load_corpus(dataset)
             logger.set_tags(corpus.describe())
             window = resolve_seqlen(lm, seqlen)

@@ -152,7 +152,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
     from .data import calibration_windows, load_corpus, training_blocks
     from .distributed import is_main_process, sync_from_main
     from .evaluation import evaluate_on, resolve_seqlen
-    from .models import load_model_and_tokenizer, resolve_device
+    from .models import load_model_and_tokenizer, resolve_device, training_dtype
     from .prune import default_calibration_dataset
     from .pruning import PruneConfig, prune_model
     from .pruning.masks import MaskKeeper, model_masks, prunable_linears, sparsity_of
@@ -169,7 +169,7 @@ def run_iterative(config: IterativeConfig, logger, checkpoint: dict | None = Non
           f"(pruning {config.prune_percentage:.0%} of the remaining weights per iteration)")
 
     device = resolve_device(config.device)
-    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, config.device,
+    model, tokenizer = load_model_and_tokenizer(config.model, training_dtype(config.dtype), config.device,
                                                 config.trust_remote_code)
     corpus = load_corpus(config.dataset)
     logger.set_tags(corpus.describe())

@@ -65,6 +65,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def training_dtype(dtype: str) -> str:
+    """`auto` for the commands that train means float32 weights: on CUDA the loop autocasts the compute to
+    bf16, and AdamW's small updates would vanish in a half-precision weight (OPT checkpoints are fp16)."""
+    return "float32" if dtype == "auto" else dtype
+
+
 def _hub_unreachable(name: str, source: str, reason: str) -> UserError:
     return UserError(
         f"model '{name}' ({source}) is not in the local Hugging Face cache and the hub could not be "
