@@ -128,12 +128,16 @@ def send_entries(client, run_id: str, entries: list) -> None:
 
 
 def find_journals(paths: list) -> list:
+    from .errors import UserError
+
     found = []
     for path in map(Path, paths):
         if path.is_dir():
             found += sorted(path.rglob(f"{JOURNAL_PREFIX}*.jsonl"))
         elif path.exists():
             found.append(path)
+        else:
+            raise UserError(f"{path} does not exist: give a journal file or a directory to search", 2)
     return found
 
 

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _isolated_cache(tmp_path_factory):
     os.environ["PIPELINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pipeline-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable in CI; fail fast, never retry
+    # the outage tests stop a server on purpose: each call to it should fail at once, not after backoff
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
 

@@ -55,6 +55,7 @@ def cli(*args, cwd):
     (["train", "--batch-size", "0"], "--batch-size must be positive"),
     (["compare", "--sparsities", "0.5,abc"], "comma-separated"),
     (["report", "--experiment", "nope"], "no MLflow experiment named 'nope'"),
+    (["sync", "nowhere"], "nowhere does not exist"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = cli(*args, cwd=tmp_path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.local_server import free_port
-from test_iterative import final_perplexity
+from test_iterative import final_perplexity, reference_iterative_run  # noqa: F401 (a fixture)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -45,7 +45,8 @@ def test_two_processes_keep_one_mask_and_train_like_one(tmp_path, tiny_model_dir
     assert ranks[0]["perplexity"] == ranks[1]["perplexity"]
 
 
-def test_iterative_under_accelerate_launch_logs_and_saves_once(tmp_path, tiny_model_dir, corpus_dir):
+def test_iterative_under_accelerate_launch_logs_and_saves_once(tmp_path, tiny_model_dir, corpus_dir,
+                                                                reference_iterative_run):
     import mlflow
 
     from pipeline.checkpoint import load_checkpoint
@@ -53,9 +54,8 @@ def test_iterative_under_accelerate_launch_logs_and_saves_once(tmp_path, tiny_mo
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     args = ["iterative", "--model", str(tiny_model_dir), "--dataset", f"text:{corpus_dir}", "--target-sparsity",
             "0.5", "--prune-percentage", "0.2", "--epochs-per-iteration", "1", "--max-steps", "6", "--batch-size",
-            "4", "--lr", "2e-3", "--seqlen", "64", "--device", "cpu", "--log-every", "2"]
-    single = run([sys.executable, "-m", "pipeline", *args, "--output-dir", "single", "--experiment", "single"],
-                 tmp_path, env)
+            "4", "--lr", "2e-3", "--seqlen", "64", "--device", "cpu", "--log-every", "2"]  # run_iterative_cli's job
+    single = reference_iterative_run
     launched = run(accelerate_launch("-m", "pipeline", *args, "--output-dir", "ddp", "--experiment", "ddp"),
                    tmp_path, env)
     assert launched.count("Iterative pruning complete") == 1  # only the main process prints

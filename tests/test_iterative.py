@@ -94,13 +94,22 @@ def final_perplexity(output: str) -> float:
     return float(output.split("Final perplexity:")[1].split()[0])
 
 
-def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir):
+@pytest.fixture(scope="session")
+def reference_iterative_run(tmp_path_factory, tiny_model_dir, corpus_dir) -> str:
+    """The output of one uninterrupted run_iterative_cli job: what killed, resumed, launched and
+    tracking-outage runs of the same job are compared with."""
+    workdir = tmp_path_factory.mktemp("reference-imp")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    return finished_output(run_iterative_cli(workdir, tiny_model_dir, corpus_dir, "--output-dir", "ref", env=env))
+
+
+def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir,
+                                                                reference_iterative_run):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    reference = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "ref",
-                                                  "--experiment", "reference", env=env))
+    reference = reference_iterative_run
 
     process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", env=env)
     seen = []
