@@ -23,10 +23,10 @@ def load_for_evaluation(model_name: str, dataset: str, dtype: str, device: str, 
     from .data import load_corpus
     from .models import load_model_and_tokenizer
 
-    corpus = load_corpus(dataset)
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=device,
                                                 trust_remote_code=trust_remote_code)
-    return model, tokenizer, corpus, resolve_seqlen(model, seqlen)
+    window = resolve_seqlen(model, seqlen)  # a bad --seqlen fails before the corpus is built
+    return model, tokenizer, load_corpus(dataset), window
 
 
 def evaluate_on(model, tokenizer, corpus, split: str, seqlen: int, device, batch_size: int | None = None):

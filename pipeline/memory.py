@@ -94,7 +94,7 @@ class PeakRSS(threading.Thread):
 
 
 @contextlib.contextmanager
-def measuring_pool():
+def measuring_pool(fresh_process_per_task: bool = True):
     """One spawned worker, a fresh process per task, so memory peaks do not mix. glibc keeps freed blocks
     below its (growing) mmap threshold inside the process, so resident memory reflects the allocation
     history (160-221 MiB for the same 8-layer SparseGPT run) rather than what is live; a fixed 64 KiB
@@ -104,7 +104,7 @@ def measuring_pool():
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the workers' C library at their start
     try:
-        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1 if fresh_process_per_task else None) as pool:
             yield pool
     finally:
         if previous is None:

@@ -77,10 +77,29 @@ def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
 
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 that a test may stop and start again."""
+@pytest.fixture(scope="session")
+def _shared_mlflow_server(tmp_path_factory):
     from pipeline.local_server import LocalMlflowServer
 
     with LocalMlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+@pytest.fixture()
+def mlflow_server(_shared_mlflow_server):
+    """A real `mlflow server` on 127.0.0.1 that a test may stop and start again (started once per session;
+    a test that stopped it gets it back for the next)."""
+    if not _shared_mlflow_server.running:
+        _shared_mlflow_server.start()
+    yield _shared_mlflow_server
+
+
+@pytest.fixture(scope="session")
+def reference_iterative_run(tmp_path_factory, tiny_model_dir, corpus_dir) -> str:
+    """The output of one uninterrupted imp_jobs job: what killed, resumed, launched and tracking-outage runs
+    of the same job are compared with."""
+    from imp_jobs import finished_output, run_iterative_cli
+
+    workdir = tmp_path_factory.mktemp("reference-imp")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    return finished_output(run_iterative_cli(workdir, tiny_model_dir, corpus_dir, "--output-dir", "ref", env=env))

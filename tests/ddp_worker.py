@@ -14,22 +14,27 @@ from pipeline.pruning.magnitude import magnitude_prune_layerwise
 from pipeline.pruning.masks import MaskKeeper, model_masks, prunable_linears, sparsity_of
 from pipeline.training import TrainConfig, train_causal_lm
 
-model_dir, corpus_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-rank = process_index()
-model, tokenizer = load_model_and_tokenizer(model_dir)
-if rank > 0:  # a rank that starts from other weights prunes another mask: DDP must make it rank 0's
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(rank)) * 0.05)
-linears = prunable_linears(model)
-magnitude_prune_layerwise(linears, 0.5)
-corpus = load_corpus(f"text:{corpus_dir}")
-blocks = training_blocks(corpus, tokenizer, 64)
-keeper = MaskKeeper(linears)
-result = train_causal_lm(model, blocks, TrainConfig(lr=2e-3, batch_size=4, max_steps=6, log_every=2),
-                         mask_keeper=keeper, show_progress=False)
-ppl = perplexity(model, eval_tokens(corpus, tokenizer, "test", 64), 64).perplexity
-out.mkdir(parents=True, exist_ok=True)
-torch.save({"masks": model_masks(linears), "state": model.state_dict(), "losses": result.epoch_losses,
-            "tokens": result.tokens, "sparsity": sparsity_of(linears), "perplexity": ppl,
-            "changed": keeper.changed_matrices()}, out / f"rank{rank}.pt")
+
+def train_and_record(model_dir: str, corpus_dir: str, out: Path) -> None:
+    rank = process_index()
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    if rank > 0:  # a rank that starts from other weights prunes another mask: DDP must make it rank 0's
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(rank)) * 0.05)
+    linears = prunable_linears(model)
+    magnitude_prune_layerwise(linears, 0.5)
+    corpus = load_corpus(f"text:{corpus_dir}")
+    blocks = training_blocks(corpus, tokenizer, 64)
+    keeper = MaskKeeper(linears)
+    result = train_causal_lm(model, blocks, TrainConfig(lr=2e-3, batch_size=4, max_steps=6, log_every=2),
+                             mask_keeper=keeper, show_progress=False)
+    ppl = perplexity(model, eval_tokens(corpus, tokenizer, "test", 64), 64).perplexity
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"masks": model_masks(linears), "state": model.state_dict(), "losses": result.epoch_losses,
+                "tokens": result.tokens, "sparsity": sparsity_of(linears), "perplexity": ppl,
+                "changed": keeper.changed_matrices()}, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    train_and_record(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,7 @@ import pytest
 import torch
 
 from pipeline.local_server import free_port
-from test_iterative import (PER_ITERATION, final_perplexity, finished_output, reference_iterative_run,  # noqa: F401
-                            run_iterative_cli)
+from imp_jobs import PER_ITERATION, final_perplexity, finished_output, run_iterative_cli
 
 
 def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, tiny_model_dir, corpus_dir):
@@ -62,10 +60,12 @@ def test_metrics_sent_during_an_outage_land_when_the_server_is_back(tmp_path, ml
 
 
 def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_path, mlflow_server, tiny_model_dir,
-                                                                          corpus_dir, reference_iterative_run):
+                                                                          corpus_dir, reference_iterative_run,
+                                                                          monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.journal import sync_command
 
     env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
     process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
@@ -81,12 +81,11 @@ def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_pa
     journals = list((tmp_path / "run").glob("mlflow-pending-*.jsonl"))
     assert len(journals) == 1
     checkpoint = load_checkpoint(tmp_path / "run")
-    assert checkpoint["iteration"] == 4
+    assert checkpoint["iteration"] == 3
 
     mlflow_server.start()
-    sync = subprocess.run([sys.executable, "-m", "pipeline", "sync", "run"], cwd=tmp_path, capture_output=True,
-                          text=True, env=dict(os.environ, **env), timeout=300)
-    assert sync.returncode == 0, sync.stdout + sync.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    assert sync_command([str(tmp_path / "run")], None) == 1  # the CLI's `sync` is this call (see test_bad_input)
     assert not journals[0].exists()
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(checkpoint["run_id"])
@@ -97,7 +96,7 @@ def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_pa
         assert [s for s, _ in points] == [s for s, _ in expected], key  # none missing, none twice
         assert [v for _, v in points] == pytest.approx([v for _, v in expected], nan_ok=True), key
     step_losses = [m.step for m in client.get_metric_history(run.info.run_id, "train_step_loss")]
-    assert sorted(step_losses) == list(range(2, 25, 2))  # 4 iterations x 6 steps, logged every 2
+    assert sorted(step_losses) == list(range(2, 19, 2))  # 3 iterations x 6 steps, logged every 2
     assert run.data.metrics["final_perplexity"] == pytest.approx(final_perplexity(out), abs=0.01)
     assert client.list_artifacts(run.info.run_id, "model")
 
@@ -126,21 +125,19 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path)
     assert not list(tmp_path.glob(".checkpoint.pt.tmp*"))  # the next write cleans up after the killed one
 
 
-def test_kill_during_pruning_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir):
+def test_kill_during_pruning_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir,
+                                                              reference_iterative_run):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    sparsegpt = ("--prune-method", "sparsegpt", "--nsamples", "8")
-    reference = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, *sparsegpt, "--output-dir",
-                                                  "ref", "--experiment", "reference", env=env))
-    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, *sparsegpt, "--output-dir", "killed", env=env)
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", env=env)
     for line in process.stdout:
-        if "Iteration 2/4" in line:  # printed just before iteration 2's SparseGPT pass
+        if "Iteration 2/3" in line:  # printed just before iteration 2's SparseGPT pass
             break
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, *sparsegpt, "--output-dir",
-                                                "killed", "--resume", env=env))
+    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed",
+                                                "--resume", env=env))
     assert "Resuming after iteration 1" in resumed
-    assert final_perplexity(resumed) == final_perplexity(reference)
+    assert final_perplexity(resumed) == final_perplexity(reference_iterative_run)
 
 
 def mount_tmpfs(directory: Path, size: int) -> None:
