@@ -270,10 +270,7 @@ def bench_logging(step_seconds: float, config: BenchConfig, workdir: Path, serve
     use_tracking_store()  # the HTTP retry defaults
     out = {}
     sqlite = f"sqlite:///{workdir / 'bench-mlflow.db'}"
-    if server.running:
-        server.wait_ready()
-    else:
-        server.start()
+    server.start()  # here, not earlier: its start-up would compete with a-d for the cores
     for name, uri in (("sqlite", sqlite), ("server", server.uri)):
         for log_every in (10, 1):
             per_step = _logging_seconds_per_step(uri, config.logged_steps, log_every, workdir)
@@ -322,8 +319,6 @@ def run_bench(config: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         workdir = Path(tmp)
         server = LocalMlflowServer(workdir / "server")
-        if config.quick:  # its start-up overlaps a-d; a full run starts it at e, so it cannot disturb a-d
-            server.launch()
         try:
             for name, measure in (
                     ("a/b training", lambda: bench_training(model, blocks, config, device)),

@@ -33,10 +33,6 @@ class LocalMlflowServer:
         return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float = 90.0) -> "LocalMlflowServer":
-        return self.launch().wait_ready(timeout)
-
-    def launch(self) -> "LocalMlflowServer":
-        """Starts the server without waiting for it: its start-up can overlap other work."""
         log = open(self.root / "server.log", "ab")
         self.process = subprocess.Popen(
             ["mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -44,9 +40,6 @@ class LocalMlflowServer:
              "--artifacts-destination", str(self.root / "artifacts")],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        return self
-
-    def wait_ready(self, timeout: float = 90.0) -> "LocalMlflowServer":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
