@@ -1,8 +1,9 @@
 """Which process does what under `accelerate launch` (or torchrun): Accelerate's state, nothing of our own.
 
-Every process runs the same command. All of them prune, train (DDP averages their gradients) and
-evaluate a share of the windows; only the main process talks to MLflow, prints, and writes
-checkpoints and models. One process without a launcher is simply the main one.
+Every process runs the same command. All of them prune, train (DDP averages their gradients, or FSDP
+shards the weights, gradients and optimizer states) and evaluate a share of the windows; only the main
+process talks to MLflow, prints, and writes checkpoints and models. One process without a launcher is
+simply the main one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import sys
 
 import torch
+
+from .errors import UserError
 
 
 def _state():
@@ -72,3 +75,51 @@ def gather_window_nlls(indices: torch.Tensor, nlls: torch.Tensor, total: int) ->
     for part_indices, part_nlls in gather_object([(indices, nlls)]):
         ordered[part_indices] = part_nlls
     return ordered
+
+
+def training_accelerator(cpu: bool):
+    """The Accelerator that `accelerate launch` configured (DDP, or FSDP under `--use_fsdp`).
+
+    Accelerate drops the FSDP plugin when the processes are CPUs (it then forms a gloo group and
+    wraps in DDP), although torch's FSDP2 (`fully_shard`) runs over gloo. Under `--use_fsdp` on CPUs
+    the state is switched to FSDP with the plugin read from the launcher's environment, so CPU
+    clusters, and the two-process test, take the same FSDP2 path as GPUs.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(cpu=cpu)
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # both shared states: every later AcceleratorState() copies the PartialState's type over its own
+        _state().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if shards_parameters(accelerator) and not accelerator.is_fsdp2:
+        # FSDP1 flattens each wrapped module's parameters into one, and the masks address them by name
+        raise UserError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2")
+    return accelerator
+
+
+def shards_parameters(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@torch.no_grad()
+def copy_full_weights(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Gathers FSDP's sharded parameters into the same-named parameters of an unsharded model, one
+    tensor at a time, on every process."""
+    from torch.distributed.tensor import DTensor
+
+    targets = dict(plain.named_parameters())
+    for name, param in sharded.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        targets[name].copy_(full)
+
+
+def local_numel(tensor: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local().numel() if isinstance(tensor, DTensor) else tensor.numel()

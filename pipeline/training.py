@@ -4,14 +4,20 @@ Pruned weights stay pruned the llm-compressor way: the gradients of pruned weigh
 the optimizer step and the weights themselves re-zeroed after it (AdamW's moments and weight decay
 would revive them otherwise). Both are one `torch._foreach_mul_` over all prunable matrices.
 
-Accelerate runs the loop: one process as is, several under `accelerate launch` with DDP. `batch_size`
-is the global batch: each of the P processes takes its 1/P share of every batch, so P processes take
-the same optimizer steps on the same data as one process would.
+Accelerate runs the loop: one process as is, several under `accelerate launch` with DDP or FSDP2.
+`batch_size` is the global batch: each of the P processes takes its 1/P share of every batch, so P
+processes take the same optimizer steps on the same data as one process would.
+
+FSDP2 turns a module's parameters into sharded DTensors in place, while pruning, evaluation and
+checkpoints need the plain model. So under FSDP a copy of the model (made on the CPU) is sharded and
+trained, its masks are kept shard by shard, and at the end the full weights are gathered back into
+the plain model on every process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .distributed import copy_full_weights, local_numel, shards_parameters, sync_from_main, training_accelerator
 
 
 @dataclass
@@ -45,6 +53,8 @@ class TrainResult:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    parallelism: str = "NO"        # Accelerate's distributed type: NO, MULTI_GPU / MULTI_CPU (DDP), FSDP
+    held_parameters: int = 0       # parameter elements this process held while training (its shards under FSDP)
 
     @property
     def final_loss(self) -> float:
@@ -76,24 +86,32 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                     desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
                     show_progress: bool = True) -> TrainResult:
     """Trains `model` in place on `blocks` [n, seqlen]; `on_log(global_step, loss, lr)` every log_every steps."""
-    from accelerate import Accelerator
-
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
+    accelerator = training_accelerator(cpu=device.type == "cpu")
+    sharded = shards_parameters(accelerator)
+    if sharded:
+        sync_from_main(model)  # FSDP2, unlike DDP, shards each process's own weights
+        model.to("cpu")        # the device holds only the shards while training
+        trained = copy.deepcopy(model)
+    else:
+        trained = model
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        trained.gradient_checkpointing_enable()
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in trained.named_parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(trained, optimizer)
+    keeper = None
     if mask_keeper is not None:
-        # DDP copied the main process's weights to every process when it wrapped the model: the masks
-        # are read after that, so every process keeps the same ones.
+        # Read now, when every process holds the main process's weights (DDP copied them when it
+        # wrapped the model; under FSDP sync_from_main did), so all keep one mask. The FSDP keeper
+        # reads the sharded weights of the copy.
         mask_keeper.refresh()
+        keeper = mask_keeper.over(trained) if sharded else mask_keeper
     device = next(wrapped.parameters()).device
     rank, world = accelerator.process_index, accelerator.num_processes
     if config.batch_size % world:
@@ -103,9 +121,10 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
     micro = config.batch_size
     share = micro // world
     show_progress = show_progress and accelerator.is_main_process
-    result = TrainResult()
+    result = TrainResult(parallelism=accelerator.distributed_type.value,
+                         held_parameters=sum(local_numel(p) for p in trained.parameters()))
     started = time.perf_counter()
-    model.train()
+    trained.train()
     step = 0
     for epoch in range(config.epochs):
         order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(config.seed + epoch))
@@ -131,14 +150,14 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                     accelerator.backward(loss / config.grad_accum)
                 step_loss += loss.detach() / config.grad_accum
                 result.tokens += batch.numel() * world
-            if mask_keeper is not None:
-                mask_keeper.zero_pruned_grads()
+            if keeper is not None:
+                keeper.zero_pruned_grads()
             if config.grad_clip:
                 accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if mask_keeper is not None:
-                mask_keeper.zero_pruned_weights()
+            if keeper is not None:
+                keeper.zero_pruned_weights()
             epoch_loss_sum += step_loss
             window_loss_sum += step_loss
             steps_in_window += 1
@@ -159,8 +178,12 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
             tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
     result.steps = step
     result.seconds = time.perf_counter() - started
+    if sharded:
+        copy_full_weights(trained, model)
+        model.to(device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    accelerator.free_memory()  # drops the DDP wrapper; `model` itself holds the trained weights
+        trained.gradient_checkpointing_disable()
+    del wrapped, trained, keeper
+    accelerator.free_memory()  # drops the DDP/FSDP wrapper; `model` itself holds the trained weights
     model.eval()
     return result

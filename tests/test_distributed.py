@@ -1,4 +1,5 @@
-"""Issue 8: two CPU processes (gloo) under `accelerate launch` train like one process, masks identical."""
+"""Issue 8: two CPU processes (gloo) under `accelerate launch`, with DDP and with FSDP2, train like one
+process and keep one mask."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import torch
 from pipeline.local_server import free_port
 from imp_jobs import final_perplexity, final_sparsity
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).with_name("launch_worker.py")
+LAUNCH_FLAGS = {"ddp": ["--multi_gpu"], "fsdp": ["--use_fsdp", "--fsdp_version", "2"]}
 
 
-def accelerate_launch(*args) -> list:
-    return ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+def accelerate_launch(mode: str, *args) -> list:
+    return ["accelerate", "launch", *LAUNCH_FLAGS[mode], "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
 
 
@@ -27,26 +29,38 @@ def run(command, cwd, env=None) -> str:
     return done.stdout
 
 
-def test_two_processes_keep_one_mask_and_train_like_one(tmp_path, tiny_model_dir, corpus_dir):
-    from ddp_worker import train_and_record
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_keep_one_mask_and_train_like_one(mode, tmp_path, tiny_model_dir, corpus_dir):
+    from launch_worker import train_and_record
 
     train_and_record(str(tiny_model_dir), str(corpus_dir), tmp_path / "single")  # one process: this one
-    run(accelerate_launch(str(WORKER), str(tiny_model_dir), str(corpus_dir), str(tmp_path / "ddp")), tmp_path)
+    run(accelerate_launch(mode, str(WORKER), str(tiny_model_dir), str(corpus_dir), str(tmp_path / mode)), tmp_path)
     single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{i}.pt", weights_only=True) for i in range(2)]
-    for name, mask in single["masks"].items():  # rank 1 pruned other weights; DDP gave it rank 0's
+    ranks = [torch.load(tmp_path / mode / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    for name, mask in single["masks"].items():  # rank 1 pruned other weights; training gave it rank 0's
         assert torch.equal(ranks[0]["masks"][name], mask) and torch.equal(ranks[1]["masks"][name], mask), name
     for name, value in ranks[0]["state"].items():
-        assert torch.equal(value, ranks[1]["state"][name]), name  # DDP kept the processes in lockstep
+        assert torch.equal(value, ranks[1]["state"][name]), name  # the processes stayed in lockstep
+        assert torch.allclose(value, single["state"][name], atol=1e-4), name
     for result in ranks:
         assert result["sparsity"] == pytest.approx(0.5, abs=1e-12) and result["changed"] == []
         assert result["tokens"] == single["tokens"]  # batch 4 is the global batch: 2 windows per process
         assert result["losses"] == pytest.approx(single["losses"], rel=1e-4)
         assert result["perplexity"] == pytest.approx(single["perplexity"], rel=1e-4)  # windows split, gathered
     assert ranks[0]["perplexity"] == ranks[1]["perplexity"]
+    assert single["parallelism"] == "NO" and single["held_parameters"] == single["parameters"]
+    if mode == "ddp":
+        assert [r["parallelism"] for r in ranks] == ["MULTI_CPU"] * 2
+        assert all(r["held_parameters"] == r["parameters"] for r in ranks)  # every process holds a full copy
+    else:
+        assert [r["parallelism"] for r in ranks] == ["FSDP"] * 2
+        # each process held its half of every parameter (dim 0 split in two) and no more
+        assert sum(r["held_parameters"] for r in ranks) == single["parameters"]
+        assert all(r["held_parameters"] < 0.6 * r["parameters"] for r in ranks)
 
 
-def test_iterative_under_accelerate_launch_logs_and_saves_once(tmp_path, tiny_model_dir, corpus_dir,
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_iterative_under_accelerate_launch_logs_and_saves_once(mode, tmp_path, tiny_model_dir, corpus_dir,
                                                                 reference_iterative_run):
     import mlflow
 
@@ -58,12 +72,12 @@ def test_iterative_under_accelerate_launch_logs_and_saves_once(tmp_path, tiny_mo
             "4", "--lr", "2e-3", "--seqlen", "64", "--device", "cpu", "--log-every", "2", "--prune-method",
             "sparsegpt", "--nsamples", "8"]  # run_iterative_cli's job
     single = reference_iterative_run
-    launched = run(accelerate_launch("-m", "pipeline", *args, "--output-dir", "ddp", "--experiment", "ddp"),
+    launched = run(accelerate_launch(mode, "-m", "pipeline", *args, "--output-dir", mode, "--experiment", mode),
                    tmp_path, env)
     assert launched.count("Iterative pruning complete") == 1  # only the main process prints
     assert final_perplexity(launched) == pytest.approx(final_perplexity(single), rel=1e-3)
-    assert load_checkpoint(tmp_path / "ddp")["iteration"] == 3
+    assert load_checkpoint(tmp_path / mode)["iteration"] == 3
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["ddp"])
+    runs = mlflow.search_runs(experiment_names=[mode])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["metrics.final_sparsity"] == pytest.approx(final_sparsity(single), abs=1e-4)

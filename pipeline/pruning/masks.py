@@ -143,6 +143,11 @@ class MaskKeeper:
         """Masks read again from the weights (pruned ones are exactly zero)."""
         self.masks = [(w.detach() != 0).to(w.dtype) for w in self.weights]
 
+    def over(self, model: nn.Module) -> "MaskKeeper":
+        """A keeper of the same-named matrices in `model`: FSDP's sharded copy of this keeper's model,
+        whose weights are DTensors and whose masks are therefore sharded the same way."""
+        return MaskKeeper({name: model.get_submodule(name) for name in self.names})
+
     def zero_pruned_grads(self) -> None:
         pairs = [(w.grad, m) for w, m in zip(self.weights, self.masks) if w.grad is not None]
         if pairs:

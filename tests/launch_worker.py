@@ -1,5 +1,6 @@
-"""Run by test_distributed under `accelerate launch` (and alone, as the reference): prunes a model, trains it
-with the pipeline's loop, evaluates it, and saves what this process ended with to <out>/rank<i>.pt."""
+"""Run by test_distributed under `accelerate launch` (DDP or FSDP2; and alone, as the reference): prunes a
+model, trains it with the pipeline's loop, evaluates it, and saves what this process ended with to
+<out>/rank<i>.pt."""
 
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pipeline.training import TrainConfig, train_causal_lm
 def train_and_record(model_dir: str, corpus_dir: str, out: Path) -> None:
     rank = process_index()
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    if rank > 0:  # a rank that starts from other weights prunes another mask: DDP must make it rank 0's
+    if rank > 0:  # a rank that starts from other weights prunes another mask: training must make it rank 0's
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(rank)) * 0.05)
@@ -33,7 +34,9 @@ def train_and_record(model_dir: str, corpus_dir: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"masks": model_masks(linears), "state": model.state_dict(), "losses": result.epoch_losses,
                 "tokens": result.tokens, "sparsity": sparsity_of(linears), "perplexity": ppl,
-                "changed": keeper.changed_matrices()}, out / f"rank{rank}.pt")
+                "changed": keeper.changed_matrices(), "parallelism": result.parallelism,
+                "held_parameters": result.held_parameters,
+                "parameters": sum(p.numel() for p in model.parameters())}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
