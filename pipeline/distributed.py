@@ -95,10 +95,16 @@ def training_accelerator(cpu: bool):
         _state().distributed_type = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    if shards_parameters(accelerator) and not accelerator.is_fsdp2:
-        # FSDP1 flattens each wrapped module's parameters into one, and the masks address them by name
-        raise UserError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2")
+    refuse_fsdp1()
     return accelerator
+
+
+def refuse_fsdp1() -> None:
+    """Called before any work: FSDP1 flattens each wrapped module's parameters into one, and the masks
+    address them by name."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION") != "2":
+        raise UserError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
+                        "(or fsdp_version: 2 in the accelerate config)", 2)
 
 
 def shards_parameters(accelerator) -> bool:

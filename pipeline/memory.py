@@ -3,6 +3,8 @@
 Training, per process (DDP keeps a full replica on every GPU):
     weights + gradients + AdamW's two moments      4 * P * param_bytes
     masks (MaskKeeper, in the weight dtype)        P_prunable * param_bytes
+    under FSDP over N processes, both of these / N, plus the all-gathered weights and gradients of the
+    two largest wrapped units (the root with the embeddings, and a decoder layer: wrap OPTDecoderLayer)
     activations kept for backward, per token       L * ((9h + 2 ffn) * act_bytes + 2h)     (SDPA attention,
                                                    dropout masks 1 byte; with --gradient-checkpointing only
                                                    L * h * act_bytes plus one layer's full set)
@@ -61,6 +63,15 @@ def training_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes:
              "logits": tokens * config.vocab_size * (act_bytes + 8)}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def fsdp_state_bytes(config, processes: int, param_bytes: int) -> int:
+    """Weights, gradients, AdamW moments and masks held by one of `processes` FSDP processes."""
+    params, prunable = parameter_counts(config)
+    h, ffn = config.hidden_size, config.ffn_dim
+    layer = 4 * h * h + 2 * h * ffn + 9 * h + ffn
+    root = params - config.num_hidden_layers * layer
+    return (4 * params + prunable) * param_bytes // processes + 2 * (root + layer) * param_bytes
 
 
 def sparsegpt_device_bytes(config, nsamples: int, seqlen: int, act_bytes: int) -> int:
@@ -143,14 +154,16 @@ def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_c
 
 def memory_table(measure: bool = True) -> str:
     """The README's memory table: formula for OPT-125m...2.7b, and formula vs measurement on small widths."""
-    lines = ["| model | params | weights+grads+AdamW+masks, fp32 | activations + logits per 2048-token sequence, "
-             "bf16 | same, gradient checkpointing | SparseGPT device peak (fp16, 128 x 2048) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
+             "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
+             "| SparseGPT device peak (fp16, 128 x 2048) |",
+             "|---|---|---|---|---|---|---|"]
     for name, (h, layers, ffn, heads, proj) in OPT_SIZES.items():
         config = opt_config(h, layers, ffn, heads, proj)
         fp32 = training_bytes(config, 1, 2048, 4, 2)
         checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
         lines.append(f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
+                     f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
                      f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
                      f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
                      f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |")

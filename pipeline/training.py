@@ -96,8 +96,8 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         trained = copy.deepcopy(model)
     else:
         trained = model
-    if config.gradient_checkpointing:
-        trained.gradient_checkpointing_enable()
+    if config.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        getattr(trained, "activation_checkpointing_enable", trained.gradient_checkpointing_enable)()
     decay, no_decay = [], []
     for name, param in trained.named_parameters():
         if param.requires_grad:
@@ -182,7 +182,7 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         copy_full_weights(trained, model)
         model.to(device)
     if config.gradient_checkpointing:
-        trained.gradient_checkpointing_disable()
+        getattr(trained, "activation_checkpointing_disable", trained.gradient_checkpointing_disable)()
     del wrapped, trained, keeper
     accelerator.free_memory()  # drops the DDP/FSDP wrapper; `model` itself holds the trained weights
     model.eval()

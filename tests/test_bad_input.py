@@ -43,9 +43,9 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def cli(*args, cwd):
+def cli(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -72,3 +72,14 @@ def test_resume_of_a_corrupt_checkpoint_exits_1(tmp_path):
     result = cli("iterative", "--output-dir", "run", "--resume", cwd=tmp_path)
     assert result.returncode == 1 and "damaged or truncated" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["iterative", "train"])
+def test_fsdp1_launch_is_refused_before_any_work(tmp_path, command):
+    import os
+
+    # what `accelerate launch --use_fsdp --fsdp_version 1` puts in every process's environment
+    env = dict(os.environ, ACCELERATE_USE_FSDP="true", FSDP_VERSION="1")
+    result = cli(command, "--output-dir", "out", cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "--fsdp_version 2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
