@@ -133,11 +133,11 @@ def train(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, 
           max_steps, seed, grad_accum, weight_decay, warmup_steps, lr_schedule, grad_clip,
           gradient_checkpointing, log_every, output_dir):
     """Fine-tune a (pruned) model on a dataset; pruned weights stay exactly zero."""
-    from .distributed import refuse_fsdp1
+    from .distributed import check_launch
     from .finetune import train_command
     from .training import TrainConfig
 
-    refuse_fsdp1()
+    check_launch(batch_size)
 
     for name, value in (("epochs", epochs), ("batch-size", batch_size), ("lr", lr), ("max-steps", max_steps),
                         ("grad-accum", grad_accum)):
@@ -172,10 +172,10 @@ def train(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, 
 @click.option("--save-model/--no-save-model", default=True, show_default=True)
 def iterative(model, dataset, dtype, device, seqlen, experiment, trust_remote_code, resume, **options):
     """Iterative magnitude pruning with recovery training (the main job, SPEC §1)."""
-    from .distributed import refuse_fsdp1
+    from .distributed import check_launch
     from .iterative import IterativeConfig, iterative_command
 
-    refuse_fsdp1()
+    check_launch(options["batch_size"])
 
     config = IterativeConfig(model=model, dataset=dataset, dtype=dtype, device=device, seqlen=seqlen,
                              experiment=experiment, trust_remote_code=trust_remote_code, **options)

@@ -95,16 +95,21 @@ def training_accelerator(cpu: bool):
         _state().distributed_type = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    refuse_fsdp1()
+    check_launch(None)
     return accelerator
 
 
-def refuse_fsdp1() -> None:
-    """Called before any work: FSDP1 flattens each wrapped module's parameters into one, and the masks
-    address them by name."""
+def check_launch(batch_size: int | None) -> None:
+    """Called before any work, from the launcher's environment: FSDP1 is refused (it flattens each
+    wrapped module's parameters into one, and the masks address them by name), and the global batch
+    must split evenly over the processes."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION") != "2":
         raise UserError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
                         "(or fsdp_version: 2 in the accelerate config)", 2)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size is not None and batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+                        f"{world} processes: use a multiple of {world}", 2)
 
 
 def shards_parameters(accelerator) -> bool:

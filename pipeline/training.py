@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distributed import copy_full_weights, local_numel, shards_parameters, sync_from_main, training_accelerator
+from .distributed import check_launch, copy_full_weights, local_numel, shards_parameters, sync_from_main, training_accelerator
 
 
 @dataclass
@@ -86,9 +86,9 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                     desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
                     show_progress: bool = True) -> TrainResult:
     """Trains `model` in place on `blocks` [n, seqlen]; `on_log(global_step, loss, lr)` every log_every steps."""
-    device = next(model.parameters()).device
-    use_bf16 = device.type == "cuda"
-    accelerator = training_accelerator(cpu=device.type == "cpu")
+    home = next(model.parameters()).device
+    use_bf16 = home.type == "cuda"
+    accelerator = training_accelerator(cpu=home.type == "cpu")
     sharded = shards_parameters(accelerator)
     if sharded:
         sync_from_main(model)  # FSDP2, unlike DDP, shards each process's own weights
@@ -114,8 +114,7 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         keeper = mask_keeper.over(trained) if sharded else mask_keeper
     device = next(wrapped.parameters()).device
     rank, world = accelerator.process_index, accelerator.num_processes
-    if config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} does not split over {world} processes")
+    check_launch(config.batch_size)
     per_epoch = steps_per_epoch(blocks.shape[0], config)
     total_steps = per_epoch * config.epochs
     micro = config.batch_size
@@ -180,7 +179,7 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
     result.seconds = time.perf_counter() - started
     if sharded:
         copy_full_weights(trained, model)
-        model.to(device)
+        model.to(home)
     if config.gradient_checkpointing:
         getattr(trained, "activation_checkpointing_disable", trained.gradient_checkpointing_disable)()
     del wrapped, trained, keeper

@@ -81,3 +81,13 @@ def test_iterative_under_accelerate_launch_logs_and_saves_once(mode, tmp_path, t
     runs = mlflow.search_runs(experiment_names=[mode])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["metrics.final_sparsity"] == pytest.approx(final_sparsity(single), abs=1e-4)
+
+
+def test_batch_that_does_not_split_over_the_processes_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    done = subprocess.run(accelerate_launch("ddp", "-m", "pipeline", "train", "--model", str(tiny_model_dir),
+                                            "--batch-size", "3", "--output-dir", "out"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 2 and "must split evenly over the 2 processes" in ours[0]  # one line per process
+    assert not (tmp_path / "out").exists()
