@@ -20,14 +20,14 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: pad 1, bos/eos 
 @dataclass
 class PretrainConfig:
     vocab_size: int = 4096
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_layers: int = 4
     num_heads: int = 4
-    ffn_dim: int = 1024
-    max_positions: int = 512
+    ffn_dim: int = 768
+    max_positions: int = 256
     lr: float = 3e-3
-    warmup_steps: int = 30
-    steps: int = 480
+    warmup_steps: int = 50
+    steps: int = 1800
     batch_size: int = 16
     weight_decay: float = 0.1
     seed: int = 0

@@ -14,7 +14,9 @@ from pipeline.local_server import free_port
 from imp_jobs import final_perplexity, final_sparsity
 
 WORKER = Path(__file__).with_name("launch_worker.py")
-LAUNCH_FLAGS = {"ddp": ["--multi_gpu"], "fsdp": ["--use_fsdp", "--fsdp_version", "2"]}
+LAUNCH_FLAGS = {"ddp": ["--multi_gpu"],
+                "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                         "--fsdp_transformer_layer_cls_to_wrap", "OPTDecoderLayer"]}  # as the README says
 
 
 def accelerate_launch(mode: str, *args) -> list:

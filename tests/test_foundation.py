@@ -158,7 +158,7 @@ def test_offline_hub_dataset_is_one_clear_error(tmp_path):
     (["--model", "opt-9b"], "unknown model"),
     (["--model", "./no/such/dir"], "does not exist"),
     (["--dataset", "imagenet"], "unknown dataset"),
-    (["--seqlen", "4096"], "above the model's 512 positions"),
+    (["--seqlen", "4096"], "above the model's 256 positions"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = run_cli("evaluate", *args, cwd=tmp_path)
