@@ -42,7 +42,7 @@ class BenchConfig:
     quick: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 8
+    batch_size: int = 16             # the demo's: 16 x 256 tokens per step on opt-tiny
     seqlen: int | None = None       # default: the model's positions
     steps: int = 10                 # training steps per timed run (a, b)
     repeats: int = 5                # timed runs per variant, alternated; the median counts
