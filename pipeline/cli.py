@@ -259,7 +259,7 @@ def pretrain(output_dir, experiment, **options):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--seqlen", type=click.IntRange(min=2), default=None, help="default: the model's positions")
 @click.option("--quick", is_flag=True, help="a smoke run in seconds: tiny sizes, figures not meaningful")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=None, help="default reports/bench")
