@@ -56,6 +56,7 @@ class BenchConfig:
             self.steps, self.repeats, self.eval_windows = 2, 1, 4
             self.calibration_samples, self.logged_steps, self.imp_steps = 4, 200, 2
             self.seqlen = self.seqlen or 64
+            self.batch_size = min(self.batch_size, 8)
 
 
 def _timed(fn) -> float:
