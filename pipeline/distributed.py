@@ -89,25 +89,28 @@ def training_accelerator(cpu: bool):
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     accelerator = Accelerator(cpu=cpu)
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if wants_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # both shared states: every later AcceleratorState() copies the PartialState's type over its own
         _state().distributed_type = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    check_launch(None)
     return accelerator
 
 
-def check_launch(batch_size: int | None) -> None:
+def fsdp_requested() -> bool:
+    """What `accelerate launch --use_fsdp` (or an FSDP accelerate config) tells every process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_launch(batch_size: int) -> None:
     """Called before any work, from the launcher's environment: FSDP1 is refused (it flattens each
     wrapped module's parameters into one, and the masks address them by name), and the global batch
     must split evenly over the processes."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION") != "2":
+    if fsdp_requested() and os.environ.get("FSDP_VERSION") != "2":
         raise UserError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
                         "(or fsdp_version: 2 in the accelerate config)", 2)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if batch_size is not None and batch_size % world:
+    if batch_size % world:
         raise UserError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
                         f"{world} processes: use a multiple of {world}", 2)
 

@@ -86,6 +86,7 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                     desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
                     show_progress: bool = True) -> TrainResult:
     """Trains `model` in place on `blocks` [n, seqlen]; `on_log(global_step, loss, lr)` every log_every steps."""
+    check_launch(config.batch_size)
     home = next(model.parameters()).device
     use_bf16 = home.type == "cuda"
     accelerator = training_accelerator(cpu=home.type == "cpu")
@@ -114,7 +115,6 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         keeper = mask_keeper.over(trained) if sharded else mask_keeper
     device = next(wrapped.parameters()).device
     rank, world = accelerator.process_index, accelerator.num_processes
-    check_launch(config.batch_size)
     per_epoch = steps_per_epoch(blocks.shape[0], config)
     total_steps = per_epoch * config.epochs
     micro = config.batch_size
