@@ -17,11 +17,28 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import BenchConfig, IterativeConfig, PruneConfig, ScheduleConfig, TrainConfig
+from .data import eval_tokens
+from .errors import sigterm_as_interrupt
+from .jobs.iterative import iterate
+from .local_server import LocalMlflowServer
+from .memory import PeakRSS, measuring_pool, rss
+from .perplexity import perplexity
+from .pruning import prune_model
+from .pruning.magnitude import magnitude_prune_layerwise
+from .pruning.masks import MaskKeeper, prunable_linears
+from .settings import flat_values
+from .tracking import MLflowLogger, tracked_run
+from .tracking.store import use_tracking_store
+from .training import train_causal_lm
+from .workload import load_workload
 
 # (result key, comparison, target, what it measures)
 TARGETS = [
@@ -33,30 +50,6 @@ TARGETS = [
     ("logging_share_server", "<=", 0.01, "e MLflow logging / step time, mlflow server"),
     ("imp_outside_training_share", "<=", 0.10, "f IMP time outside training steps / iteration"),
 ]
-
-
-@dataclass
-class BenchConfig:
-    model: str = "opt-tiny"
-    dataset: str = "pydocs"
-    quick: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16             # the demo's: 16 x 256 tokens per step on opt-tiny
-    seqlen: int | None = None       # default: the model's positions
-    steps: int = 10                 # training steps per timed run (a, b)
-    repeats: int = 5                # timed runs per variant, alternated; the median counts
-    eval_windows: int | None = None  # cap on evaluation windows (c); None = the whole test split
-    calibration_samples: int = 32   # SparseGPT windows (d)
-    logged_steps: int = 2000        # simulated training steps of metrics (e)
-    imp_steps: int = 40             # training steps per IMP iteration (f), the demo's --max-steps
-
-    def __post_init__(self):
-        if self.quick:
-            self.steps, self.repeats, self.eval_windows = 2, 1, 4
-            self.calibration_samples, self.logged_steps, self.imp_steps = 4, 200, 2
-            self.seqlen = self.seqlen or 64
-            self.batch_size = min(self.batch_size, 8)
 
 
 def _timed(fn) -> float:
@@ -124,8 +117,6 @@ def training_flops_per_token(model, seqlen: int) -> float:
 def mask_seconds_per_step(model, linears: dict, batch: torch.Tensor, repeats: int = 20) -> float:
     """The two mask calls a masked step adds, timed alone: the only difference between the masked and
     the unmasked loop, and far below what alternated end-to-end runs resolve on a shared machine."""
-    from .pruning.masks import MaskKeeper
-
     keeper = MaskKeeper(linears)
     model.train()
     model(input_ids=batch, labels=batch, use_cache=False).loss.backward()  # gradients to mask
@@ -143,10 +134,6 @@ def mask_seconds_per_step(model, linears: dict, batch: torch.Tensor, repeats: in
 
 
 def bench_training(model, blocks, config: BenchConfig, device) -> dict:
-    from .pruning.magnitude import magnitude_prune_layerwise
-    from .pruning.masks import MaskKeeper, prunable_linears
-    from .training import TrainConfig, train_causal_lm
-
     linears = prunable_linears(model)
     magnitude_prune_layerwise(linears, 0.5)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -186,9 +173,6 @@ def bench_training(model, blocks, config: BenchConfig, device) -> dict:
 
 
 def bench_evaluation(model, tokenizer, corpus, seqlen: int, config: BenchConfig) -> dict:
-    from .data import eval_tokens
-    from .perplexity import perplexity
-
     ids = eval_tokens(corpus, tokenizer, "test", seqlen)
     if config.eval_windows:
         ids = ids.reshape(-1)[: config.eval_windows * seqlen]
@@ -207,11 +191,6 @@ def bench_evaluation(model, tokenizer, corpus, seqlen: int, config: BenchConfig)
 
 def sparsegpt_at_depth(model_config: dict, layers: int, samples: int, seqlen: int, device: str) -> dict:
     """Runs in a fresh process: SparseGPT at 50% on a random model `layers` deep; time and working memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .memory import PeakRSS, rss
-    from .pruning import PruneConfig, prune_model
-
     torch.manual_seed(0)
     config = AutoConfig.for_model(**{**model_config, "num_hidden_layers": layers})
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -234,8 +213,6 @@ def sparsegpt_at_depth(model_config: dict, layers: int, samples: int, seqlen: in
 
 
 def bench_sparsegpt_depth(model, config: BenchConfig, seqlen: int, device) -> dict:
-    from .memory import measuring_pool
-
     model_config = model.config.to_dict()
     out = {}
     with measuring_pool(fresh_process_per_task=not config.quick) as pool:
@@ -247,10 +224,6 @@ def bench_sparsegpt_depth(model, config: BenchConfig, seqlen: int, device) -> di
 
 
 def _logging_seconds_per_step(store_uri: str, steps: int, log_every: int, journal_dir: Path) -> float:
-    from mlflow.tracking import MlflowClient
-
-    from .tracking import MLflowLogger
-
     client = MlflowClient(store_uri)
     experiment = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
     run = client.create_run(experiment.experiment_id)
@@ -266,8 +239,6 @@ def _logging_seconds_per_step(store_uri: str, steps: int, log_every: int, journa
 
 
 def bench_logging(step_seconds: float, config: BenchConfig, workdir: Path, server) -> dict:
-    from .tracking import use_tracking_store
-
     use_tracking_store()  # the HTTP retry defaults
     out = {}
     sqlite = f"sqlite:///{workdir / 'bench-mlflow.db'}"
@@ -283,16 +254,14 @@ def bench_logging(step_seconds: float, config: BenchConfig, workdir: Path, serve
 
 
 def bench_imp(config: BenchConfig, seqlen: int, workdir: Path) -> dict:
-    from .iterative import IterativeConfig, run_iterative
-    from .tracking import tracked_run
-
-    imp = IterativeConfig(model=config.model, dataset=config.dataset, target_sparsity=0.5, prune_percentage=0.3,
-                          epochs_per_iteration=1, max_iterations=2, batch_size=config.batch_size, lr=1e-3,
-                          max_steps=config.imp_steps, seqlen=seqlen, device=config.device, dtype=config.dtype,
+    """The demo's iteration: 30% of the remaining weights, `imp_steps` steps at lr 1e-3, two evaluations."""
+    imp = IterativeConfig(model=config.model, data=config.data,
+                          schedule=ScheduleConfig(target_sparsity=0.5, prune_percentage=0.3, max_iterations=2),
+                          train=TrainConfig(epochs=1, batch_size=config.batch_size, lr=1e-3, max_steps=config.imp_steps),
                           output_dir=str(workdir / "imp"), save_model=False)
     ended = []
-    with tracked_run("bench iterative", asdict(imp), {"kind": "bench"}, journal_dir=workdir) as logger:
-        history = run_iterative(imp, logger, on_iteration=lambda entry: ended.append(time.perf_counter()))
+    with tracked_run("bench iterative", flat_values(imp), {"kind": "bench"}, journal_dir=workdir) as logger:
+        history = iterate(imp, logger, on_iteration=lambda entry: ended.append(time.perf_counter()))
     walls = [b - a for a, b in zip(ended, ended[1:])]  # iteration k: end of k-1 to end of k, all included
     trained = [h["train_seconds"] for h in history[1:]]
     shares = [1 - t / w for t, w in zip(trained, walls)]
@@ -301,22 +270,14 @@ def bench_imp(config: BenchConfig, seqlen: int, workdir: Path) -> dict:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    from .data import load_corpus, training_blocks
-    from .evaluation import resolve_seqlen
-    from .models import load_model_and_tokenizer, resolve_device
-
-    device = resolve_device(config.device)
-    model, tokenizer = load_model_and_tokenizer(config.model, config.dtype, config.device)
-    seqlen = resolve_seqlen(model, config.seqlen)
-    corpus = load_corpus(config.dataset)
-    blocks = training_blocks(corpus, tokenizer, seqlen)
-    results = {"model": config.model, "device": str(device), "dtype": str(next(model.parameters()).dtype),
+    work = load_workload(config.model, config.data)
+    model, tokenizer, corpus, seqlen, device = work.model, work.tokenizer, work.corpus, work.seqlen, work.device
+    blocks = work.training_blocks()
+    results = {"model": config.model.model, "device": str(device), "dtype": str(next(model.parameters()).dtype),
                "seqlen": seqlen, "batch_size": config.batch_size, "quick": config.quick,
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
-    from .local_server import LocalMlflowServer
-
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         workdir = Path(tmp)
         server = LocalMlflowServer(workdir / "server")
@@ -368,13 +329,12 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_command(config: BenchConfig, output_dir: Path | None, experiment: str | None) -> dict:
-    from .errors import sigterm_as_interrupt
-    from .tracking import tracked_run
-
-    out = Path(output_dir or Path("reports") / "bench")
-    label = f"{Path(config.model).name}-{'quick' if config.quick else 'full'}"
-    with sigterm_as_interrupt(), tracked_run(f"bench {label}", asdict(config), {"kind": "bench"}, experiment) as logger:
+def run_bench_job(config: BenchConfig) -> dict:
+    """The bench, in an MLflow run: the table printed, written to reports/bench and logged."""
+    out = Path(config.output_dir or Path("reports") / "bench")
+    label = f"{Path(config.model.model).name}-{'quick' if config.quick else 'full'}"
+    with sigterm_as_interrupt(), tracked_run(f"bench {label}", flat_values(config), {"kind": "bench"},
+                                             config.tracking.experiment) as logger:
         results = run_bench(config)
         table = format_table(results)
         print(table)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, option
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config is recorded by flat setting keys
 
 
 def rng_state() -> dict:
@@ -70,7 +70,7 @@ def atomic_torch_save(obj, path: Path) -> None:
         if cause is None:
             raise
         raise UserError(f"could not write {path} ({cause.strerror or cause}); the previous checkpoint "
-                        "is intact: free some space and resume with --resume") from None
+                        f"is intact: free some space and resume with {option('resume')}") from None
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -79,10 +79,10 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(directory: Path, *, model_state: dict, masks: dict, iteration: int, history: list,
-                    config: dict, run_id: str | None, extra: dict | None = None) -> Path:
+                    config: dict, run_id: str | None) -> Path:
     payload = {"format": FORMAT_VERSION, "iteration": iteration, "history": history, "config": config,
                "run_id": run_id, "rng": rng_state(), "model": model_state,
-               "masks": {name: mask.to("cpu") for name, mask in masks.items()}, **(extra or {})}
+               "masks": {name: mask.to("cpu") for name, mask in masks.items()}}
     path = Path(directory) / CHECKPOINT_NAME
     atomic_torch_save(payload, path)
     return path

@@ -1,7 +1,8 @@
 """Datasets as the SparseGPT reference code reads them, plus the offline `pydocs` and `text:PATH` corpora.
 
-Every corpus yields the same three things: an evaluation text tokenized once as a whole (SPEC §3),
-calibration windows for one-shot pruning, and packed training blocks for recovery training.
+Every corpus yields the same three things: an evaluation text tokenized once as a whole (as the
+reference does), calibration windows for one-shot pruning, and packed training blocks for recovery
+training.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from datasets import load_dataset
+from transformers.utils import logging as hf_logging
 
-from .errors import UserError
+from .errors import ConfigError, UserError, option
+from .hub import offline_when_unreachable
+from .pydocs import build_pydocs_splits, python_version
 
 DATASETS = ("wikitext2", "ptb", "c4", "pydocs", "text:PATH")
 C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
@@ -31,7 +36,7 @@ class Corpus:
     train_text: str                    # one token stream: calibration windows and training blocks
     eval_texts: dict                   # split -> text, tokenized once as a whole
     eval_max_windows: int | None = None
-    train_documents: list | None = None  # c4 only: calibration draws whole documents (SPEC §4)
+    train_documents: list | None = None  # c4 only: calibration draws whole documents, as the reference
     tags: dict = field(default_factory=dict)
 
     @cached_property
@@ -48,17 +53,13 @@ class Corpus:
 
     def eval_text(self, split: str) -> str:
         if split not in self.eval_texts:
-            raise UserError(f"dataset {self.name} has no '{split}' split; "
-                            f"use one of {', '.join(sorted(self.eval_texts))}", exit_code=2)
+            raise ConfigError(f"dataset {self.name} has no '{split}' split; "
+                              f"use one of {', '.join(sorted(self.eval_texts))}")
         return self.eval_texts[split]
 
 
 def _hub_dataset(loader_name: str, *args, **kwargs):
     """`datasets.load_dataset`, with the offline failure turned into one line."""
-    from datasets import load_dataset
-
-    from .hub import offline_when_unreachable
-
     with offline_when_unreachable() as unreachable:
         try:
             return load_dataset(*args, **kwargs)
@@ -66,8 +67,8 @@ def _hub_dataset(loader_name: str, *args, **kwargs):
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     where = (f"is not in the local HF datasets cache and the hub could not be reached ({unreachable})"
              if unreachable else f"could not be loaded ({detail})")
-    raise UserError(f"dataset '{loader_name}' {where}; use --dataset pydocs or --dataset text:PATH, "
-                    "or fill the HF datasets cache on a machine with network access")
+    raise UserError(f"dataset '{loader_name}' {where}; use {option('dataset')} pydocs or {option('dataset')} "
+                    "text:PATH, or fill the HF datasets cache on a machine with network access")
 
 
 def _wikitext2() -> Corpus:
@@ -96,8 +97,6 @@ def _c4() -> Corpus:
 
 
 def _pydocs() -> Corpus:
-    from .pydocs import build_pydocs_splits, python_version
-
     splits = build_pydocs_splits()
     return Corpus("pydocs", splits["train"], {"validation": splits["validation"], "test": splits["test"]},
                   tags={"corpus_python": python_version()})
@@ -107,12 +106,12 @@ def _read_utf8(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"text file {path} does not exist", exit_code=2) from None
+        raise ConfigError(f"text file {path} does not exist") from None
     except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); convert it with "
-                        "`iconv -t utf-8`", exit_code=2) from None
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); convert it with "
+                          "`iconv -t utf-8`") from None
     if not text.strip():
-        raise UserError(f"{path} is empty: give it some text", exit_code=2)
+        raise ConfigError(f"{path} is empty: give it some text")
     return text
 
 
@@ -120,14 +119,14 @@ def _text_path(path: str) -> Corpus:
     root = Path(path).expanduser()
     if root.is_dir():
         if not (root / "train.txt").exists() or not (root / "test.txt").exists():
-            raise UserError(f"directory {root} must hold train.txt and test.txt "
-                            "(validation.txt is optional)", exit_code=2)
+            raise ConfigError(f"directory {root} must hold train.txt and test.txt "
+                              "(validation.txt is optional)")
         test = _read_utf8(root / "test.txt")
         validation = _read_utf8(root / "validation.txt") if (root / "validation.txt").exists() else test
         return Corpus(f"text:{path}", _read_utf8(root / "train.txt"),
                       {"validation": validation, "test": test})
     if not root.exists():
-        raise UserError(f"--dataset text:{path}: no such file or directory", exit_code=2)
+        raise ConfigError(f"{option('dataset')} text:{path}: no such file or directory")
     text = _read_utf8(root)
     return Corpus(f"text:{path}", text, {"validation": text, "test": text})
 
@@ -137,7 +136,7 @@ def load_corpus(name: str) -> Corpus:
         return _text_path(name[len("text:"):])
     loaders = {"wikitext2": _wikitext2, "ptb": _ptb, "c4": _c4, "pydocs": _pydocs}
     if name not in loaders:
-        raise UserError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}", exit_code=2)
+        raise ConfigError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
     return loaders[name]()
 
 
@@ -168,8 +167,6 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
             return torch.load(path, weights_only=True)
         except Exception:  # a cache entry cut short by a kill is rebuilt, never trusted
             path.unlink(missing_ok=True)
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "sequence longer than model_max_length" warning is expected here
     try:
@@ -194,8 +191,8 @@ def training_blocks(corpus: Corpus, tokenizer, seqlen: int) -> torch.Tensor:
     ids = tokenize_stream(tokenizer, corpus.train_text)
     n_blocks = ids.numel() // seqlen
     if n_blocks == 0:
-        raise UserError(f"the train split of {corpus.name} has {ids.numel()} tokens, fewer than one "
-                        f"window of {seqlen}; use more text or a smaller --seqlen", exit_code=2)
+        raise ConfigError(f"the train split of {corpus.name} has {ids.numel()} tokens, fewer than one "
+                          f"window of {seqlen}; use more text or a smaller {option('seqlen')}")
     return ids[: n_blocks * seqlen].view(n_blocks, seqlen)
 
 
@@ -215,8 +212,8 @@ def calibration_windows(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, s
         return torch.stack(windows)
     ids = tokenize_stream(tokenizer, corpus.train_text)
     if ids.numel() <= seqlen + 1:
-        raise UserError(f"the train split of {corpus.name} has {ids.numel()} tokens, too few for "
-                        f"calibration windows of {seqlen}; use a smaller --seqlen", exit_code=2)
+        raise ConfigError(f"the train split of {corpus.name} has {ids.numel()} tokens, too few for "
+                          f"calibration windows of {seqlen}; use a smaller {option('seqlen')}")
     for _ in range(nsamples):
         start = random.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start:start + seqlen])

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 from .data import cache_dir
+from .models import resolve_model_source
+from .workload import Workload
 
 
 def _model_identity(source: str) -> str:
@@ -45,3 +47,15 @@ def remember_dense_perplexity(key: str, value: float) -> None:
     tmp = _path().with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=1))
     os.replace(tmp, _path())
+
+
+def dense_perplexity(work: Workload, split: str) -> tuple[float, bool]:
+    """(the unpruned model's perplexity, whether it came from the cache): call before pruning."""
+    key = dense_key(resolve_model_source(work.model_config.model), work.corpus.digest, split, work.seqlen,
+                    work.model_config.dtype)
+    cached = cached_dense_perplexity(key)
+    if cached is not None:
+        return cached, True
+    value = work.evaluate(split).perplexity
+    remember_dense_perplexity(key, value)
+    return value, False

@@ -12,13 +12,14 @@ import os
 import sys
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast, gather_object
+from torch.distributed.tensor import DTensor
 
-from .errors import UserError
+from .errors import ConfigError, option
 
 
 def _state():
-    from accelerate import PartialState
-
     # without cpu=True Accelerate does not form a CPU process group (gloo) and every process is "main"
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -47,19 +48,12 @@ def silence_other_processes() -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def wait_for_everyone() -> None:
-    if launched():
-        _state().wait_for_everyone()
-
-
 @torch.no_grad()
 def sync_from_main(model: torch.nn.Module) -> None:
     """Every process gets the main process's weights: after pruning, so all ranks hold one mask even
     where their calibration passes differ in the last bit (CUDA reductions are not deterministic)."""
     if not launched():
         return
-    from accelerate.utils import broadcast
-
     device = _state().device  # NCCL broadcasts device tensors; the model may sit on the CPU
     for tensor in list(model.parameters()) + list(model.buffers()):
         tensor.copy_(broadcast(tensor.data.to(device).contiguous(), from_process=0))
@@ -69,8 +63,6 @@ def gather_window_nlls(indices: torch.Tensor, nlls: torch.Tensor, total: int) ->
     """Reassembles per-window NLLs computed on different processes, in window order."""
     if not launched():
         return nlls
-    from accelerate.utils import gather_object
-
     ordered = torch.empty(total, dtype=nlls.dtype)
     for part_indices, part_nlls in gather_object([(indices, nlls)]):
         ordered[part_indices] = part_nlls
@@ -85,9 +77,6 @@ def training_accelerator(cpu: bool):
     the state is switched to FSDP with the plugin read from the launcher's environment, so CPU
     clusters, and the two-process test, take the same FSDP2 path as GPUs.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     accelerator = Accelerator(cpu=cpu)
     if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # both shared states: every later AcceleratorState() copies the PartialState's type over its own
@@ -107,17 +96,15 @@ def check_launch(batch_size: int) -> None:
     wrapped module's parameters into one, and the masks address them by name), and the global batch
     must split evenly over the processes."""
     if fsdp_requested() and os.environ.get("FSDP_VERSION") != "2":
-        raise UserError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
-                        "(or fsdp_version: 2 in the accelerate config)", 2)
+        raise ConfigError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
+                          "(or fsdp_version: 2 in the accelerate config)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
-                        f"{world} processes: use a multiple of {world}", 2)
+        raise ConfigError(f"{option('batch_size')} {batch_size} is the global batch and must split evenly over "
+                          f"the {world} processes: use a multiple of {world}")
 
 
 def shards_parameters(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP
 
 
@@ -125,8 +112,6 @@ def shards_parameters(accelerator) -> bool:
 def copy_full_weights(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:
     """Gathers FSDP's sharded parameters into the same-named parameters of an unsharded model, one
     tensor at a time, on every process."""
-    from torch.distributed.tensor import DTensor
-
     targets = dict(plain.named_parameters())
     for name, param in sharded.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param
@@ -134,6 +119,4 @@ def copy_full_weights(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:
 
 
 def local_numel(tensor: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
     return tensor.to_local().numel() if isinstance(tensor, DTensor) else tensor.numel()

@@ -1,18 +1,41 @@
-"""One exception type for everything a user can fix; the CLI turns it into one line and an exit code."""
+"""The errors a user can fix, said in one line, and SIGTERM handled like Ctrl-C.
+
+The library never speaks in flags: a message names a setting with `option("lr")`, which the CLI spells
+`--lr` (and `iterative_training_wrapper` spells `lr`). The CLI alone chooses exit codes: 2 for a
+ConfigError (a wrong value), 1 for any other UserError (a missing file, an unreachable server).
+"""
 
 import contextlib
+import re
 import signal
+
+_MARK = "\x1f"  # the ASCII unit separator: never part of a value a user types
+_REFERENCE = re.compile(f"{_MARK}(\\w+){_MARK}")
+
+
+def option(name: str) -> str:
+    """A setting named inside a message, spelt later by whoever shows the message."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+def spell(message: str, name_of=lambda name: name) -> str:
+    """The message with every `option(...)` written as `name_of(setting)`."""
+    return _REFERENCE.sub(lambda match: name_of(match[1]), message)
 
 
 class UserError(Exception):
-    """A problem with the input or the environment, stated so the user knows what to do.
+    """A problem with the input or the environment, stated so the user knows what to do."""
 
-    exit_code 2 is a usage error (bad flag value), 1 a runtime one (model not reachable, ...).
-    """
+    @property
+    def template(self) -> str:
+        return self.args[0] if self.args else ""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __str__(self) -> str:
+        return spell(self.template)
+
+
+class ConfigError(UserError, ValueError):
+    """A setting's value is wrong (or settings contradict each other)."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -9,6 +9,9 @@ import socket
 from functools import lru_cache
 from urllib.parse import urlparse
 
+import datasets.config as datasets_config
+import huggingface_hub.constants as hub_constants
+
 TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
@@ -48,15 +51,8 @@ def offline_when_unreachable():
 
     Cached models and datasets then load at once; uncached ones fail at once (the caller names them).
     """
-    import huggingface_hub.constants as hub_constants
-
     reason = hub_unreachable_reason()
-    targets = [hub_constants]
-    try:
-        import datasets.config as datasets_config
-        targets.append(datasets_config)
-    except ImportError:
-        pass
+    targets = [hub_constants, datasets_config]
     saved = [t.HF_HUB_OFFLINE for t in targets]
     if reason:
         for target in targets:

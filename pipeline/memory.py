@@ -17,11 +17,18 @@ SparseGPT on the device (the model stays in CPU memory; one decoder layer at a t
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import threading
 import time
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, OPTConfig
+
+from .config import TrainConfig
+from .pruning.magnitude import magnitude_prune_layerwise
+from .pruning.masks import MaskKeeper, prunable_linears
+from .training import train_causal_lm
 
 # name: (hidden, layers, ffn, heads, word_embed_proj_dim) of the published OPT checkpoints
 OPT_SIZES = {"opt-125m": (768, 12, 3072, 12, 768), "opt-350m": (1024, 24, 4096, 16, 512),
@@ -31,18 +38,12 @@ GIB = 2 ** 30
 
 def opt_config(hidden: int, layers: int, ffn: int, heads: int, proj: int | None = None, vocab: int = 50272,
                positions: int = 2048):
-    from transformers import OPTConfig
-
     return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
                      word_embed_proj_dim=proj or hidden, vocab_size=vocab, max_position_embeddings=positions)
 
 
 def parameter_counts(config) -> tuple[int, int]:
     """(all parameters, prunable decoder Linear weights), counted on the meta device: no memory used."""
-    from transformers import AutoModelForCausalLM
-
-    from .pruning.masks import prunable_linears
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return (sum(p.numel() for p in model.parameters()),
@@ -110,8 +111,6 @@ def measuring_pool(fresh_process_per_task: bool = True):
     below its (growing) mmap threshold inside the process, so resident memory reflects the allocation
     history (160-221 MiB for the same 8-layer SparseGPT run) rather than what is live; a fixed 64 KiB
     threshold hands every tensor-sized block back to the system when it is freed."""
-    import multiprocessing
-
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the workers' C library at their start
     try:
@@ -125,12 +124,6 @@ def measuring_pool(fresh_process_per_task: bool = True):
 
 
 def _train_two_steps(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .pruning.magnitude import magnitude_prune_layerwise
-    from .pruning.masks import MaskKeeper, prunable_linears
-    from .training import TrainConfig, train_causal_lm
-
     torch.manual_seed(0)
     blocks = torch.randint(0, config_dict["vocab_size"], (2 * batch, seqlen))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))

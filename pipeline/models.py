@@ -8,8 +8,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from .errors import UserError
+from .config import EMBEDDED_MODEL
+from .errors import ConfigError, UserError, option
+from .hub import offline_when_unreachable
 
 HUB_ALIASES = {
     "opt-125m": "facebook/opt-125m",
@@ -17,7 +21,6 @@ HUB_ALIASES = {
     "opt-1.3b": "facebook/opt-1.3b",
     "opt-2.7b": "facebook/opt-2.7b",
 }
-EMBEDDED_MODEL = "opt-tiny"
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "opt-tiny"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -33,16 +36,16 @@ def resolve_model_source(name: str) -> str:
         return HUB_ALIASES[name]
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
-            raise UserError(f"{name} is a directory but holds no config.json: "
-                            "save the model there with save_pretrained()", exit_code=2)
+            raise ConfigError(f"{name} is a directory but holds no config.json: "
+                              "save the model there with save_pretrained()")
         return name
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
     if looks_like_path:
-        raise UserError(f"model directory {name} does not exist", exit_code=2)
+        raise ConfigError(f"model directory {name} does not exist")
     if "/" not in name:
         known = ", ".join([EMBEDDED_MODEL, *HUB_ALIASES])
-        raise UserError(f"unknown model '{name}': use one of {known}, a hub id (org/name) "
-                        "or a local directory saved with save_pretrained()", exit_code=2)
+        raise ConfigError(f"unknown model '{name}': use one of {known}, a hub id (org/name) "
+                          "or a local directory saved with save_pretrained()")
     return name
 
 
@@ -51,8 +54,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu",
-                        exit_code=2)
+        raise ConfigError(f"{option('device')} cuda was asked for but no CUDA device is available; "
+                          f"use {option('device')} cpu")
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)
@@ -75,7 +78,7 @@ def _hub_unreachable(name: str, source: str, reason: str) -> UserError:
     return UserError(
         f"model '{name}' ({source}) is not in the local Hugging Face cache and the hub could not be "
         f"reached ({reason}); pass a local directory saved with save_pretrained(), "
-        "fill the HF cache on a machine with network access, or use --model opt-tiny "
+        f"fill the HF cache on a machine with network access, or use {option('model')} opt-tiny "
         "(HF_HUB_OFFLINE=1 makes this fail fast)")
 
 
@@ -86,11 +89,6 @@ def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu"
     The dtype is chosen for `device`; with keep_on_cpu the model stays in host memory (SparseGPT moves
     one layer at a time to the device).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from .hub import offline_when_unreachable
-
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line an error gets
 
     source = resolve_model_source(name)
@@ -108,8 +106,7 @@ def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu"
             if unreachable:
                 raise _hub_unreachable(name, source, unreachable) from None
             if "not a valid model identifier" in str(error):
-                raise UserError(f"model '{name}' was not found on the hub; check the id",
-                                exit_code=2) from None
+                raise ConfigError(f"model '{name}' was not found on the hub; check the id") from None
             raise UserError(f"could not load model '{name}': {str(error).splitlines()[0]}") from None
     if not keep_on_cpu:
         model.to(torch_device)
@@ -140,9 +137,19 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
         inner = model.model
         before = [inner.embed_tokens] + ([inner.rotary_emb] if hasattr(inner, "rotary_emb") else [])
         return DecoderLayout(inner.layers, before, "model.layers")
-    raise UserError(f"model type '{model_type}' is not supported yet: its decoder layers are unknown "
-                    "(add it to pipeline/models.py:decoder_layout)", exit_code=2)
+    raise ConfigError(f"model type '{model_type}' is not supported yet: its decoder layers are unknown "
+                      "(add it to pipeline/models.py:decoder_layout)")
 
 
 def max_positions(model: nn.Module) -> int:
     return int(model.config.max_position_embeddings)
+
+
+def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
+    """The window: `seqlen`, or by default the model's positions; more than the positions is an error."""
+    limit = max_positions(model)
+    if seqlen is None:
+        return limit
+    if seqlen > limit:
+        raise ConfigError(f"{option('seqlen')} {seqlen} is above the model's {limit} positions; use at most {limit}")
+    return seqlen

@@ -1,4 +1,4 @@
-"""Perplexity exactly as the SparseGPT reference computes it (SPEC §3).
+"""Perplexity exactly as the SparseGPT reference computes it (see the README, "What is computed").
 
 The token stream is cut into non-overlapping windows of `seqlen` tokens, the last partial window is
 dropped, and ppl = exp(mean over windows of each window's mean next-token NLL). Unlike the reference,
@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data import Corpus, eval_tokens
+from .distributed import gather_window_nlls, num_processes, process_index
 
 # float32 logits held at once, which decides the windows per forward. A GPU gains from wide batches; a
 # CPU loses: logits beyond its caches cost more memory traffic than the batching saves (measured by
@@ -33,6 +36,11 @@ class PerplexityResult:
                 f"{prefix}eval_windows": self.windows, f"{prefix}eval_seconds": self.seconds}
 
 
+def change_pct(perplexity: float, baseline: float) -> float:
+    """How much higher `perplexity` is than `baseline`, in percent (negative: lower)."""
+    return 100.0 * (perplexity - baseline) / baseline
+
+
 def windows_per_forward(seqlen: int, vocab_size: int, device: torch.device) -> int:
     budget = LOGITS_BUDGET_BYTES.get(device.type, LOGITS_BUDGET_BYTES["cuda"])
     return max(1, budget // (seqlen * vocab_size * 4))
@@ -41,8 +49,6 @@ def windows_per_forward(seqlen: int, vocab_size: int, device: torch.device) -> i
 def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> torch.Tensor:
     """Mean next-token NLL of each full window, float64 on CPU, shape [n_windows]. Under a multi-process
     launch each process takes every num_processes-th window and the results are gathered."""
-    from .distributed import gather_window_nlls, num_processes, process_index
-
     n_windows = input_ids.numel() // seqlen
     if n_windows == 0:
         raise ValueError(f"{input_ids.numel()} tokens make no window of {seqlen}")
@@ -69,3 +75,14 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_siz
     nlls = window_nlls(model, input_ids, seqlen, batch_size)
     return PerplexityResult(perplexity=math.exp(nlls.mean().item()), windows=nlls.numel(),
                             tokens=nlls.numel() * seqlen, seconds=time.perf_counter() - started)
+
+
+def evaluate_on(model: nn.Module, tokenizer, corpus: Corpus, split: str, seqlen: int, device,
+                batch_size: int | None = None) -> PerplexityResult:
+    """Perplexity of `split`, with the whole model on `device` for the evaluation and back where it was after."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        return perplexity(model, eval_tokens(corpus, tokenizer, split, seqlen), seqlen, batch_size)
+    finally:
+        model.to(home)

@@ -9,35 +9,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+
+from .config import PretrainConfig, TrainConfig
+from .data import eval_tokens, load_corpus, training_blocks
+from .perplexity import perplexity
+from .settings import flat_values
+from .tracking import tracked_run
+from .training import train_causal_lm
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: pad 1, bos/eos 2
 
 
-@dataclass
-class PretrainConfig:
-    vocab_size: int = 4096
-    hidden_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 4
-    ffn_dim: int = 768
-    max_positions: int = 256
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    steps: int = 1800
-    batch_size: int = 16
-    weight_decay: float = 0.1
-    seed: int = 0
-
-
 def train_tokenizer(text: str, vocab_size: int):
     """Byte-level BPE like GPT-2/OPT's, with `</s>` prepended as OPT's tokenizer does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -52,8 +41,6 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def build_model(config: PretrainConfig, tokenizer):
-    from transformers import OPTConfig, OPTForCausalLM
-
     torch.manual_seed(config.seed)
     opt_config = OPTConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
@@ -65,11 +52,13 @@ def build_model(config: PretrainConfig, tokenizer):
     return OPTForCausalLM(opt_config)
 
 
-def pretrain(config: PretrainConfig, output_dir: Path, on_log=None) -> dict:
-    from .data import eval_tokens, load_corpus, training_blocks
-    from .perplexity import perplexity
-    from .training import TrainConfig, train_causal_lm
+def model_settings(config: PretrainConfig) -> dict:
+    """The settings that make the model (what its card's command repeats), not where it goes."""
+    return {k: v for k, v in flat_values(config).items() if k not in ("output_dir", "experiment")}
 
+
+def pretrain(config: PretrainConfig, on_log=None) -> dict:
+    output_dir = Path(config.output_dir)
     started = time.perf_counter()
     corpus = load_corpus("pydocs")
     tokenizer = train_tokenizer(corpus.train_text, config.vocab_size)
@@ -77,7 +66,7 @@ def pretrain(config: PretrainConfig, output_dir: Path, on_log=None) -> dict:
     blocks = training_blocks(corpus, tokenizer, config.max_positions)
     epochs = math.ceil(config.steps * config.batch_size / blocks.shape[0])
     train_config = TrainConfig(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-                               schedule="cosine", batch_size=config.batch_size, epochs=epochs,
+                               lr_schedule="cosine", batch_size=config.batch_size, epochs=epochs,
                                max_steps=math.ceil(config.steps / epochs), seed=config.seed)
     result = train_causal_lm(model, blocks, train_config, desc="Pretraining opt-tiny", on_log=on_log)
     test = perplexity(model, eval_tokens(corpus, tokenizer, "test", config.max_positions), config.max_positions)
@@ -89,7 +78,7 @@ def pretrain(config: PretrainConfig, output_dir: Path, on_log=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_decoder = sum(p.numel() for p in model.model.decoder.layers.parameters())
     summary = {
-        "config": asdict(config), "corpus": corpus.describe(), "train_blocks": blocks.shape[0],
+        "config": model_settings(config), "corpus": corpus.describe(), "train_blocks": blocks.shape[0],
         "optimizer_steps": result.steps, "epochs": epochs, "final_train_loss": result.final_loss,
         "test_perplexity": test.perplexity, "validation_perplexity": validation.perplexity,
         "parameters": n_params, "decoder_layer_parameters": n_decoder,
@@ -130,19 +119,17 @@ Reproduce with
 python -m pipeline pretrain {flags} --output-dir pipeline/assets/opt-tiny
 ```
 
-Perplexities are computed as in SPEC §3 (non-overlapping windows of {c['max_positions']} tokens). The corpus
+Perplexities are computed as the SparseGPT reference does (non-overlapping windows of {c['max_positions']} tokens). The corpus
 is rebuilt from the running Python's documentation: another Python version gives another digest,
 and then these numbers do not apply.
 """
 
 
-def pretrain_command(config: PretrainConfig, output_dir: Path, experiment: str | None) -> dict:
-    from .tracking import tracked_run
-
-    with tracked_run("pretrain opt-tiny pydocs", asdict(config) | {"output_dir": str(output_dir)},
-                     {"model": "opt-tiny", "dataset": "pydocs"}, experiment, journal_dir=output_dir) as logger:
-        summary = pretrain(config, output_dir,
-                           on_log=lambda step, loss, lr: logger.log_dict({"train_loss": loss, "lr": lr}, step))
+def run_pretrain(config: PretrainConfig) -> dict:
+    output_dir = Path(config.output_dir)
+    with tracked_run("pretrain opt-tiny pydocs", flat_values(config), {"model": "opt-tiny", "dataset": "pydocs"},
+                     config.tracking.experiment, journal_dir=output_dir) as logger:
+        summary = pretrain(config, on_log=lambda step, loss, lr: logger.log_dict({"train_loss": loss, "lr": lr}, step))
         logger.set_tags({k: v for k, v in summary["corpus"].items() if k != "dataset"})
         logger.log_dict({"test_perplexity": summary["test_perplexity"],
                          "validation_perplexity": summary["validation_perplexity"],

@@ -16,6 +16,8 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
+from pydoc_data.topics import topics
+
 # Directories that hold tests, third-party code or GUI demos rather than library documentation.
 SKIPPED_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages",
                 "__pycache__", "lib2to3", "turtledemo", "ensurepip", "venv", "config"}
@@ -47,8 +49,6 @@ def _stdlib_source_files(stdlib: Path) -> list[Path]:
 
 def collect_documents() -> list[str]:
     """All documents in a deterministic order, exact duplicates dropped."""
-    from pydoc_data.topics import topics
-
     documents = [topics[key].strip() for key in sorted(topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in _stdlib_source_files(stdlib):

@@ -8,32 +8,33 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import platform
 from pathlib import Path
 
+import matplotlib
+import mlflow
 import pandas as pd
+import torch
+import transformers
+from mlflow.tracking import MlflowClient
 
+from . import __version__
+from .config import ReportConfig
 from .errors import UserError
+from .perplexity import change_pct
+from .tracking import tracked_run
+from .tracking.store import experiment_id_named, finished_cell_runs, use_tracking_store
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 COLUMNS = ["method", "kind", "target_sparsity", "sparsity", "perplexity", "vs_dense_pct", "seconds", "run_id"]
 
 
-def _cell_runs(experiment_id: str, keys: set | None):
-    from mlflow.tracking import MlflowClient
-
-    runs, seen = [], set()
-    for run in MlflowClient().search_runs([experiment_id], "attributes.status = 'FINISHED'",
-                                          order_by=["attributes.start_time DESC"], max_results=5000):
-        key = run.data.tags.get("cell_key")
-        if key and key not in seen and (keys is None or key in keys):
-            seen.add(key)
-            runs.append(run)
-    return runs
-
-
 def collect_results(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
     rows = []
-    for run in _cell_runs(experiment_id, keys):
+    for run in finished_cell_runs(experiment_id, keys).values():
         tags, metrics = run.data.tags, run.data.metrics
         kind = tags["cell_kind"]
         if kind == "dense":
@@ -50,7 +51,7 @@ def collect_results(experiment_id: str, keys: set | None = None) -> pd.DataFrame
         return table
     dense = table.loc[table["kind"] == "dense", "perplexity"]
     base = float(dense.iloc[0]) if len(dense) else float("nan")
-    table["vs_dense_pct"] = 100.0 * (table["perplexity"] - base) / base
+    table["vs_dense_pct"] = change_pct(table["perplexity"], base)
     order = {"dense": 0, "one-shot": 1, "iterative": 2}
     return (table.assign(_o=table["kind"].map(order)).sort_values(["target_sparsity", "_o", "method"])
             .drop(columns="_o").reset_index(drop=True))
@@ -67,7 +68,7 @@ def _duration(seconds: float) -> str:
 
 
 def spec_table(table: pd.DataFrame) -> pd.DataFrame:
-    """SPEC §5's columns: Method | Sparsity | Perplexity | Time."""
+    """The user's table: Method | Sparsity | Perplexity | vs dense | Time."""
     return pd.DataFrame({
         "Method": [("Unpruned" if m == "unpruned" else {"sparsegpt": "SparseGPT", "wanda": "Wanda",
                     "magnitude": "Magnitude", "iterative": "Iterative"}.get(m, m)) for m in table["method"]],
@@ -117,12 +118,6 @@ def findings(table: pd.DataFrame) -> list[str]:
 
 
 def _plots(experiment_id: str, table: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -168,21 +163,13 @@ def _plots(experiment_id: str, table: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _environment() -> str:
-    import torch
-    import transformers
-
-    import mlflow
-
-    from . import __version__
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores)"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
             f"{transformers.__version__}, mlflow {mlflow.__version__}, pipeline {__version__}")
 
 
 def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path:
-    import mlflow
-
     table = collect_results(experiment_id, keys)
     if table.empty:
         raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
@@ -195,7 +182,8 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     md = [f"# Pruning comparison: {name}", "", markdown_table(table), "", *[f"- {s}" for s in sentences], "",
           *[f"![{p.stem}]({p.name})" for p in plots], "",
           f"Measured on {environment}. Wall time of all cells: {_duration(total)}.",
-          "Perplexity as in SPEC §3; Time is each run's wall time (evaluation included)."]
+          "Perplexity as the SparseGPT reference computes it (README, \"What is computed\"); Time is each "
+          "run's wall time (evaluation included)."]
     (out / "report.md").write_text("\n".join(md) + "\n")
     images = "\n".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                        for p in plots)
@@ -225,10 +213,6 @@ def publish_report(experiment_id: str | None, out: Path | None, keys: set | None
     experiment_id None: the experiment the report run itself goes to (under `mlflow run`, the injected
     run's); out None: reports/<experiment name>.
     """
-    import mlflow
-
-    from .tracking import tracked_run
-
     with tracked_run("report", {"experiment": experiment, "output_dir": str(out) if out else None},
                      {"kind": "report"}, experiment) as logger:
         experiment_id = experiment_id or mlflow.get_run(logger.run_id).info.experiment_id
@@ -238,20 +222,11 @@ def publish_report(experiment_id: str | None, out: Path | None, keys: set | None
     return path
 
 
-def report_command(experiment: str | None, output_dir: Path | None) -> Path:
-    """Reports on `experiment` (default: the one the report run goes to, e.g. under `mlflow run`)."""
-    import mlflow
-
-    from .tracking import tracking_uri, use_tracking_store
-
+def run_report(config: ReportConfig) -> Path:
+    """Reports on `config.experiment` (default: the one the report run goes to, e.g. under `mlflow run`)."""
     use_tracking_store()
-    experiment_id = None
-    if experiment:
-        reported = mlflow.get_experiment_by_name(experiment)
-        if reported is None:
-            raise UserError(f"no MLflow experiment named '{experiment}' in {tracking_uri()}; "
-                            "`mlflow experiments search` lists them", 2)
-        experiment_id = reported.experiment_id
-    path = publish_report(experiment_id, output_dir, experiment=experiment)
+    experiment_id = experiment_id_named(config.experiment) if config.experiment else None
+    path = publish_report(experiment_id, Path(config.output_dir) if config.output_dir else None,
+                          experiment=config.experiment)
     print(f"report: {path} and {path.with_suffix('.html')}")
     return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("geometric", "cubic")
+from .config import SPARSITY_SCHEDULES
 
 
 def iterations_to_reach(target: float, fraction: float) -> int:
@@ -26,17 +26,20 @@ def cubic_schedule(target: float, iterations: int, initial: float = 0.0) -> list
     return [target + (initial - target) * (1 - t / iterations) ** 3 for t in range(1, iterations + 1)]
 
 
+SCHEDULES = {
+    "geometric": geometric_schedule,
+    "cubic": lambda target, fraction: cubic_schedule(target, iterations_to_reach(target, fraction)),
+}
+assert set(SCHEDULES) == set(SPARSITY_SCHEDULES)
+
+
 def sparsity_schedule(kind: str, target: float, fraction: float) -> list[float]:
     """The per-iteration targets, uncapped; the cubic one uses the geometric iteration count."""
-    if kind == "geometric":
-        return geometric_schedule(target, fraction)
-    if kind == "cubic":
-        return cubic_schedule(target, iterations_to_reach(target, fraction))
-    raise ValueError(f"unknown schedule {kind}")
+    return SCHEDULES[kind](target, fraction)
 
 
 def learning_rate_for(iteration: int, iterations: int, first: float, last: float) -> float:
-    """Geometric decay from the first iteration's lr to the last's (SPEC §6: 1e-5 early, 1e-6 late)."""
+    """Geometric decay from the first iteration's lr to the last's (e.g. 1e-5 early, 1e-6 late)."""
     if iterations <= 1 or first == last:
         return first
     return first * (last / first) ** ((iteration - 1) / (iterations - 1))

@@ -27,24 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distributed import check_launch, copy_full_weights, local_numel, shards_parameters, sync_from_main, training_accelerator
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"      # constant | cosine (to min_lr_ratio * lr)
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None    # cap on optimizer steps per epoch (SPEC §2 --max-steps)
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    log_every: int = 10
+from .config import TrainConfig
+from .distributed import (check_launch, copy_full_weights, local_numel, shards_parameters, sync_from_main,
+                          training_accelerator)
+from .pruning.masks import MaskKeeper
 
 
 @dataclass
@@ -69,7 +55,7 @@ def steps_per_epoch(n_blocks: int, config: TrainConfig) -> int:
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "cosine":
+    if config.lr_schedule == "cosine":
         progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
@@ -82,6 +68,33 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.loss = step, loss
 
 
+def adamw(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on biases and norms)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def _module_to_train(model: nn.Module, sharded: bool) -> nn.Module:
+    """The model itself, or under FSDP a CPU copy of it for FSDP2 to shard in place."""
+    if not sharded:
+        return model
+    sync_from_main(model)  # FSDP2, unlike DDP, shards each process's own weights
+    model.to("cpu")        # the device holds only the shards while training
+    return copy.deepcopy(model)
+
+
+def _set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    # transformers 5 renamed it; 4.x has only the old name
+    if enabled:
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    else:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+
+
 def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, *, mask_keeper=None,
                     desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
                     show_progress: bool = True) -> TrainResult:
@@ -91,21 +104,10 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
     use_bf16 = home.type == "cuda"
     accelerator = training_accelerator(cpu=home.type == "cpu")
     sharded = shards_parameters(accelerator)
-    if sharded:
-        sync_from_main(model)  # FSDP2, unlike DDP, shards each process's own weights
-        model.to("cpu")        # the device holds only the shards while training
-        trained = copy.deepcopy(model)
-    else:
-        trained = model
-    if config.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
-        getattr(trained, "activation_checkpointing_enable", trained.gradient_checkpointing_enable)()
-    decay, no_decay = [], []
-    for name, param in trained.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    wrapped, optimizer = accelerator.prepare(trained, optimizer)
+    trained = _module_to_train(model, sharded)
+    if config.gradient_checkpointing:
+        _set_gradient_checkpointing(trained, True)
+    wrapped, optimizer = accelerator.prepare(trained, adamw(trained, config))
     keeper = None
     if mask_keeper is not None:
         # Read now, when every process holds the main process's weights (DDP copied them when it
@@ -181,8 +183,21 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         copy_full_weights(trained, model)
         model.to(home)
     if config.gradient_checkpointing:
-        getattr(trained, "activation_checkpointing_disable", trained.gradient_checkpointing_disable)()
+        _set_gradient_checkpointing(trained, False)
     del wrapped, trained, keeper
     accelerator.free_memory()  # drops the DDP/FSDP wrapper; `model` itself holds the trained weights
     model.eval()
+    return result
+
+
+def train_keeping_masks(model: nn.Module, linears: dict, blocks: torch.Tensor, config: TrainConfig, *,
+                        desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
+                        show_progress: bool = True) -> TrainResult:
+    """Recovery training: every pruned weight of `linears` stays exactly zero, which is checked after."""
+    keeper = MaskKeeper(linears)
+    result = train_causal_lm(model, blocks, config, mask_keeper=keeper, desc=desc, on_log=on_log,
+                             show_progress=show_progress)
+    changed = keeper.changed_matrices()
+    if changed:
+        raise RuntimeError(f"the mask changed during training in {changed[:3]}: a bug, please report it")
     return result

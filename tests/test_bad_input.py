@@ -8,29 +8,32 @@ import sys
 
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.iterative import IterativeConfig
+from pipeline.cli import exit_code_for, user_message
+from pipeline.config import IterativeConfig, ScheduleConfig
+from pipeline.errors import ConfigError, UserError
+from pipeline.settings import build
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"target_sparsity": 1.0}, "outside (0, 1)"), ({"target_sparsity": -0.5}, "outside (0, 1)"),
-    ({"prune_percentage": 0.0}, "prune percentage"), ({"prune_percentage": 1.5}, "prune percentage"),
+    ({"prune_percentage": 0.0}, "prune-percentage"), ({"prune_percentage": 1.5}, "prune-percentage"),
     ({"epochs_per_iteration": 0}, "epochs-per-iteration"), ({"batch_size": -1}, "batch-size"),
-    ({"max_iterations": 0}, "max-iterations"), ({"max_steps": 0}, "max-steps"), ({"lr": 0}, "learning rates"),
+    ({"max_iterations": 0}, "max-iterations"), ({"max_steps": 0}, "max-steps"), ({"lr": 0}, "--lr must be positive"),
     ({"schedule": "linear"}, "unknown schedule"), ({"prune_method": "random"}, "unknown pruning method"),
     ({"prune_method": "wanda", "scope": "global"}, "global"),
 ])
 def test_iterative_config_rejects(kwargs, message):
-    with pytest.raises(UserError, match=re.escape(message)) as caught:
-        IterativeConfig(**kwargs)
-    assert caught.value.exit_code == 2
+    with pytest.raises(ConfigError) as caught:
+        build(IterativeConfig, kwargs)
+    assert message in user_message(caught.value)  # as the CLI shows it
+    assert exit_code_for(caught.value) == 2
 
 
 def test_unreachable_target_is_announced_at_the_start():
-    from pipeline.iterative import planned_schedule
+    from pipeline.jobs.iterative import planned_schedule
 
-    schedule, uncapped = planned_schedule(IterativeConfig(target_sparsity=0.9, prune_percentage=0.1,
-                                                          max_iterations=5))
+    schedule, uncapped = planned_schedule(ScheduleConfig(target_sparsity=0.9, prune_percentage=0.1,
+                                                         max_iterations=5))
     assert uncapped == 22 and len(schedule) == 5
     assert schedule[-1] == pytest.approx(1 - 0.9 ** 5)
 

@@ -9,17 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.compare import CompareConfig, compare_command
+from pipeline.config import CompareConfig
+from pipeline.grid import run_grid
 from pipeline.report import findings
+from pipeline.settings import build
 
 
 @pytest.fixture()
 def finished_grid(mlflow_store, tiny_model_dir, corpus_dir):
-    config = CompareConfig(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", sparsities=[0.5],
-                           prune_percentage=0.4, epochs_per_iteration=1, max_steps=2, batch_size=4, lr=1e-3,
-                           nsamples=4, seqlen=64, device="cpu")
-    table = compare_command(config, "grid", force=False, output_dir=Path("reports/grid"), make_report=True)
-    return config, table
+    settings = dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", sparsities=[0.5], prune_percentage=0.4,
+                    epochs_per_iteration=1, max_steps=2, batch_size=4, lr=1e-3, nsamples=4, seqlen=64, device="cpu",
+                    experiment="grid", output_dir="reports/grid")
+    table = run_grid(build(CompareConfig, settings))
+    return settings, table
 
 
 def test_grid_values_match_an_independent_computation(finished_grid, tiny_model_dir, corpus_dir):
@@ -49,9 +51,9 @@ def test_grid_values_match_an_independent_computation(finished_grid, tiny_model_
 def test_rerun_reuses_finished_cells(finished_grid):
     import mlflow
 
-    config, table = finished_grid
+    settings, table = finished_grid
     before = len(mlflow.search_runs(experiment_names=["grid"]))
-    again = compare_command(config, "grid", force=False, output_dir=Path("reports/grid"), make_report=False)
+    again = run_grid(build(CompareConfig, {**settings, "report": False}))
     runs = mlflow.search_runs(experiment_names=["grid"])
     assert len(runs) == before + 1  # only the new compare run itself (no report asked)
     assert list(again["run_id"]) == list(table["run_id"])

@@ -170,11 +170,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
 def test_evaluate_logs_to_mlflow(mlflow_store, tiny_model_dir, corpus_dir):
     import mlflow
 
-    from pipeline.evaluation import evaluate_command
+    from pipeline.config import EvaluateConfig
+    from pipeline.jobs.evaluate import run_evaluate
+    from pipeline.settings import build
 
-    result = evaluate_command(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", dtype="auto",
-                              device="cpu", seqlen=64, experiment="found", trust_remote_code=False,
-                              split="test", batch_size=None)
+    result = run_evaluate(build(EvaluateConfig, dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}",
+                                                     device="cpu", seqlen=64, experiment="found", split="test")))
     runs = mlflow.search_runs(experiment_names=["found"])
     assert len(runs) == 1
     run = runs.iloc[0]

@@ -110,10 +110,10 @@ def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_mo
 def test_iterative_api_saves_models_that_reload_to_the_same_numbers(mlflow_store, tiny_model_dir, corpus_dir):
     import mlflow
 
+    from pipeline.api import iterative_training_wrapper
     from pipeline.data import load_corpus
-    from pipeline.evaluation import evaluate_on
-    from pipeline.iterative_train import iterative_training_wrapper
     from pipeline.models import load_model_and_tokenizer
+    from pipeline.perplexity import evaluate_on
     from pipeline.pruning.masks import prunable_linears, sparsity_of
 
     history = iterative_training_wrapper({
@@ -143,7 +143,7 @@ def test_iterative_api_saves_models_that_reload_to_the_same_numbers(mlflow_store
 
 
 def test_api_rejects_unknown_keys():
-    from pipeline.iterative_train import iterative_training_wrapper
+    from pipeline.api import iterative_training_wrapper
 
     with pytest.raises(UserError, match="unknown config keys: learning_rate, traget_sparsity"):
         iterative_training_wrapper({"traget_sparsity": 0.9, "learning_rate": 1e-5})
@@ -176,22 +176,24 @@ def test_sigterm_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_mod
 def test_train_command_keeps_the_mask_and_logs(mlflow_store, tiny_model_dir, corpus_dir, tmp_path):
     import mlflow
 
+    from pipeline.config import TrainRunConfig
     from pipeline.data import load_corpus
-    from pipeline.evaluation import evaluate_on
-    from pipeline.finetune import train_command
+    from pipeline.jobs.train import run_train
     from pipeline.models import load_model_and_tokenizer
+    from pipeline.perplexity import evaluate_on
     from pipeline.pruning.magnitude import magnitude_prune_layerwise
     from pipeline.pruning.masks import model_masks, prunable_linears
-    from pipeline.training import TrainConfig
+    from pipeline.settings import build
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     magnitude_prune_layerwise(prunable_linears(model), 0.7)
     masks = model_masks(prunable_linears(model))
     model.save_pretrained(tmp_path / "pruned")
     tokenizer.save_pretrained(tmp_path / "pruned")
-    result = train_command(model=str(tmp_path / "pruned"), dataset=f"text:{corpus_dir}", dtype="auto", device="cpu",
-                           seqlen=64, experiment="train", trust_remote_code=False, output_dir=tmp_path / "trained",
-                           config=TrainConfig(lr=2e-3, batch_size=4, epochs=2, max_steps=5, log_every=2))
+    result = run_train(build(TrainRunConfig, dict(model=str(tmp_path / "pruned"), dataset=f"text:{corpus_dir}",
+                                                  device="cpu", seqlen=64, experiment="train",
+                                                  output_dir=str(tmp_path / "trained"), lr=2e-3, batch_size=4,
+                                                  epochs=2, max_steps=5, log_every=2)))
     trained, _ = load_model_and_tokenizer(str(tmp_path / "trained"))
     after = model_masks(prunable_linears(trained))
     assert all(torch.equal(masks[n], after[n]) for n in masks)
@@ -208,15 +210,16 @@ def test_train_command_keeps_the_mask_and_logs(mlflow_store, tiny_model_dir, cor
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(mlflow_store, tiny_model_dir, corpus_dir):
     import mlflow
 
+    from pipeline.api import iterative_training_wrapper
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.iterative_train import iterative_training_wrapper
+    from pipeline.cli import user_message
 
     config = {"model_name": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.5,
               "prune_percentage": 0.4, "epochs_per_iteration": 1, "batch_size": 4, "train_steps": 4, "seqlen": 64,
               "lr": 1e6, "experiment": "nan", "output_dir": "run"}
     with pytest.raises(UserError, match=r"iteration 1 stopped: the training loss became (nan|inf)") as caught:
         iterative_training_wrapper(config)
-    assert "--resume" in str(caught.value)
+    assert "--resume" in user_message(caught.value)  # as the CLI shows it
     assert load_checkpoint(Path("run"))["iteration"] == 0  # the last good checkpoint, untouched
     run = mlflow.search_runs(experiment_names=["nan"]).iloc[0]
     assert run["status"] == "FAILED" and "training loss became" in run["tags.error"]

@@ -13,7 +13,7 @@ from pipeline.models import load_model_and_tokenizer
 from pipeline.pruning import PruneConfig, prune_model
 from pipeline.pruning.magnitude import magnitude_prune_global, magnitude_prune_layerwise
 from pipeline.pruning.masks import (MaskKeeper, allocate_exactly, lowest_k_mask, prunable_linears,
-                                    sparsity_of, sparsity_report, target_after_fraction)
+                                    sparsity_of, sparsity_report)
 from pipeline.pruning.sequential import capture_layer_inputs, layer_output
 from pipeline.pruning.sparsegpt import sparsegpt_prune_matrix
 from pipeline.pruning.wanda import wanda_prune_matrix
@@ -73,7 +73,7 @@ def test_pruning_is_monotone_and_fraction_of_remaining(tiny):
     linears = prunable_linears(model)
     magnitude_prune_layerwise(linears, 0.5)
     before = {n: m.weight != 0 for n, m in linears.items()}
-    target = target_after_fraction(sparsity_of(linears), 0.2)
+    target = sparsity_of(linears) + 0.2 * (1 - sparsity_of(linears))  # 20% of the remaining weights
     assert target == pytest.approx(0.6)
     magnitude_prune_layerwise(linears, target)
     for name, module in linears.items():
@@ -243,15 +243,17 @@ def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_m
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "own-cache"))  # no dense value from earlier tests
     import mlflow
 
+    from pipeline.config import PruneRunConfig
     from pipeline.data import eval_tokens, load_corpus
+    from pipeline.jobs.prune import run_prune
     from pipeline.perplexity import perplexity
-    from pipeline.prune import prune_command
+    from pipeline.settings import build
 
-    common = dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", dtype="auto", device="cpu", seqlen=64,
-                  experiment="grid", trust_remote_code=False, calibration_dataset=None, seed=0)
-    first = prune_command(config=PruneConfig(method="wanda", sparsity=0.5, nsamples=8), output_dir=None, **common)
+    common = dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", device="cpu", seqlen=64,
+                  experiment="grid", seed=0, sparsity=0.5, nsamples=8)
+    first = run_prune(build(PruneRunConfig, {**common, "method": "wanda"}))
     assert "(cached)" not in capsys.readouterr().out
-    second = prune_command(config=PruneConfig(method="sparsegpt", sparsity=0.5, nsamples=8), output_dir=None, **common)
+    second = run_prune(build(PruneRunConfig, {**common, "method": "sparsegpt"}))
     assert "dense perplexity" in capsys.readouterr().out
     assert second["dense_perplexity"] == first["dense_perplexity"]
 

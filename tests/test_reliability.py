@@ -65,7 +65,7 @@ def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_pa
     from mlflow.tracking import MlflowClient
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.journal import sync_command
+    from pipeline.tracking.journal import sync_journals
 
     env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
     process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
@@ -85,7 +85,7 @@ def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_pa
 
     mlflow_server.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    assert sync_command([str(tmp_path / "run")], None) == 1  # the CLI's `sync` is this call (see test_bad_input)
+    assert sync_journals([str(tmp_path / "run")], None) == 1  # the CLI's `sync` is this call (see test_bad_input)
     assert not journals[0].exists()
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(checkpoint["run_id"])

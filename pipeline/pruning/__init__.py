@@ -2,68 +2,19 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..config import PRUNE_METHODS, PruneConfig
+from ..errors import ConfigError, option
 from .magnitude import magnitude_prune_global, magnitude_prune_layerwise
 from .masks import prunable_linears, sparsity_of
 from .sequential import InputStatistics, LayerRecord, prune_sequentially
 from .sparsegpt import sparsegpt_prune_matrix
 from .wanda import wanda_prune_matrix
-
-METHODS = ("magnitude", "sparsegpt", "wanda")
-CALIBRATED = {"sparsegpt", "wanda"}
-
-
-@dataclass
-class PruneConfig:
-    method: str = "magnitude"
-    sparsity: float = 0.5
-    pattern: str = "unstructured"   # or N:M, e.g. 2:4
-    scope: str = "layer"            # layer | global (magnitude only)
-    include: str | None = None
-    exclude: str | None = None
-    nsamples: int = 128
-    blocksize: int = 128
-    percdamp: float = 0.01
-    calibration_batch_size: int = 8
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserError(f"unknown pruning method '{self.method}': use one of {', '.join(METHODS)}", 2)
-        if not 0.0 <= self.sparsity < 1.0:
-            raise UserError(f"sparsity {self.sparsity} is outside [0, 1): give the fraction of zeros, e.g. 0.5", 2)
-        self.n_m = parse_pattern(self.pattern)
-        if self.scope not in ("layer", "global"):
-            raise UserError(f"unknown scope '{self.scope}': use layer or global", 2)
-        if self.scope == "global" and (self.method != "magnitude" or self.n_m):
-            raise UserError("--scope global is for unstructured magnitude pruning only", 2)
-        for flag, regex in (("--include", self.include), ("--exclude", self.exclude)):
-            if regex:
-                try:
-                    re.compile(regex)
-                except re.error as error:
-                    raise UserError(f"{flag} '{regex}' is not a valid regex: {error}", 2) from None
-
-    @property
-    def label(self) -> str:
-        amount = self.pattern if self.n_m else f"{self.sparsity:.2f}"
-        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """None for unstructured, (N, M) for 'N:M' with 0 < N < M."""
-    if pattern == "unstructured":
-        return None
-    match = re.fullmatch(r"(\d+):(\d+)", pattern or "")
-    if not match or not 0 < int(match[1]) < int(match[2]):
-        raise UserError(f"pattern '{pattern}' is not 'unstructured' or N:M with 0 < N < M (e.g. 2:4)", 2)
-    return int(match[1]), int(match[2])
 
 
 @dataclass
@@ -110,6 +61,7 @@ def _wanda(model, linears, config, windows, device, progress):
 
 
 PRUNERS = {"magnitude": _magnitude, "sparsegpt": _sparsegpt, "wanda": _wanda}
+assert set(PRUNERS) == set(PRUNE_METHODS), "the registry and the --method choices must name the same methods"
 
 
 def prune_model(model: nn.Module, config: PruneConfig, windows: torch.Tensor | None = None,
@@ -117,13 +69,12 @@ def prune_model(model: nn.Module, config: PruneConfig, windows: torch.Tensor | N
     """Prunes the model's decoder Linear weights in place to config.sparsity (or N:M)."""
     linears = prunable_linears(model, config.include, config.exclude)
     if not linears:
-        raise UserError("no prunable matrices match --include/--exclude", 2)
-    if config.method in CALIBRATED and windows is None:
+        raise ConfigError(f"no prunable matrices match {option('include')}/{option('exclude')}")
+    if config.calibrated and windows is None:
         raise ValueError(f"{config.method} needs calibration windows")
     started = time.perf_counter()
     layers = PRUNERS[config.method](model, linears, config, windows, torch.device(device), progress)
     return PruneResult(sparsity_of(linears), time.perf_counter() - started, layers)
 
 
-__all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model", "prunable_linears", "sparsity_of",
-           "parse_pattern", "LayerRecord"]
+__all__ = ["PruneConfig", "PruneResult", "prune_model", "prunable_linears", "sparsity_of", "LayerRecord"]

@@ -51,11 +51,6 @@ def sparsity_of(linears: dict) -> float:
     return zeros / total if total else 0.0
 
 
-def target_after_fraction(current_sparsity: float, fraction_of_remaining: float) -> float:
-    """Sparsity after pruning `fraction_of_remaining` of the weights that are still non-zero."""
-    return current_sparsity + fraction_of_remaining * (1.0 - current_sparsity)
-
-
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (True = prune) of exactly the k lowest scores; ties go to the lower flat index.
 

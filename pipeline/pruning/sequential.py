@@ -9,6 +9,8 @@ and only the layer being worked on moves to the device.
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -99,6 +101,18 @@ class LayerRecord:
     layer: int
     seconds: dict = field(default_factory=dict)  # phase -> seconds
     relative_output_error: float = 0.0           # ||pruned out - dense out||^2 / ||dense out||^2
+
+
+def layer_table_csv(records: list) -> str:
+    """One row per decoder layer: seconds per phase, total, and the relative output error."""
+    phases = sorted({phase for r in records for phase in r.seconds})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["layer", *[f"{p}_seconds" for p in phases], "total_seconds", "relative_output_error"])
+    for r in records:
+        writer.writerow([r.layer, *[f"{r.seconds.get(p, 0.0):.4f}" for p in phases],
+                         f"{sum(r.seconds.values()):.4f}", f"{r.relative_output_error:.6g}"])
+    return out.getvalue()
 
 
 @torch.no_grad()

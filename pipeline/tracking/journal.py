@@ -15,7 +15,16 @@ import os
 import time
 from pathlib import Path
 
+import requests
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from ..errors import ConfigError, UserError, option
+from .store import tracking_unreachable, use_tracking_store
+
 JOURNAL_PREFIX = "mlflow-pending-"
+ENTRY_KINDS = ("metric", "params", "tags", "text", "artifacts", "status")
 
 # MLflow error codes that mean "try again later" rather than "this request is wrong".
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "ABORTED",
@@ -24,9 +33,6 @@ _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_
 
 def is_outage(error: BaseException) -> bool:
     """True for a tracking store that is down or overloaded; False for a request it rejects."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
     if isinstance(error, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
         return True
     if isinstance(error, MlflowException):
@@ -76,28 +82,36 @@ class Journal:
 
 
 def read_journal(path: Path) -> tuple[dict, list]:
-    """(header, entries); a line cut by a kill mid-write is the last one and is dropped."""
+    """(header, entries); a line cut by a kill mid-write is the last one and is dropped. Anything this
+    pipeline would not have written is a UserError naming the file and the line."""
+    not_ours = f"{path} is not a tracking journal of this pipeline"
     header, entries = None, []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{not_ours} (it is not UTF-8 text)") from None
+    except OSError as error:
+        raise UserError(f"{path} cannot be read ({error.strerror or error})") from None
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
                 continue
-            if record.get("kind") == "run":
-                header = record
-            else:
-                entries.append(record)
-    if header is None:
-        from .errors import UserError
-
-        raise UserError(f"{path} is not a tracking journal of this pipeline (no run header)")
+            raise UserError(f"{not_ours} (line {number} is not JSON)") from None
+        if not isinstance(record, dict) or record.get("kind") not in ("run", *ENTRY_KINDS):
+            raise UserError(f"{not_ours} (line {number} is not an entry it writes)")
+        if record["kind"] == "run":
+            header = record
+        else:
+            entries.append(record)
+    if header is None or not isinstance(header.get("run_id"), str):
+        raise UserError(f"{not_ours} (no run header)")
     return header, entries
 
 
 def send_entries(client, run_id: str, entries: list) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
     metrics = [e for e in entries if e["kind"] == "metric"]
     present = {}
     for key in {m["key"] for m in metrics}:
@@ -128,8 +142,6 @@ def send_entries(client, run_id: str, entries: list) -> None:
 
 
 def find_journals(paths: list) -> list:
-    from .errors import UserError
-
     found = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -137,17 +149,13 @@ def find_journals(paths: list) -> list:
         elif path.exists():
             found.append(path)
         else:
-            raise UserError(f"{path} does not exist: give a journal file or a directory to search", 2)
+            raise ConfigError(f"{path} does not exist: give a journal file or a directory to search")
     return found
 
 
-def sync_command(paths: list, tracking_uri: str | None) -> int:
-    """`python -m pipeline sync`: replays journals into MLflow; returns how many runs were completed."""
-    from mlflow.tracking import MlflowClient
-
-    from .errors import UserError
-    from .tracking import tracking_unreachable, use_tracking_store
-
+def sync_journals(paths: list, tracking_uri: str | None) -> int:
+    """Replays journals into MLflow, each into the store it was recorded for unless `tracking_uri`
+    (or MLFLOW_TRACKING_URI) says otherwise; returns how many runs were completed."""
     use_tracking_store()
     journals = find_journals(paths or ["."])
     if not journals:
@@ -163,10 +171,13 @@ def sync_command(paths: list, tracking_uri: str | None) -> int:
             if is_outage(error):
                 raise tracking_unreachable(error, uri) from None
             raise UserError(f"{path}: run {header['run_id']} is not in {uri} ({str(error).splitlines()[0][:200]}); "
-                            "pass --tracking-uri with the store the run was started in") from None
+                            f"pass {option('tracking_uri')} with the store the run was started in") from None
         started = time.perf_counter()
         try:
             send_entries(client, header["run_id"], entries)
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"{path} holds an entry this pipeline would not write ({type(error).__name__}: "
+                            f"{error}); nothing after it was sent") from None
         except Exception as error:
             if is_outage(error):
                 raise tracking_unreachable(error, uri) from None

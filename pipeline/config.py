@@ -1,0 +1,258 @@
+"""Every setting of the pipeline, by concern, each declared once with its default, help and checks.
+
+A command's config composes the concerns it needs (`group`); the CLI's flags, the Python API's keys
+and the params each MLflow run records all come from these fields. This module imports nothing heavy,
+so `--help` and a bad flag value answer at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import ConfigError, option
+from .settings import Settings, group, setting
+
+EMBEDDED_MODEL = "opt-tiny"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("test", "validation")
+PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")
+CALIBRATED_METHODS = ("sparsegpt", "wanda")  # these need calibration windows
+SPARSITY_SCHEDULES = ("geometric", "cubic")
+LR_SCHEDULES = ("constant", "cosine")
+GRID_METHODS = ("sparsegpt", "magnitude", "wanda", "iterative")
+
+
+# --- model and data ------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig(Settings):
+    model: str = setting(EMBEDDED_MODEL, "opt-tiny (embedded), opt-125m, opt-350m, opt-1.3b, opt-2.7b, a hub id "
+                         "or a local directory")
+    dtype: str = setting("auto", "auto: float32 on CPU; on CUDA the checkpoint's dtype to evaluate and prune, "
+                         "float32 weights with bf16 autocast to train", choices=DTYPES, noun="dtype")
+    device: str = setting("auto", "auto: CUDA when there is one", choices=DEVICES, noun="device")
+    trust_remote_code: bool = setting(False, "allow a hub model's own Python code to run")
+
+
+@dataclass
+class DataConfig(Settings):
+    dataset: str = setting("pydocs", "wikitext2, ptb, c4, pydocs (embedded) or text:PATH")
+    seqlen: int | None = setting(None, "evaluation window (default: the model's max_position_embeddings)",
+                                 at_least=2)
+
+
+@dataclass
+class TrackingConfig(Settings):
+    experiment: str | None = setting(None, "MLflow experiment (ignored under `mlflow run`)")
+
+
+# --- pruning -------------------------------------------------------------------------------------
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """None for unstructured, (N, M) for 'N:M' with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", pattern or "")
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        raise ConfigError(f"{option('pattern')} '{pattern}' is not 'unstructured' or N:M with 0 < N < M (e.g. 2:4)")
+    return int(match[1]), int(match[2])
+
+
+@dataclass
+class PruneConfig(Settings):
+    method: str = setting("magnitude", "pruning criterion", choices=PRUNE_METHODS, noun="pruning method")
+    sparsity: float = setting(0.5, "fraction of zeros, in [0, 1)", at_least=0, below=1,
+                              hint="give the fraction of zeros, e.g. 0.5")
+    pattern: str = setting("unstructured", "unstructured or N:M, e.g. 2:4")
+    scope: str = setting("layer", "magnitude: every matrix to the same sparsity, or one threshold over all",
+                         choices=("layer", "global"), noun="scope")
+    include: str | None = setting(None, "regex: prune only matrices whose name matches")
+    exclude: str | None = setting(None, "regex: never prune matrices whose name matches")
+    nsamples: int = setting(128, "calibration windows (SparseGPT, Wanda)", at_least=1)
+    blocksize: int = setting(128, "SparseGPT: columns per block", at_least=1)
+    percdamp: float = setting(0.01, "SparseGPT: dampening, a fraction of the Hessian's mean diagonal", at_least=0)
+    calibration_dataset: str | None = setting(None, "default: c4 for hub models (as the reference), pydocs for "
+                                              "opt-tiny, the --dataset for a local directory")
+    calibration_batch_size: int = setting(8, "calibration windows per layer forward", at_least=1)
+    calibration_seed: int = setting(0, "calibration draw (0 as the reference)")
+
+    def check(self) -> None:
+        self.n_m = parse_pattern(self.pattern)
+        if self.scope == "global" and (self.method != "magnitude" or self.n_m):
+            raise ConfigError(f"{option('scope')} global is for unstructured magnitude pruning only")
+        for name in ("include", "exclude"):
+            regex = getattr(self, name)
+            if regex:
+                try:
+                    re.compile(regex)
+                except re.error as error:
+                    raise ConfigError(f"{option(name)} '{regex}' is not a valid regex: {error}") from None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    @property
+    def label(self) -> str:
+        amount = self.pattern if self.n_m else f"{self.sparsity:.2f}"
+        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "")
+
+
+# --- training ------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig(Settings):
+    epochs: int = setting(1, "epochs of training (each capped at --max-steps optimizer steps)", above=0)
+    batch_size: int = setting(8, "global batch: sequences per optimizer step, split over the processes", above=0)
+    lr: float = setting(1e-5, "AdamW learning rate", above=0)
+    max_steps: int | None = setting(2500, "cap on optimizer steps per epoch", above=0)
+    seed: int = setting(42, "data order")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", above=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norms)", at_least=0)
+    warmup_steps: int = setting(0, "linear warmup steps", at_least=0)
+    lr_schedule: str = setting("constant", "within each training run, after the warmup", choices=LR_SCHEDULES,
+                               noun="lr schedule")
+    min_lr_ratio: float = setting(0.1, "cosine: the last step's lr as a fraction of --lr", at_least=0, at_most=1)
+    grad_clip: float = setting(1.0, "maximal gradient norm (0: no clipping)", at_least=0)
+    gradient_checkpointing: bool = setting(False, "trade compute for activation memory")
+    log_every: int = setting(10, "steps between train_loss points in MLflow", at_least=1)
+
+
+@dataclass
+class ScheduleConfig(Settings):
+    target_sparsity: float = setting(0.9, "fraction of zeros to reach", above=0, below=1,
+                                     hint="give the fraction of zeros to reach, e.g. 0.9")
+    prune_percentage: float = setting(0.1, "fraction of the remaining non-zeros pruned per iteration", above=0,
+                                      below=1, hint="give the fraction of the remaining weights pruned per "
+                                      "iteration, e.g. 0.1")
+    max_iterations: int = setting(25, "safety cap", above=0)
+    schedule: str = setting("geometric", "sparsity after each iteration: geometric (--prune-percentage of the "
+                            "remaining weights) or cubic (Zhu & Gupta)", choices=SPARSITY_SCHEDULES, noun="schedule")
+    final_lr: float | None = setting(None, "last iteration's lr (default: --lr); geometric in between", above=0)
+
+
+# --- one config per command ----------------------------------------------------------------------
+
+@dataclass
+class RunConfig(Settings):
+    """What every command that loads a model has: the model, the data and the MLflow experiment."""
+    model: ModelConfig = group(ModelConfig)
+    data: DataConfig = group(DataConfig)
+    tracking: TrackingConfig = group(TrackingConfig)
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    split: str = setting("test", "split to evaluate", choices=SPLITS, noun="split")
+    batch_size: int | None = setting(None, "windows per forward (default: by memory)", at_least=1)
+
+
+@dataclass
+class PruneRunConfig(RunConfig):
+    prune: PruneConfig = group(PruneConfig, rename={"calibration_seed": "seed"}, defaults={"method": "sparsegpt"})
+    output_dir: str | None = setting(None, "default pruned_models/<model>-<method>-<sparsity>")
+
+
+@dataclass
+class TrainRunConfig(RunConfig):
+    train: TrainConfig = group(TrainConfig)
+    output_dir: str | None = setting(None, "default pruned_models/<model>-trained")
+
+
+@dataclass
+class IterativeConfig(RunConfig):
+    schedule: ScheduleConfig = group(ScheduleConfig)
+    train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3})
+    prune: PruneConfig = group(PruneConfig, rename={"method": "prune_method"}, exclude=("sparsity", "pattern"))
+    train_seqlen: int | None = setting(None, "training window (default: --seqlen)", at_least=2)
+    eval_split: str = setting("test", "split evaluated after each pruning and each training step", choices=SPLITS,
+                              noun="split")
+    output_dir: str | None = setting(None, "checkpoint directory (default under checkpoints/)")
+    resume: bool = setting(False, "continue from the last completed iteration in --output-dir")
+    save_model: bool = setting(True, "save the final model under pruned_models/", negatable=True)
+
+
+@dataclass
+class GridConfig(Settings):
+    sparsities: list[float] = setting([0.5, 0.9], "comma-separated target sparsities", above=0, below=1,
+                                      min_items=1, hint="give fractions of zeros, e.g. 0.5,0.9")
+    methods: list[str] = setting(list(GRID_METHODS), "comma-separated methods of the grid", choices=GRID_METHODS,
+                                 min_items=1, noun="method", hint="give at least one, e.g. sparsegpt,iterative")
+    force: bool = setting(False, "rerun cells that already have a finished run")
+    output_dir: str | None = setting(None, "default reports/<experiment>")
+    report: bool = setting(True, "write the report when the grid is done", negatable=True)
+
+
+@dataclass
+class CompareConfig(RunConfig):
+    # `mlflow run .` (the MLproject's main entry point) runs `compare --preset demo`
+    PRESETS: ClassVar[dict] = {"demo": {"prune_percentage": 0.3, "epochs_per_iteration": 1, "max_steps": 40,
+                                        "batch_size": 16, "lr": 1e-3}}
+
+    grid: GridConfig = group(GridConfig)
+    schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
+    train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3})
+    prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude"))
+    preset: str | None = setting(None, "settings a preset changes unless given: demo = the MLproject's main "
+                                 "entry point", choices=tuple(PRESETS), noun="preset")
+
+
+@dataclass
+class ReportConfig(Settings):
+    experiment: str | None = setting(None, "MLflow experiment to report on (default: the one the report run goes to)")
+    output_dir: str | None = setting(None, "default reports/<experiment>")
+
+
+@dataclass
+class SyncConfig(Settings):
+    paths: list[str] = setting([], "journal files, or directories to search (default: the current directory)",
+                               argument=True)
+    tracking_uri: str | None = setting(None, "default: MLFLOW_TRACKING_URI, else the store the run started in")
+
+
+@dataclass
+class MemoryConfig(Settings):
+    measure: bool = setting(True, "also train small random OPTs on the CPU and compare their peak memory with the "
+                            "formula", negatable=True)
+
+
+@dataclass
+class PretrainConfig(Settings):
+    vocab_size: int = setting(4096, "byte-level BPE vocabulary", at_least=300)
+    hidden_size: int = setting(192, "model width", at_least=8)
+    num_layers: int = setting(4, "decoder layers", at_least=1)
+    num_heads: int = setting(4, "attention heads", at_least=1)
+    ffn_dim: int = setting(768, "MLP width", at_least=8)
+    max_positions: int = setting(256, "positions, which is also the training window", at_least=8)
+    lr: float = setting(3e-3, "peak learning rate (cosine decay)", above=0)
+    warmup_steps: int = setting(50, "linear warmup steps", at_least=0)
+    steps: int = setting(1800, "optimizer steps", at_least=1)
+    batch_size: int = setting(16, "sequences per optimizer step", at_least=1)
+    weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
+    seed: int = setting(0, "initialization and data order")
+    output_dir: str = setting("pretrained/opt-tiny", "where the model, its tokenizer and its card go")
+    tracking: TrackingConfig = group(TrackingConfig)
+
+
+@dataclass
+class BenchConfig(RunConfig):
+    batch_size: int = setting(16, "sequences per training step (the demo's: 16 x 256 tokens on opt-tiny)", at_least=1)
+    quick: bool = setting(False, "a smoke run in seconds: tiny sizes, figures not meaningful")
+    output_dir: str | None = setting(None, "default reports/bench")
+    steps: int = setting(10, "training steps per timed run (a, b)", at_least=1, cli=False)
+    repeats: int = setting(5, "timed runs per variant, alternated; the median counts", at_least=1, cli=False)
+    eval_windows: int | None = setting(None, "cap on evaluation windows (c); default the whole test split",
+                                       at_least=1, cli=False)
+    calibration_samples: int = setting(32, "SparseGPT calibration windows (d)", at_least=1, cli=False)
+    logged_steps: int = setting(2000, "simulated training steps of metrics (e)", at_least=1, cli=False)
+    imp_steps: int = setting(40, "training steps per IMP iteration (f), the demo's --max-steps", at_least=1, cli=False)
+
+    def check(self) -> None:
+        if self.quick:
+            self.steps, self.repeats, self.eval_windows = 2, 1, 4
+            self.calibration_samples, self.logged_steps, self.imp_steps = 4, 200, 2
+            self.data.seqlen = self.data.seqlen or 64
+            self.batch_size = min(self.batch_size, 8)

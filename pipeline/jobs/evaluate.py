@@ -1,0 +1,25 @@
+"""The evaluate job: a model's perplexity on a dataset, recorded in MLflow."""
+
+from __future__ import annotations
+
+from ..config import EvaluateConfig
+from ..models import resolve_model_source
+from ..perplexity import PerplexityResult
+from ..settings import flat_values
+from ..tracking import tracked_run
+from ..workload import load_workload
+
+
+def run_evaluate(config: EvaluateConfig, tags: dict | None = None) -> PerplexityResult:
+    model_name, dataset = config.model.model, config.data.dataset
+    resolve_model_source(model_name)  # a misspelt name fails before a run is opened
+    with tracked_run(f"evaluate {model_name} {dataset}", flat_values(config),
+                     {"model": model_name, "dataset": dataset, **(tags or {})}, config.tracking.experiment) as logger:
+        work = load_workload(config.model, config.data)
+        logger.set_tags(work.corpus.describe())
+        logger.log_params({"resolved_seqlen": work.seqlen, "resolved_dtype": str(next(work.model.parameters()).dtype)})
+        result = work.evaluate(config.split, config.batch_size)
+        logger.log_dict(result.metrics())
+    print(f"{model_name} on {dataset} ({config.split}, {result.windows} windows of {work.seqlen} tokens): "
+          f"perplexity {result.perplexity:.4f}")
+    return result

@@ -1,0 +1,229 @@
+"""The iterative job: the IMP loop of imp.py with a checkpoint after every iteration and one MLflow run.
+
+After every iteration the weights, masks, history, RNG states, config and MLflow run id are written
+atomically to the output directory; `resume` continues from the last completed iteration, in the
+same MLflow run, logging no step twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import atomic_torch_save, load_checkpoint, restore_rng_state, save_checkpoint
+from ..config import IterativeConfig, ScheduleConfig
+from ..distributed import check_launch, is_main_process
+from ..errors import ConfigError, UserError, option, sigterm_as_interrupt
+from ..imp import ITERATION_METRICS, ImpPlan, dense_record, run_imp
+from ..models import resolve_model_source
+from ..perplexity import change_pct
+from ..pruning import prune_model
+from ..pruning.masks import model_masks, prunable_linears, sparsity_of
+from ..schedules import learning_rate_for, sparsity_schedule
+from ..settings import flat_values
+from ..tracking import tracked_run
+from ..training import NonFiniteLoss, steps_per_epoch
+from ..workload import load_workload
+
+# Settings that may differ when resuming: where it runs, and what the README advises changing mid-run.
+RESUMABLE_CHANGES = {"device", "experiment", "save_model", "log_every", "max_iterations", "lr", "final_lr", "resume"}
+
+
+def output_dir_of(config: IterativeConfig) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    dataset = config.data.dataset.replace("text:", "text-").replace("/", "_")
+    return Path("checkpoints") / (f"{Path(config.model.model).name}-{dataset}-iterative-{config.prune.method}-"
+                                  f"{config.prune.scope}-{config.schedule.schedule}-"
+                                  f"{config.schedule.target_sparsity:.2f}")
+
+
+def planned_schedule(schedule: ScheduleConfig) -> tuple[list, int]:
+    """(per-iteration sparsity targets after the max_iterations cap, uncapped iteration count)."""
+    full = sparsity_schedule(schedule.schedule, schedule.target_sparsity, schedule.prune_percentage)
+    return full[: schedule.max_iterations], len(full)
+
+
+def config_differences(saved: dict, current: dict) -> list:
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+
+
+def _backfill(logger, history: list) -> None:
+    """Logs the history entries a kill kept out of MLflow (checkpoint written, metrics not yet sent)."""
+    present = logger.logged_steps("ppl_after_train")
+    for entry in history:
+        if entry["iteration"] not in present:
+            logger.log_dict({k: entry[k] for k in ITERATION_METRICS if k in entry}, step=entry["iteration"])
+    logger.flush()
+
+
+def _final_metrics(history: list) -> dict:
+    base, final = history[0]["ppl_after_train"], history[-1]
+    return {"final_perplexity": final["ppl_after_train"], "final_sparsity": final["sparsity"],
+            "vs_unpruned_pct": change_pct(final["ppl_after_train"], base),
+            "total_seconds": sum(h["iteration_seconds"] for h in history)}
+
+
+def _print_summary(history: list, model_paths: list) -> None:
+    base, final = history[0]["ppl_after_train"], history[-1]
+    print("\n" + "=" * 60)
+    print("Iterative pruning complete")
+    print(f"  Total iterations: {len(history) - 1}")
+    print(f"  Final sparsity:   {final['sparsity']:.2%}")
+    print(f"  Unpruned perplexity: {base:.2f}")
+    print("  History:")
+    print(f"    {'iter':>4} {'sparsity':>9} {'ppl pruned':>11} {'ppl trained':>12} {'recovery':>9}")
+    for h in history:
+        print(f"    {h['iteration']:>4} {h['sparsity']:>9.2%} {h['ppl_after_prune']:>11.2f} "
+              f"{h['ppl_after_train']:>12.2f} {h['recovery_pct']:>8.1f}%")
+    print(f"  Final perplexity: {final['ppl_after_train']:.2f} "
+          f"(vs Unpruned: {change_pct(final['ppl_after_train'], base):+.1f}%)")
+    for path in model_paths:
+        print(f"  Model saved to {path}")
+    print("=" * 60)
+
+
+def save_final_model(model, tokenizer, config: IterativeConfig) -> list:
+    """`pruned_models/<model>-iterative-<target>.pt` (a state dict), and a save_pretrained directory beside it."""
+    stem = Path("pruned_models") / f"{Path(config.model.model).name}-iterative-{config.schedule.target_sparsity:.2f}"
+    state_file = stem.parent / f"{stem.name}.pt"  # not with_suffix: "0.90" would be taken for a suffix
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state_file)
+    model.save_pretrained(stem)
+    tokenizer.save_pretrained(stem)
+    return [state_file, stem]
+
+
+def _announce(schedule: ScheduleConfig, targets: list, uncapped: int) -> None:
+    n = len(targets)
+    if n < uncapped:
+        print(f"note: the cap of {schedule.max_iterations} iterations stops the run after {n} of the {uncapped} "
+              f"iterations needed: it will reach {targets[-1]:.2%} sparsity, not {schedule.target_sparsity:.2%}")
+    print(f"{schedule.schedule} schedule: {n} iterations to {targets[-1]:.2%} sparsity "
+          f"(pruning {schedule.prune_percentage:.0%} of the remaining weights per iteration)")
+
+
+def _restore(checkpoint: dict, model, linears: dict, out: Path) -> list:
+    """Loads the checkpoint's weights and RNG states into place; returns its history."""
+    model.load_state_dict(checkpoint["model"])
+    for name, mask in checkpoint["masks"].items():
+        if not torch.equal(linears[name].weight.detach().cpu() != 0, mask):
+            raise UserError(f"checkpoint in {out} is inconsistent: the mask of {name} does not match "
+                            "its weights; delete it to start over")
+    restore_rng_state(checkpoint["rng"])
+    return checkpoint["history"]
+
+
+def _step_logger(logger, steps_per_iteration: int) -> Callable[[int], Callable]:
+    """on_step(k): logs iteration k's training steps at global step numbers, none twice after a resume."""
+    already_logged = max(logger.logged_steps("train_step_loss"), default=0)
+
+    def on_step(k: int):
+        offset = (k - 1) * steps_per_iteration
+
+        def log_step(step: int, loss: float, lr: float) -> None:
+            if offset + step > already_logged:
+                logger.log_dict({"train_step_loss": loss, "train_lr": lr}, step=offset + step)
+        return log_step
+    return on_step
+
+
+def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
+            on_iteration: Callable[[dict], None] | None = None) -> list:
+    """Runs (or continues, from `checkpoint`) the IMP loop in `logger`'s run; returns the history (entry 0
+    is the unpruned model). `on_iteration(entry)` runs once an iteration is checkpointed and logged."""
+    out = output_dir_of(config)
+    targets, uncapped = planned_schedule(config.schedule)
+    _announce(config.schedule, targets, uncapped)
+    work = load_workload(config.model, config.data, training=True)
+    logger.set_tags(work.corpus.describe())
+    blocks = work.training_blocks(config.train_seqlen)
+    linears = prunable_linears(work.model, config.prune.include, config.prune.exclude)
+    windows, _ = work.calibration(config.prune)
+    resolved = flat_values(config)
+
+    def evaluate() -> float:
+        return work.evaluate(config.eval_split).perplexity
+
+    def after_iteration(entry: dict) -> None:
+        if is_main_process():
+            save_checkpoint(out, model_state=work.model.state_dict(), masks=model_masks(linears),
+                            iteration=entry["iteration"], history=history, config=resolved, run_id=logger.run_id)
+        logger.log_dict({key: entry[key] for key in ITERATION_METRICS}, step=entry["iteration"])
+        logger.flush()
+        if on_iteration is not None:
+            on_iteration(entry)
+
+    if checkpoint is None:
+        started = time.perf_counter()
+        history = [dense_record(sparsity_of(linears), evaluate(), time.perf_counter() - started)]
+        print(f"Iteration 0 (unpruned): perplexity {history[0]['ppl_after_train']:.2f}")
+        after_iteration(history[0])
+    else:
+        history = _restore(checkpoint, work.model, linears, out)
+        _backfill(logger, history)
+        print(f"Resuming after iteration {checkpoint['iteration']} at {history[-1]['sparsity']:.2%} sparsity "
+              f"(perplexity {history[-1]['ppl_after_train']:.2f})")
+
+    final_lr = config.schedule.final_lr or config.train.lr
+    plan = ImpPlan(
+        targets,
+        prune_to=lambda sparsity: prune_model(work.model, replace(config.prune, sparsity=sparsity), windows,
+                                              work.device),
+        evaluate=evaluate,
+        train_config=lambda k: replace(config.train, lr=learning_rate_for(k, len(targets), config.train.lr, final_lr),
+                                       seed=config.train.seed + 1000 * k))
+    steps_per_iteration = steps_per_epoch(blocks.shape[0], config.train) * config.train.epochs
+    try:
+        run_imp(work.model, linears, blocks, plan, history, after_iteration,
+                _step_logger(logger, steps_per_iteration))
+    except NonFiniteLoss as fault:
+        k = len(history)
+        raise UserError(f"iteration {k} stopped: the training loss became {fault.loss} at step {fault.step} "
+                        f"(lr {plan.train_config(k).lr:g}); the checkpoint of iteration {k - 1} in {out} is "
+                        f"intact: lower {option('lr')} (resuming may change it) and rerun with "
+                        f"{option('resume')}") from None
+
+    model_paths = []
+    if config.save_model and is_main_process():
+        model_paths = save_final_model(work.model, work.tokenizer, config)
+        logger.log_artifacts(model_paths[1], "model")
+    logger.log_dict(_final_metrics(history))
+    _print_summary(history, model_paths)
+    return history
+
+
+def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
+    """The iterative job: checks, then the IMP loop in one MLflow run (reopened when resuming)."""
+    check_launch(config.train.batch_size)
+    resolve_model_source(config.model.model)
+    out = output_dir_of(config)
+    checkpoint = load_checkpoint(out)
+    if checkpoint is not None and not config.resume:
+        raise ConfigError(f"{out} already holds a checkpoint (iteration {checkpoint['iteration']}): pass "
+                          f"{option('resume')} to continue it, or {option('output_dir')} to start a separate run")
+    if checkpoint is not None:
+        differing = config_differences(checkpoint["config"], flat_values(config))
+        if differing:
+            raise ConfigError(f"{option('resume')} refused: the checkpoint in {out} was made with different "
+                              f"{', '.join(differing)}; use the same settings or another {option('output_dir')}")
+    elif config.resume:
+        print(f"no checkpoint in {out}: starting from the beginning")
+    params = {**flat_values(config), "output_dir": str(out)}
+    name = (f"iterative {config.prune.method} {Path(config.model.model).name} {config.data.dataset} "
+            f"-> {config.schedule.target_sparsity:.2f}")
+    tags = {"model": config.model.model, "dataset": config.data.dataset, "method": config.prune.method,
+            "kind": "iterative", **(tags or {})}
+    try:
+        with sigterm_as_interrupt(), tracked_run(name, params, tags, config.tracking.experiment,
+                                                 resume_run_id=checkpoint["run_id"] if checkpoint else None,
+                                                 journal_dir=out) as logger:
+            return iterate(config, logger, checkpoint)
+    except KeyboardInterrupt as stop:
+        stop.hint = (f"Stopped. Completed iterations are saved in {out}; continue with the same settings plus "
+                     f"{option('resume')}")
+        raise

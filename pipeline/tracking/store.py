@@ -1,0 +1,88 @@
+"""Where runs go: the tracking store and its experiments, and the finished runs of a comparison grid."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from ..errors import ConfigError, UserError
+
+DEFAULT_EXPERIMENT = "llm-pruning"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # never the deprecated ./mlruns file store
+# MLflow's REST client retries a dead server 7 times with doubling waits (minutes); we want a start to
+# fail fast and a mid-run outage to cost seconds, and do our own retrying (MLflowLogger.RETRY_SECONDS).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def use_tracking_store() -> None:
+    """Points MLflow at our store, with its INFO lines (creating tables, creating the experiment)
+    silenced: they would drown the one line a user reads."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    mlflow.set_tracking_uri(tracking_uri())
+
+
+def under_mlflow_run() -> bool:
+    """`mlflow run` injects a run through MLFLOW_RUN_ID; set_experiment would break it."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def use_experiment(name: str) -> None:
+    """set_experiment, creating it with artifacts in `mlartifacts/` beside a sqlite store: MLflow's
+    default would be `./mlruns`, the directory name of the deprecated file store."""
+    if mlflow.get_experiment_by_name(name) is None:
+        uri = tracking_uri()
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # created meanwhile by a concurrent run
+            pass
+    mlflow.set_experiment(name)
+
+
+def experiment_id_named(name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        raise ConfigError(f"no MLflow experiment named '{name}' in {tracking_uri()}; "
+                        "`mlflow experiments search` lists them")
+    return experiment.experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def tracking_unreachable(error: Exception, uri: str | None = None) -> UserError:
+    return UserError(f"MLflow tracking store {uri or tracking_uri()} is not usable "
+                     f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); start the server or "
+                     "set MLFLOW_TRACKING_URI to a reachable store (default sqlite:///mlflow.db)")
+
+
+def finished_cell_runs(experiment_id: str, keys: set | None = None) -> dict:
+    """cell_key -> the newest FINISHED run carrying it (the runs `compare` tagged), in newest-first order."""
+    found = {}
+    for run in MlflowClient().search_runs([experiment_id], "attributes.status = 'FINISHED'",
+                                          order_by=["attributes.start_time DESC"], max_results=5000):
+        key = run.data.tags.get("cell_key")
+        if key and key not in found and (keys is None or key in keys):
+            found[key] = run
+    return found
