@@ -76,6 +76,11 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+    try:  # read back (its index and structure; mmap leaves the tensors on disk): nothing unreadable is "saved"
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise UserError(f"{path} was written but does not read back ({type(error).__name__}: {error}); the disk "
+                        "may be failing") from None
 
 
 def save_checkpoint(directory: Path, *, model_state: dict, masks: dict, iteration: int, history: list,

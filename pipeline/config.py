@@ -7,6 +7,7 @@ so `--help` and a bad flag value answer at once.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -64,8 +65,8 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 @dataclass
 class PruneConfig(Settings):
     method: str = setting("magnitude", "pruning criterion", choices=PRUNE_METHODS, noun="pruning method")
-    sparsity: float = setting(0.5, "fraction of zeros, in [0, 1)", at_least=0, below=1,
-                              hint="give the fraction of zeros, e.g. 0.5")
+    sparsity: float | None = setting(None, "fraction of zeros, in [0, 1) (default 0.5; an N:M pattern makes it N/M)",
+                                     at_least=0, below=1, hint="give the fraction of zeros, e.g. 0.5")
     pattern: str = setting("unstructured", "unstructured or N:M, e.g. 2:4")
     scope: str = setting("layer", "magnitude: every matrix to the same sparsity, or one threshold over all",
                          choices=("layer", "global"), noun="scope")
@@ -81,6 +82,10 @@ class PruneConfig(Settings):
 
     def check(self) -> None:
         self.n_m = parse_pattern(self.pattern)
+        if self.n_m and self.sparsity is not None and not math.isclose(self.sparsity, self.n_m[0] / self.n_m[1]):
+            raise ConfigError(f"{option('sparsity')} {self.sparsity:g} and {option('pattern')} {self.pattern} disagree: "
+                              f"an N:M pattern prunes N of every M weights ({self.n_m[0] / self.n_m[1]:g}); give one "
+                              "of the two")
         if self.scope == "global" and (self.method != "magnitude" or self.n_m):
             raise ConfigError(f"{option('scope')} global is for unstructured magnitude pruning only")
         for name in ("include", "exclude"):
@@ -96,8 +101,15 @@ class PruneConfig(Settings):
         return self.method in CALIBRATED_METHODS
 
     @property
+    def fraction(self) -> float:
+        """The fraction of zeros this prunes to."""
+        if self.n_m:
+            return self.n_m[0] / self.n_m[1]
+        return 0.5 if self.sparsity is None else self.sparsity
+
+    @property
     def label(self) -> str:
-        amount = self.pattern if self.n_m else f"{self.sparsity:.2f}"
+        amount = self.pattern if self.n_m else f"{self.fraction:.2f}"
         return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "")
 
 
@@ -136,6 +148,13 @@ class ScheduleConfig(Settings):
 
 # --- one config per command ----------------------------------------------------------------------
 
+def refuse_float16_training(model: ModelConfig) -> None:
+    if model.dtype == "float16":
+        raise ConfigError(f"{option('dtype')} float16 cannot train: AdamW's small updates vanish in float16 weights "
+                          f"and the loss becomes nan at any lr; use {option('dtype')} auto (float32 weights, bf16 "
+                          "autocast on CUDA) or float32")
+
+
 @dataclass
 class RunConfig(Settings):
     """What every command that loads a model has: the model, the data and the MLflow experiment."""
@@ -161,6 +180,9 @@ class TrainRunConfig(RunConfig):
     train: TrainConfig = group(TrainConfig)
     output_dir: str | None = setting(None, "default pruned_models/<model>-trained")
 
+    def check(self) -> None:
+        refuse_float16_training(self.model)
+
 
 @dataclass
 class IterativeConfig(RunConfig):
@@ -173,6 +195,9 @@ class IterativeConfig(RunConfig):
     output_dir: str | None = setting(None, "checkpoint directory (default under checkpoints/)")
     resume: bool = setting(False, "continue from the last completed iteration in --output-dir")
     save_model: bool = setting(True, "save the final model under pruned_models/", negatable=True)
+
+    def check(self) -> None:
+        refuse_float16_training(self.model)
 
 
 @dataclass
@@ -198,6 +223,10 @@ class CompareConfig(RunConfig):
     prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude"))
     preset: str | None = setting(None, "settings a preset changes unless given: demo = the MLproject's main "
                                  "entry point", choices=tuple(PRESETS), noun="preset")
+
+    def check(self) -> None:
+        if "iterative" in self.grid.methods:
+            refuse_float16_training(self.model)
 
 
 @dataclass

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -143,8 +144,21 @@ def load_corpus(name: str) -> Corpus:
 # --- tokenization, cached on disk ---------------------------------------------------------------
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "pipeline"))
-    path.mkdir(parents=True, exist_ok=True)
+    """Where tokenized streams and dense perplexities are kept: PIPELINE_CACHE_DIR, else ~/.cache/pipeline."""
+    path = Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "pipeline")
+    return _usable_cache_dir(path)
+
+
+@lru_cache(maxsize=None)
+def _usable_cache_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise UserError(f"the cache directory {path} (PIPELINE_CACHE_DIR, default ~/.cache/pipeline) cannot be "
+                        f"written ({error.strerror or error}): point PIPELINE_CACHE_DIR at a writable "
+                        "directory") from None
     return path
 
 
@@ -180,7 +194,11 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
 
 
 def eval_tokens(corpus: Corpus, tokenizer, split: str, seqlen: int) -> torch.Tensor:
+    """The split's token stream (C4: its first 256 windows, as the reference); at least one whole window."""
     ids = tokenize_stream(tokenizer, corpus.eval_text(split))
+    if ids.numel() < seqlen:
+        raise ConfigError(f"the {split} split of {corpus.name} has {ids.numel()} tokens, fewer than one window of "
+                          f"{seqlen}; use more text or a smaller {option('seqlen')}")
     if corpus.eval_max_windows is not None:
         ids = ids[: corpus.eval_max_windows * seqlen]
     return ids

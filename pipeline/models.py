@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .config import EMBEDDED_MODEL
@@ -82,23 +85,29 @@ def _hub_unreachable(name: str, source: str, reason: str) -> UserError:
         "(HF_HUB_OFFLINE=1 makes this fail fast)")
 
 
-def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu",
-                             trust_remote_code: bool = False, keep_on_cpu: bool = False):
-    """Returns (model in eval mode on `device`, tokenizer). Hub failures become one UserError line.
+def _refusal(name: str, source: str, error: Exception) -> UserError | None:
+    """What transformers or torch refused to load, said in one line (None: not a refusal)."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return UserError(f"refused to load model '{name}': a pickled checkpoint in {source} holds Python objects "
+                         "besides tensors, which would run code as they load, so it was not loaded; use weights "
+                         "saved as safetensors (save_pretrained's default), or convert these where you trust "
+                         "their source")
+    if isinstance(error, ValueError) and "custom code" in text:
+        return ConfigError(f"model '{name}' brings its own Python code ({source} asks for it to be run), which "
+                           f"was not run: pass {option('trust_remote_code')} if you trust that code")
+    return None
 
-    The dtype is chosen for `device`; with keep_on_cpu the model stays in host memory (SparseGPT moves
-    one layer at a time to the device).
-    """
+
+@contextlib.contextmanager
+def _loading(name: str, source: str):
+    """Within the block, hub failures and refusals become one UserError line."""
     hf_logging.disable_progress_bar()  # "Loading weights" bars would bury the one line an error gets
-
-    source = resolve_model_source(name)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     with offline_when_unreachable() as unreachable:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
-                                                         trust_remote_code=trust_remote_code)
+            yield
+        except UserError:
+            raise
         except OSError as error:  # transformers reports "offline" and "not found" alike as OSError
             if os.path.isdir(source):
                 raise UserError(f"could not load the model in {source}: "
@@ -108,10 +117,76 @@ def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu"
             if "not a valid model identifier" in str(error):
                 raise ConfigError(f"model '{name}' was not found on the hub; check the id") from None
             raise UserError(f"could not load model '{name}': {str(error).splitlines()[0]}") from None
+        except (ValueError, RuntimeError, pickle.UnpicklingError) as error:
+            refusal = _refusal(name, source, error)
+            if refusal is None:
+                raise
+            raise refusal from None
+
+
+def model_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model's structure on the meta device: its config read, no weights loaded, no memory used. What can
+    be checked before a run opens (the window, what is prunable, an N:M width) is checked on this."""
+    source = resolve_model_source(name)
+    with _loading(name, source):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        for pickled in sorted(Path(source).glob("*.bin")) if os.path.isdir(source) else []:
+            torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)  # refused now, not mid-run
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    source = resolve_model_source(name)
+    with _loading(name, source):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
+               keep_on_cpu: bool = False) -> nn.Module:
+    """The model in eval mode on `device`, in the dtype chosen for that device; with keep_on_cpu it stays in
+    host memory (SparseGPT moves one layer at a time to the device). Failures are one UserError line."""
+    source = resolve_model_source(name)
+    torch_device = resolve_device(device)
+    with _loading(name, source):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device),
+                                                     trust_remote_code=trust_remote_code)
     if not keep_on_cpu:
         model.to(torch_device)
-    model.eval()
-    return model, tokenizer
+    return model.eval()
+
+
+def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu",
+                             trust_remote_code: bool = False, keep_on_cpu: bool = False):
+    """(load_model(...), load_tokenizer(...))."""
+    return (load_model(name, dtype, device, trust_remote_code, keep_on_cpu),
+            load_tokenizer(name, trust_remote_code))
+
+
+def verify_saved_model(model: nn.Module, directory: Path) -> None:
+    """Reads back what save_pretrained wrote: every tensor's name and shape, none missing but tied ones."""
+    saved = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            saved.update({key: list(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    state = model.state_dict()
+    wrong = [k for k, shape in saved.items() if k not in state or list(state[k].shape) != shape]
+    kept = {state[k].data_ptr() for k in saved if k in state}
+    missing = [k for k, tensor in state.items() if k not in saved and tensor.data_ptr() not in kept]
+    if not saved or wrong or missing:
+        raise UserError(f"the model saved to {directory} does not read back ({'no weights' if not saved else ''}"
+                        f"{'wrong shapes: ' + ', '.join(wrong[:3]) if wrong else ''}"
+                        f"{' missing: ' + ', '.join(missing[:3]) if missing else ''}); it is not usable")
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
+    """save_pretrained (safetensors) of the model and its tokenizer, then read back: nothing is reported saved
+    that was not."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    verify_saved_model(model, directory)
+    return directory
 
 
 # --- where the decoder layers live -------------------------------------------------------------

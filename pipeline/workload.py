@@ -1,5 +1,5 @@
 """What a job works on: the model, its tokenizer, the corpus and the window, loaded once from the configs,
-plus the calibration windows of SparseGPT and Wanda."""
+plus the calibration windows of SparseGPT and Wanda; and what of these can be checked before a run opens."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .config import EMBEDDED_MODEL, DataConfig, ModelConfig, PruneConfig
-from .data import Corpus, calibration_windows, load_corpus, training_blocks
-from .models import load_model_and_tokenizer, resolve_device, resolve_seqlen, training_dtype
+from .data import Corpus, cache_dir, calibration_windows, eval_tokens, load_corpus, training_blocks
+from .models import load_model, load_tokenizer, model_skeleton, resolve_device, resolve_seqlen, training_dtype
 from .perplexity import PerplexityResult, evaluate_on
+from .pruning import check_prunable
 
 
 def calibration_dataset_for(model_name: str, dataset: str, explicit: str | None = None) -> str:
@@ -23,6 +24,35 @@ def calibration_dataset_for(model_name: str, dataset: str, explicit: str | None 
     if model_name == EMBEDDED_MODEL:
         return "pydocs"
     return dataset if os.path.isdir(model_name) else "c4"
+
+
+@dataclass
+class Inputs:
+    """What was checked before a run opened: the model's structure (meta device, no weights), its
+    tokenizer and the corpus."""
+    skeleton: nn.Module
+    tokenizer: object
+    corpus: Corpus
+
+
+def check_inputs(model: ModelConfig, data: DataConfig, *, eval_split: str | None = "test",
+                 train_seqlen: int | None = None, training: bool = False,
+                 prune: PruneConfig | None = None) -> Inputs:
+    """Everything that fails on bad input, checked without loading weights: the cache, the model's source
+    and structure, the window(s), what `prune` would prune, and that each split holds a whole window."""
+    cache_dir()
+    resolve_device(model.device)
+    skeleton = model_skeleton(model.model, model.trust_remote_code)
+    seqlen = resolve_seqlen(skeleton, data.seqlen)
+    if prune is not None:
+        check_prunable(skeleton, prune)
+    tokenizer = load_tokenizer(model.model, model.trust_remote_code)
+    corpus = load_corpus(data.dataset)
+    if eval_split:
+        eval_tokens(corpus, tokenizer, eval_split, seqlen)
+    if training:
+        training_blocks(corpus, tokenizer, resolve_seqlen(skeleton, train_seqlen or seqlen))
+    return Inputs(skeleton, tokenizer, corpus)
 
 
 @dataclass
@@ -50,11 +80,12 @@ class Workload:
         return calibration_windows(corpus, self.tokenizer, prune.nsamples, self.seqlen, prune.calibration_seed), corpus
 
 
-def load_workload(model: ModelConfig, data: DataConfig, *, training: bool = False,
+def load_workload(model: ModelConfig, data: DataConfig, inputs: Inputs | None = None, *, training: bool = False,
                   keep_on_cpu: bool = False) -> Workload:
     """`training`: float32 weights under `--dtype auto` (see models.training_dtype); `keep_on_cpu`: the
     model stays in host memory (SparseGPT moves one layer at a time to the device)."""
+    inputs = inputs or check_inputs(model, data, eval_split=None)
     dtype = training_dtype(model.dtype) if training else model.dtype
-    lm, tokenizer = load_model_and_tokenizer(model.model, dtype, model.device, model.trust_remote_code, keep_on_cpu)
-    seqlen = resolve_seqlen(lm, data.seqlen)  # a bad window fails before the corpus is built
-    return Workload(lm, tokenizer, load_corpus(data.dataset), seqlen, resolve_device(model.device), model, data)
+    lm = load_model(model.model, dtype, model.device, model.trust_remote_code, keep_on_cpu)
+    return Workload(lm, inputs.tokenizer, inputs.corpus, resolve_seqlen(lm, data.seqlen), resolve_device(model.device),
+                    model, data)

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from ..config import EvaluateConfig
-from ..models import resolve_model_source
 from ..perplexity import PerplexityResult
 from ..settings import flat_values
 from ..tracking import tracked_run
-from ..workload import load_workload
+from ..workload import check_inputs, load_workload
 
 
 def run_evaluate(config: EvaluateConfig, tags: dict | None = None) -> PerplexityResult:
     model_name, dataset = config.model.model, config.data.dataset
-    resolve_model_source(model_name)  # a misspelt name fails before a run is opened
+    inputs = check_inputs(config.model, config.data, eval_split=config.split)  # bad input opens no run
     with tracked_run(f"evaluate {model_name} {dataset}", flat_values(config),
                      {"model": model_name, "dataset": dataset, **(tags or {})}, config.tracking.experiment) as logger:
-        work = load_workload(config.model, config.data)
+        work = load_workload(config.model, config.data, inputs)
         logger.set_tags(work.corpus.describe())
         logger.log_params({"resolved_seqlen": work.seqlen, "resolved_dtype": str(next(work.model.parameters()).dtype)})
         result = work.evaluate(config.split, config.batch_size)

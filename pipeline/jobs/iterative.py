@@ -7,6 +7,7 @@ same MLflow run, logging no step twice.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,15 +20,17 @@ from ..config import IterativeConfig, ScheduleConfig
 from ..distributed import check_launch, is_main_process
 from ..errors import ConfigError, UserError, option, sigterm_as_interrupt
 from ..imp import ITERATION_METRICS, ImpPlan, dense_record, run_imp
-from ..models import resolve_model_source
+from ..models import save_model
+from ..outputs import check_writable_dir, owned_output_dir
 from ..perplexity import change_pct
 from ..pruning import prune_model
 from ..pruning.masks import model_masks, prunable_linears, sparsity_of
 from ..schedules import learning_rate_for, sparsity_schedule
 from ..settings import flat_values
 from ..tracking import tracked_run
+from ..tracking.store import check_tracking_store
 from ..training import NonFiniteLoss, steps_per_epoch
-from ..workload import load_workload
+from ..workload import Inputs, check_inputs, load_workload
 
 # Settings that may differ when resuming: where it runs, and what the README advises changing mid-run.
 RESUMABLE_CHANGES = {"device", "experiment", "save_model", "log_every", "max_iterations", "lr", "final_lr", "resume"}
@@ -93,8 +96,7 @@ def save_final_model(model, tokenizer, config: IterativeConfig) -> list:
     stem = Path("pruned_models") / f"{Path(config.model.model).name}-iterative-{config.schedule.target_sparsity:.2f}"
     state_file = stem.parent / f"{stem.name}.pt"  # not with_suffix: "0.90" would be taken for a suffix
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state_file)
-    model.save_pretrained(stem)
-    tokenizer.save_pretrained(stem)
+    save_model(model, tokenizer, stem)
     return [state_file, stem]
 
 
@@ -133,13 +135,13 @@ def _step_logger(logger, steps_per_iteration: int) -> Callable[[int], Callable]:
 
 
 def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
-            on_iteration: Callable[[dict], None] | None = None) -> list:
+            on_iteration: Callable[[dict], None] | None = None, inputs: Inputs | None = None) -> list:
     """Runs (or continues, from `checkpoint`) the IMP loop in `logger`'s run; returns the history (entry 0
     is the unpruned model). `on_iteration(entry)` runs once an iteration is checkpointed and logged."""
     out = output_dir_of(config)
     targets, uncapped = planned_schedule(config.schedule)
     _announce(config.schedule, targets, uncapped)
-    work = load_workload(config.model, config.data, training=True)
+    work = load_workload(config.model, config.data, inputs, training=True)
     logger.set_tags(work.corpus.describe())
     blocks = work.training_blocks(config.train_seqlen)
     linears = prunable_linears(work.model, config.prune.include, config.prune.exclude)
@@ -197,11 +199,8 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
     return history
 
 
-def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
-    """The iterative job: checks, then the IMP loop in one MLflow run (reopened when resuming)."""
-    check_launch(config.train.batch_size)
-    resolve_model_source(config.model.model)
-    out = output_dir_of(config)
+def _checkpoint_to_continue(config: IterativeConfig, out: Path) -> dict | None:
+    """The checkpoint in `out` when resuming, after checking it was made with these settings."""
     checkpoint = load_checkpoint(out)
     if checkpoint is not None and not config.resume:
         raise ConfigError(f"{out} already holds a checkpoint (iteration {checkpoint['iteration']}): pass "
@@ -213,16 +212,29 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
                               f"{', '.join(differing)}; use the same settings or another {option('output_dir')}")
     elif config.resume:
         print(f"no checkpoint in {out}: starting from the beginning")
+    return checkpoint
+
+
+def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
+    """The iterative job: checks, then the IMP loop in one MLflow run (reopened when resuming), the output
+    directory owned by this run throughout."""
+    check_launch(config.train.batch_size)
+    main = is_main_process()
+    out = check_writable_dir(output_dir_of(config)) if main else output_dir_of(config)
+    check_tracking_store()
+    inputs = check_inputs(config.model, config.data, eval_split=config.eval_split, training=True,
+                          train_seqlen=config.train_seqlen, prune=config.prune)  # bad input opens no run
     params = {**flat_values(config), "output_dir": str(out)}
     name = (f"iterative {config.prune.method} {Path(config.model.model).name} {config.data.dataset} "
             f"-> {config.schedule.target_sparsity:.2f}")
     tags = {"model": config.model.model, "dataset": config.data.dataset, "method": config.prune.method,
             "kind": "iterative", **(tags or {})}
     try:
-        with sigterm_as_interrupt(), tracked_run(name, params, tags, config.tracking.experiment,
-                                                 resume_run_id=checkpoint["run_id"] if checkpoint else None,
-                                                 journal_dir=out) as logger:
-            return iterate(config, logger, checkpoint)
+        with sigterm_as_interrupt(), owned_output_dir(out) if main else contextlib.nullcontext():
+            checkpoint = _checkpoint_to_continue(config, out)
+            with tracked_run(name, params, tags, config.tracking.experiment,
+                             resume_run_id=checkpoint["run_id"] if checkpoint else None, journal_dir=out) as logger:
+                return iterate(config, logger, checkpoint, inputs=inputs)
     except KeyboardInterrupt as stop:
         stop.hint = (f"Stopped. Completed iterations are saved in {out}; continue with the same settings plus "
                      f"{option('resume')}")

@@ -6,14 +6,16 @@ from pathlib import Path
 
 from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
-from ..models import resolve_model_source
+from ..models import save_model
+from ..outputs import check_writable_dir, owned_output_dir
 from ..perplexity import change_pct
 from ..pruning import prune_model
 from ..pruning.masks import prunable_linears, sparsity_report
 from ..pruning.sequential import layer_table_csv
 from ..settings import flat_values
 from ..tracking import tracked_run
-from ..workload import load_workload
+from ..tracking.store import check_tracking_store
+from ..workload import check_inputs, load_workload
 
 SPLIT = "test"
 
@@ -24,13 +26,15 @@ def output_dir_of(config: PruneRunConfig) -> Path:
 
 def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
     model_name, dataset, prune = config.model.model, config.data.dataset, config.prune
-    resolve_model_source(model_name)
-    output_dir = output_dir_of(config)
+    output_dir = check_writable_dir(output_dir_of(config))
+    check_tracking_store()
+    inputs = check_inputs(config.model, config.data, eval_split=SPLIT, prune=prune)  # bad input opens no run
     params = {**flat_values(config), "output_dir": str(output_dir), "split": SPLIT}
-    with tracked_run(f"prune {prune.label} {model_name} {dataset}", params,
-                     {"model": model_name, "dataset": dataset, "method": prune.method, "kind": "one-shot",
-                      **(tags or {})}, config.tracking.experiment) as logger:
-        work = load_workload(config.model, config.data, keep_on_cpu=True)
+    with owned_output_dir(output_dir), tracked_run(
+            f"prune {prune.label} {model_name} {dataset}", params,
+            {"model": model_name, "dataset": dataset, "method": prune.method, "kind": "one-shot", **(tags or {})},
+            config.tracking.experiment) as logger:
+        work = load_workload(config.model, config.data, inputs, keep_on_cpu=True)
         logger.set_tags(work.corpus.describe())
         dense, cached = dense_perplexity(work, SPLIT)
         print(f"dense perplexity: {dense:.4f}" + (" (cached)" if cached else ""))
@@ -47,8 +51,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         logger.log_dict_artifact(report, "sparsity_report.json")
         if result.layers:
             logger.log_text(layer_table_csv(result.layers), "layers.csv")
-        work.model.save_pretrained(output_dir)
-        work.tokenizer.save_pretrained(output_dir)
+        save_model(work.model, work.tokenizer, output_dir)
     print(f"{prune.label}: sparsity {report['prunable']:.4f} of prunable weights "
           f"({report['all_parameters']:.4f} of all), perplexity {pruned:.4f} (dense {dense:.4f}, "
           f"{change_pct(pruned, dense):+.1f}%), {result.seconds:.1f}s; saved to {output_dir}")

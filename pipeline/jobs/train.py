@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..config import TrainRunConfig
 from ..distributed import check_launch, is_main_process
 from ..errors import UserError, option, sigterm_as_interrupt
-from ..models import resolve_model_source
+from ..models import save_model
+from ..outputs import check_writable_dir, owned_output_dir
 from ..pruning.masks import prunable_linears, sparsity_of
 from ..settings import flat_values
 from ..tracking import tracked_run
+from ..tracking.store import check_tracking_store
 from ..training import NonFiniteLoss, train_keeping_masks
-from ..workload import load_workload
+from ..workload import check_inputs, load_workload
 
 SPLIT = "validation"
 
@@ -24,13 +27,15 @@ def output_dir_of(config: TrainRunConfig) -> Path:
 def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
     check_launch(config.train.batch_size)
     model_name, dataset = config.model.model, config.data.dataset
-    resolve_model_source(model_name)
-    output_dir = output_dir_of(config)
+    main = is_main_process()
+    output_dir = check_writable_dir(output_dir_of(config)) if main else output_dir_of(config)
+    check_tracking_store()
+    inputs = check_inputs(config.model, config.data, eval_split=SPLIT, training=True)  # bad input opens no run
     params = {**flat_values(config), "output_dir": str(output_dir)}
-    with sigterm_as_interrupt(), tracked_run(f"train {Path(model_name).name} {dataset}", params,
-                                             {"model": model_name, "dataset": dataset, **(tags or {})},
-                                             config.tracking.experiment, journal_dir=output_dir) as logger:
-        work = load_workload(config.model, config.data, training=True)
+    with sigterm_as_interrupt(), owned_output_dir(output_dir) if main else contextlib.nullcontext(), tracked_run(
+            f"train {Path(model_name).name} {dataset}", params, {"model": model_name, "dataset": dataset, **(tags or {})},
+            config.tracking.experiment, journal_dir=output_dir) as logger:
+        work = load_workload(config.model, config.data, inputs, training=True)
         logger.set_tags(work.corpus.describe())
         blocks = work.training_blocks()
         linears = prunable_linears(work.model)
@@ -48,9 +53,8 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
         ppl = work.evaluate(SPLIT).perplexity
         logger.log_dict({"sparsity": sparsity_of(linears), "validation_perplexity": ppl,
                          "train_seconds": result.seconds, "train_tokens": result.tokens})
-        if is_main_process():
-            work.model.save_pretrained(output_dir)
-            work.tokenizer.save_pretrained(output_dir)
+        if main:
+            save_model(work.model, work.tokenizer, output_dir)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s: average loss of the last epoch "
           f"{result.final_loss:.4f}, {SPLIT} perplexity {ppl:.2f}, sparsity {sparsity:.2%}; saved to {output_dir}")
     return {"perplexity": ppl, "sparsity": sparsity, "epoch_losses": result.epoch_losses}

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ..config import PRUNE_METHODS, PruneConfig
-from ..errors import ConfigError, option
+from ..errors import ConfigError, UserError, option
 from .magnitude import magnitude_prune_global, magnitude_prune_layerwise
 from .masks import prunable_linears, sparsity_of
 from .sequential import InputStatistics, LayerRecord, prune_sequentially
-from .sparsegpt import sparsegpt_prune_matrix
+from .sparsegpt import SingularHessian, sparsegpt_prune_matrix
 from .wanda import wanda_prune_matrix
 
 
@@ -30,9 +30,9 @@ def _magnitude(model, linears, config, windows, device, progress):
             ones = torch.ones(module.in_features, device=module.weight.device)
             module.weight.data = wanda_prune_matrix(module.weight, ones, 0.0, *config.n_m)
     elif config.scope == "global":
-        magnitude_prune_global(linears, config.sparsity)
+        magnitude_prune_global(linears, config.fraction)
     else:
-        magnitude_prune_layerwise(linears, config.sparsity)
+        magnitude_prune_layerwise(linears, config.fraction)
     return []
 
 
@@ -40,8 +40,13 @@ def _sparsegpt(model, linears, config, windows, device, progress):
     n, m = config.n_m or (0, 0)
 
     def prune_matrix(name: str, module: nn.Linear, stats: InputStatistics, seconds: dict):
-        pruned, _ = sparsegpt_prune_matrix(module.weight, stats.sum, config.sparsity, n, m,
-                                           config.blocksize, config.percdamp, timings=seconds)
+        try:
+            pruned, _ = sparsegpt_prune_matrix(module.weight, stats.sum, config.fraction, n, m,
+                                               config.blocksize, config.percdamp, timings=seconds)
+        except SingularHessian:
+            raise UserError(f"SparseGPT cannot invert the Hessian of {name}: it is singular with "
+                            f"{option('percdamp')} {config.percdamp:g} over {windows.shape[0]} calibration windows; "
+                            f"raise {option('percdamp')} (the reference uses 0.01) or {option('nsamples')}") from None
         module.weight.data = pruned
 
     return prune_sequentially(model, linears, windows, device, True, prune_matrix,
@@ -53,7 +58,7 @@ def _wanda(model, linears, config, windows, device, progress):
 
     def prune_matrix(name: str, module: nn.Linear, stats: InputStatistics, seconds: dict):
         started = time.perf_counter()
-        module.weight.data = wanda_prune_matrix(module.weight, stats.sum, config.sparsity, n, m)
+        module.weight.data = wanda_prune_matrix(module.weight, stats.sum, config.fraction, n, m)
         seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
 
     return prune_sequentially(model, linears, windows, device, False, prune_matrix,
@@ -64,12 +69,24 @@ PRUNERS = {"magnitude": _magnitude, "sparsegpt": _sparsegpt, "wanda": _wanda}
 assert set(PRUNERS) == set(PRUNE_METHODS), "the registry and the --method choices must name the same methods"
 
 
-def prune_model(model: nn.Module, config: PruneConfig, windows: torch.Tensor | None = None,
-                device: torch.device | str = "cpu", progress: bool = False) -> PruneResult:
-    """Prunes the model's decoder Linear weights in place to config.sparsity (or N:M)."""
+def check_prunable(model: nn.Module, config: PruneConfig) -> dict:
+    """The matrices `config` prunes (checkable on a meta-device skeleton): some must match, and an N:M
+    pattern needs at least M input columns in each."""
     linears = prunable_linears(model, config.include, config.exclude)
     if not linears:
         raise ConfigError(f"no prunable matrices match {option('include')}/{option('exclude')}")
+    if config.n_m:
+        name, narrowest = min(((n, m.in_features) for n, m in linears.items()), key=lambda item: item[1])
+        if narrowest < config.n_m[1]:
+            raise ConfigError(f"{option('pattern')} {config.pattern} needs groups of {config.n_m[1]} input columns, "
+                              f"but {name} has {narrowest} inputs: use M of at most {narrowest}")
+    return linears
+
+
+def prune_model(model: nn.Module, config: PruneConfig, windows: torch.Tensor | None = None,
+                device: torch.device | str = "cpu", progress: bool = False) -> PruneResult:
+    """Prunes the model's decoder Linear weights in place to the config's sparsity (or N:M pattern)."""
+    linears = check_prunable(model, config)
     if config.calibrated and windows is None:
         raise ValueError(f"{config.method} needs calibration windows")
     started = time.perf_counter()
@@ -77,4 +94,5 @@ def prune_model(model: nn.Module, config: PruneConfig, windows: torch.Tensor | N
     return PruneResult(sparsity_of(linears), time.perf_counter() - started, layers)
 
 
-__all__ = ["PruneConfig", "PruneResult", "prune_model", "prunable_linears", "sparsity_of", "LayerRecord"]
+__all__ = ["PruneConfig", "PruneResult", "check_prunable", "prune_model", "prunable_linears", "sparsity_of",
+           "LayerRecord"]

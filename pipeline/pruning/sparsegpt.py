@@ -17,13 +17,20 @@ import torch
 from .masks import allocate_exactly, lowest_k_mask, zeros_to_reach
 
 
+class SingularHessian(ValueError):
+    """The dampened Hessian has no Cholesky factor: too little damping for too few calibration tokens."""
+
+
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     damp = percdamp * torch.mean(torch.diag(hessian))
     diagonal = torch.arange(hessian.shape[0], device=hessian.device)
     hessian[diagonal, diagonal] += damp
-    factor = torch.linalg.cholesky(hessian)
-    inverse = torch.cholesky_inverse(factor)
-    return torch.linalg.cholesky(inverse, upper=True)
+    try:
+        factor = torch.linalg.cholesky(hessian)
+        inverse = torch.cholesky_inverse(factor)
+        return torch.linalg.cholesky(inverse, upper=True)
+    except torch.linalg.LinAlgError:
+        raise SingularHessian() from None
 
 
 @torch.no_grad()

@@ -178,8 +178,8 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     if not is_main_process():
         yield NullLogger()
         return
-    use_tracking_store()
     try:
+        use_tracking_store()
         adopted = under_mlflow_run() or resume_run_id is not None
         run = _open_run(run_name, experiment, resume_run_id)
         logger = MLflowLogger(run.info.run_id, journal_dir)

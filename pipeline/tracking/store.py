@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from ..distributed import is_main_process
 from ..errors import ConfigError, UserError
 
 DEFAULT_EXPERIMENT = "llm-pruning"
@@ -24,14 +27,50 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a plain `sqlite:///path` URI (not of a `file:...?mode=ro` one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if path.startswith("file:") or "?" in path or path == ":memory:" else Path(path)
+
+
+@lru_cache(maxsize=None)
+def _create_store_once(uri: str) -> None:
+    """Creates a new sqlite store under a file lock beside it: MLflow's schema creation is not safe for two
+    processes at once (one fails with "duplicate column name" or "table already exists")."""
+    path = sqlite_path(uri)
+    if path is None or (path.exists() and path.stat().st_size > 0):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the tables
+
+
 def use_tracking_store() -> None:
-    """Points MLflow at our store, with its INFO lines (creating tables, creating the experiment)
-    silenced: they would drown the one line a user reads."""
+    """Points MLflow at our store (created once, under a lock), with its INFO lines (creating tables,
+    creating the experiment) silenced: they would drown the one line a user reads."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # it logs each SQLAlchemy error with a traceback, then raises it: we report the raised one, in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    _create_store_once(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
+
+
+def check_tracking_store() -> None:
+    """Fails at once, in one line, when the store cannot be reached or used (before any work is done). Only
+    the main process of a launch talks to MLflow."""
+    if not is_main_process():
+        return
+    try:
+        use_tracking_store()
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as error:
+        raise tracking_unreachable(error) from None
 
 
 def under_mlflow_run() -> bool:
@@ -71,10 +110,21 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain: MLflow wraps SQLAlchemy's, which wraps sqlite's, which says what is wrong."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def tracking_unreachable(error: Exception, uri: str | None = None) -> UserError:
-    return UserError(f"MLflow tracking store {uri or tracking_uri()} is not usable "
-                     f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); start the server or "
-                     "set MLFLOW_TRACKING_URI to a reachable store (default sqlite:///mlflow.db)")
+    uri = uri or tracking_uri()
+    cause = root_cause(error)
+    first = (str(cause).strip().splitlines() or [""])[0][:200]
+    remedy = ("make the database and its directory writable" if uri.startswith("sqlite:")
+              else "start the server")
+    return UserError(f"MLflow tracking store {uri} is not usable ({type(cause).__name__}: {first}); {remedy} or "
+                     "set MLFLOW_TRACKING_URI to a usable store (default sqlite:///mlflow.db)")
 
 
 def finished_cell_runs(experiment_id: str, keys: set | None = None) -> dict:

@@ -1,0 +1,89 @@
+"""Output directories: checked writable before any work, and owned by one live run at a time.
+
+The owner holds an exclusive `flock` on `<dir>/.pipeline.lock`, which also records its pid, host and
+start. The kernel drops the lock when the owner dies, however it dies, so a lock left by a killed run
+is free and simply taken over (and said so); a second live run on the same directory fails at once,
+naming the owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError, UserError, option
+
+LOCK_NAME = ".pipeline.lock"
+
+
+def check_writable_dir(path: Path, setting: str = "output_dir") -> Path:
+    """Proves `path` can be created and written, leaving no trace; a file or an unwritable place is a
+    ConfigError naming the setting."""
+    path = Path(path)
+    missing = []
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option(setting)} {path}: {parent} is a file, not a directory; give a directory "
+                                  "(it is created if missing)")
+            break
+        missing.append(parent)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{option(setting)} {path} cannot be written ({error.strerror or error}): give a "
+                          "directory you can write to") from None
+    finally:
+        for created in missing:  # deepest first: what this check made, it removes
+            with contextlib.suppress(OSError):
+                created.rmdir()
+    return path
+
+
+def _owner_of(handle) -> dict:
+    handle.seek(0)
+    try:
+        owner = json.loads(handle.read() or "{}")
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+@contextlib.contextmanager
+def owned_output_dir(path: Path, setting: str = "output_dir"):
+    """Holds `path` for this run: checked writable, created, then locked until the block ends."""
+    check_writable_dir(path, setting)
+    path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = _owner_of(handle)
+        handle.close()
+        raise UserError(f"{path} belongs to a run that is still going (pid {owner.get('pid', '?')} on "
+                        f"{owner.get('host', '?')}, started {owner.get('started', '?')}): wait for it to end, or give "
+                        f"another {option(setting)}") from None
+    previous = _owner_of(handle)
+    if previous.get("pid") is not None:
+        print(f"note: {path} was held by pid {previous['pid']} on {previous.get('host', '?')}, which is no longer "
+              "running (killed?); this run takes it over")
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(me))
+    handle.flush()
+    try:
+        yield path
+    finally:
+        handle.seek(0)
+        handle.truncate()  # an empty lock file: the next run needs no note
+        handle.close()
