@@ -37,7 +37,7 @@ from .pruning.masks import MaskKeeper, prunable_linears
 from .settings import flat_values
 from .tracking import MLflowLogger, tracked_run
 from .tracking.store import use_tracking_store
-from .training import train_causal_lm
+from .training import train_causal_lm, training_flops_per_token
 from .workload import load_workload
 
 # (result key, comparison, target, what it measures)
@@ -104,14 +104,6 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         _sync(device)
         best = min(best, _timed(lambda: (a @ b, _sync(device))))
     return 2 * n ** 3 / best
-
-
-def training_flops_per_token(model, seqlen: int) -> float:
-    """6 N + 6 L T d (Kaplan et al. 2020): N = weights of every matmul, lm_head included; the second term
-    is attention's score and value products."""
-    config = model.config
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 6 * matmul_params + 6 * config.num_hidden_layers * seqlen * config.hidden_size
 
 
 def mask_seconds_per_step(model, linears: dict, batch: torch.Tensor, repeats: int = 20) -> float:

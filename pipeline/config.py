@@ -21,9 +21,13 @@ DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("test", "validation")
 PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")
 CALIBRATED_METHODS = ("sparsegpt", "wanda")  # these need calibration windows
-SPARSITY_SCHEDULES = ("geometric", "cubic")
+# geometric and cubic prune step by step; one-shot prunes to the target at once and dense never prunes,
+# both then training as many iterations as geometric would: the equal-budget controls of `compare`
+SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
-GRID_METHODS = ("sparsegpt", "magnitude", "wanda", "iterative")
+ONE_SHOT_METHODS = ("sparsegpt", "magnitude", "wanda")  # the grid's untrained one-shot cells
+TRAINED_METHODS = ("iterative", "magnitude+ft", "sparsegpt+ft", "wanda+ft", "dense+ft")  # equal budget each
+GRID_METHODS = ONE_SHOT_METHODS + TRAINED_METHODS
 
 
 # --- model and data ------------------------------------------------------------------------------
@@ -142,7 +146,9 @@ class ScheduleConfig(Settings):
                                       "iteration, e.g. 0.1")
     max_iterations: int = setting(25, "safety cap", above=0)
     schedule: str = setting("geometric", "sparsity after each iteration: geometric (--prune-percentage of the "
-                            "remaining weights) or cubic (Zhu & Gupta)", choices=SPARSITY_SCHEDULES, noun="schedule")
+                            "remaining weights) or cubic (Zhu & Gupta); one-shot (the target at once) and dense "
+                            "(never pruned) train as many iterations as geometric would", choices=SPARSITY_SCHEDULES,
+                            noun="schedule")
     final_lr: float | None = setting(None, "last iteration's lr (default: --lr); geometric in between", above=0)
 
 
@@ -194,7 +200,9 @@ class IterativeConfig(RunConfig):
                               noun="split")
     output_dir: str | None = setting(None, "checkpoint directory (default under checkpoints/)")
     resume: bool = setting(False, "continue from the last completed iteration in --output-dir")
-    save_model: bool = setting(True, "save the final model under pruned_models/", negatable=True)
+    save_model: bool = setting(True, "save the final model", negatable=True)
+    model_dir: str | None = setting(None, "where the final model goes: a save_pretrained directory, and a state "
+                                    "dict beside it as <dir>.pt (default pruned_models/<model>-iterative-<target>)")
 
     def check(self) -> None:
         refuse_float16_training(self.model)
@@ -204,8 +212,15 @@ class IterativeConfig(RunConfig):
 class GridConfig(Settings):
     sparsities: list[float] = setting([0.5, 0.9], "comma-separated target sparsities", above=0, below=1,
                                       min_items=1, hint="give fractions of zeros, e.g. 0.5,0.9")
-    methods: list[str] = setting(list(GRID_METHODS), "comma-separated methods of the grid", choices=GRID_METHODS,
-                                 min_items=1, noun="method", hint="give at least one, e.g. sparsegpt,iterative")
+    methods: list[str] = setting(["sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", "sparsegpt+ft",
+                                  "dense+ft"],
+                                 "comma-separated methods: one-shot sparsegpt, magnitude, wanda (untrained); "
+                                 "iterative; X+ft = one-shot X then the iterative cell's training budget; dense+ft = "
+                                 "the unpruned model trained as long", choices=GRID_METHODS, min_items=1, noun="method",
+                                 hint="give at least one, e.g. sparsegpt,iterative")
+    seeds: list[int] = setting([0], "comma-separated seeds: each repeats every stochastic cell (calibration draw, "
+                               "data order); 0 draws the reference's calibration windows", min_items=1,
+                               hint="give at least one, e.g. 0,1,2")
     force: bool = setting(False, "rerun cells that already have a finished run")
     output_dir: str | None = setting(None, "default reports/<experiment>")
     report: bool = setting(True, "write the report when the grid is done", negatable=True)
@@ -219,14 +234,19 @@ class CompareConfig(RunConfig):
 
     grid: GridConfig = group(GridConfig)
     schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
-    train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3})
-    prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude"))
+    train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3},
+                               exclude=("seed",))
+    prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude",
+                                                     "calibration_seed"))
     preset: str | None = setting(None, "settings a preset changes unless given: demo = the MLproject's main "
                                  "entry point", choices=tuple(PRESETS), noun="preset")
 
     def check(self) -> None:
-        if "iterative" in self.grid.methods:
+        if set(self.grid.methods) & set(TRAINED_METHODS):
             refuse_float16_training(self.model)
+        if self.schedule.schedule not in ("geometric", "cubic"):
+            raise ConfigError(f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "
+                              "prune step by step: use geometric or cubic (the +ft cells are the one-shot ones)")
 
 
 @dataclass

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .data import cache_dir
+from .distributed import from_main, is_main_process
 from .models import resolve_model_source
 from .workload import Workload
 
@@ -53,9 +54,10 @@ def dense_perplexity(work: Workload, split: str) -> tuple[float, bool]:
     """(the unpruned model's perplexity, whether it came from the cache): call before pruning."""
     key = dense_key(resolve_model_source(work.model_config.model), work.corpus.digest, split, work.seqlen,
                     work.model_config.dtype)
-    cached = cached_dense_perplexity(key)
+    cached = from_main(cached_dense_perplexity(key) if is_main_process() else None)  # every process evaluates, or none
     if cached is not None:
         return cached, True
     value = work.evaluate(split).perplexity
-    remember_dense_perplexity(key, value)
+    if is_main_process():
+        remember_dense_perplexity(key, value)
     return value, False

@@ -13,7 +13,8 @@ import sys
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast, gather_object
+from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, broadcast, broadcast_object_list,
+                               gather_object)
 from torch.distributed.tensor import DTensor
 
 from .errors import ConfigError, option
@@ -46,6 +47,16 @@ def silence_other_processes() -> None:
     """Only the main process prints (summaries, progress); the others keep stderr for their errors."""
     if not is_main_process():
         sys.stdout = open(os.devnull, "w")
+
+
+def from_main(value):
+    """The main process's `value` (any picklable object), on every process: a decision every process must
+    take alike (which grid cells are done, whether a cached number exists) is taken by the main one."""
+    if not launched():
+        return value
+    holder = [value]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]
 
 
 @torch.no_grad()

@@ -21,9 +21,10 @@ from .distributed import sync_from_main
 from .pruning.masks import sparsity_of
 from .training import train_keeping_masks
 
-# One point per iteration of each (step = iteration; step 0 is the unpruned model).
+# One point per iteration of each (step = iteration; step 0 is the unpruned model). The train_* budget is
+# cumulative: tokens that went into optimizer steps (all processes), optimizer steps, and their FLOPs.
 ITERATION_METRICS = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss",
-                     "iteration_seconds", "train_seconds", "lr")
+                     "iteration_seconds", "train_seconds", "lr", "train_tokens", "train_steps", "train_flops")
 
 
 @dataclass
@@ -38,7 +39,7 @@ def dense_record(sparsity: float, perplexity: float, seconds: float) -> dict:
     """Iteration 0: the unpruned model, as the history's first entry."""
     return {"iteration": 0, "sparsity": sparsity, "ppl_after_prune": perplexity, "ppl_after_train": perplexity,
             "recovery_pct": 0.0, "train_loss": float("nan"), "iteration_seconds": seconds, "train_seconds": 0.0,
-            "lr": 0.0}
+            "lr": 0.0, "train_tokens": 0, "train_steps": 0, "train_flops": 0.0}
 
 
 def recovery_pct(ppl_after_prune: float, ppl_after_train: float) -> float:
@@ -46,15 +47,16 @@ def recovery_pct(ppl_after_prune: float, ppl_after_train: float) -> float:
     return 100.0 * (ppl_after_prune - ppl_after_train) / ppl_after_prune
 
 
-def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan,
+def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan, previous: dict,
                   on_step: Callable[[int, float, float], None] | None = None) -> dict:
-    """Prune to targets[k-1], evaluate, train with the mask kept, evaluate; returns the iteration's record."""
+    """Prune to targets[k-1], evaluate, train with the mask kept, evaluate; returns the iteration's record.
+    A pruning step that changes nothing (one-shot's later iterations, dense) is not evaluated again."""
     started = time.perf_counter()
     before = sparsity_of(linears)
     plan.prune_to(plan.targets[k - 1])
     sync_from_main(model)  # every process holds the main one's mask, whatever its own calibration gave
     sparsity = sparsity_of(linears)
-    ppl_pruned = plan.evaluate()
+    ppl_pruned = plan.evaluate() if sparsity != before else previous["ppl_after_train"]
     print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {ppl_pruned:.2f}")
     config = plan.train_config(k)
     result = train_keeping_masks(model, linears, blocks, config, desc=f"Iteration {k}", on_log=on_step)
@@ -62,7 +64,9 @@ def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor,
     return {"iteration": k, "sparsity": sparsity, "ppl_after_prune": ppl_pruned, "ppl_after_train": ppl_trained,
             "recovery_pct": recovery_pct(ppl_pruned, ppl_trained), "train_loss": result.final_loss,
             "iteration_seconds": time.perf_counter() - started, "train_seconds": result.seconds,
-            "lr": config.lr}
+            "lr": config.lr, "train_tokens": previous["train_tokens"] + result.tokens,
+            "train_steps": previous["train_steps"] + result.steps,
+            "train_flops": previous["train_flops"] + result.flops}
 
 
 def run_imp(model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan, history: list,
@@ -72,7 +76,7 @@ def run_imp(model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan
     n = len(plan.targets)
     for k in range(len(history), n + 1):
         print(f"\n{'=' * 20} Iteration {k}/{n} {'=' * 20}")
-        record = run_iteration(k, model, linears, blocks, plan, on_step(k) if on_step else None)
+        record = run_iteration(k, model, linears, blocks, plan, history[-1], on_step(k) if on_step else None)
         history.append(record)
         on_iteration(record)
         done = [h["iteration_seconds"] for h in history[1:]]

@@ -29,12 +29,15 @@ def cubic_schedule(target: float, iterations: int, initial: float = 0.0) -> list
 SCHEDULES = {
     "geometric": geometric_schedule,
     "cubic": lambda target, fraction: cubic_schedule(target, iterations_to_reach(target, fraction)),
+    # the equal-budget controls: as many iterations of training as geometric, pruned at once or never
+    "one-shot": lambda target, fraction: [target] * iterations_to_reach(target, fraction),
+    "dense": lambda target, fraction: [0.0] * iterations_to_reach(target, fraction),
 }
 assert set(SCHEDULES) == set(SPARSITY_SCHEDULES)
 
 
 def sparsity_schedule(kind: str, target: float, fraction: float) -> list[float]:
-    """The per-iteration targets, uncapped; the cubic one uses the geometric iteration count."""
+    """The per-iteration targets, uncapped; every schedule has the geometric iteration count."""
     return SCHEDULES[kind](target, fraction)
 
 

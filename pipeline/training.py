@@ -37,7 +37,8 @@ from .pruning.masks import MaskKeeper
 class TrainResult:
     epoch_losses: list = field(default_factory=list)
     steps: int = 0
-    tokens: int = 0
+    tokens: int = 0                # tokens that went into optimizer steps, summed over the processes
+    flops: float = 0.0             # tokens * training_flops_per_token
     seconds: float = 0.0
     parallelism: str = "NO"        # Accelerate's distributed type: NO, MULTI_GPU / MULTI_CPU (DDP), FSDP
     held_parameters: int = 0       # parameter elements this process held while training (its shards under FSDP)
@@ -45,6 +46,15 @@ class TrainResult:
     @property
     def final_loss(self) -> float:
         return self.epoch_losses[-1] if self.epoch_losses else float("nan")
+
+
+def training_flops_per_token(model: nn.Module, seqlen: int) -> float:
+    """6 N + 6 L T d (Kaplan et al. 2020), dense: N = the weights of every matrix multiplication, lm_head
+    included (pruned weights count: the training computes them); the second term is attention's score
+    and value products over a window of T tokens."""
+    config = model.config
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6 * matmul_params + 6 * config.num_hidden_layers * seqlen * config.hidden_size
 
 
 def steps_per_epoch(n_blocks: int, config: TrainConfig) -> int:
@@ -179,6 +189,7 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
             tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
     result.steps = step
     result.seconds = time.perf_counter() - started
+    result.flops = result.tokens * training_flops_per_token(model, blocks.shape[1])
     if sharded:
         copy_full_weights(trained, model)
         model.to(home)

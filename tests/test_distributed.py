@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -93,3 +94,39 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_before_any_work
     ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 2 and "must split evenly over the 2 processes" in ours[0]  # one line per process
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_under_accelerate_launch_runs_every_cell_on_both_processes(tmp_path, tiny_model_dir, corpus_dir,
+                                                                           monkeypatch):
+    """The grid launched on two processes: one MLflow run per cell, the one-process numbers, one budget."""
+    import mlflow
+
+    from pipeline.config import CompareConfig
+    from pipeline.grid import run_grid
+    from pipeline.settings import build
+
+    settings = {"model": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "sparsities": [0.5],
+                "methods": ["sparsegpt", "iterative", "magnitude+ft"], "prune_percentage": 0.4,
+                "epochs_per_iteration": 1, "max_steps": 2, "batch_size": 4, "lr": 1e-3, "nsamples": 4, "seqlen": 64,
+                "device": "cpu"}
+    flags = [word for key, value in settings.items()
+             for word in (f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value))]
+    (tmp_path / "launched").mkdir()
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'launched' / 'mlflow.db'}"}
+    out = run(accelerate_launch("ddp", "-m", "pipeline", "compare", *flags, "--experiment", "launched", "--no-report"),
+              tmp_path / "launched", env)
+    assert out.count("| Method | Sparsity |") == 1  # only the main process writes the table
+    launched = pd.read_csv(tmp_path / "launched" / "reports" / "launched" / "compare.csv").set_index("method")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'single.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'single.db'}")
+    single = run_grid(build(CompareConfig, {**settings, "experiment": "single", "report": False})).set_index("method")
+    assert sorted(launched.index) == sorted(single.index) == ["iterative", "magnitude+ft", "sparsegpt", "unpruned"]
+    for method in single.index:
+        assert launched.loc[method, "perplexity"] == pytest.approx(single.loc[method, "perplexity"], rel=1e-3), method
+        assert launched.loc[method, "train_tokens"] == single.loc[method, "train_tokens"]  # the global budget
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["launched"])
+    assert len(runs) == 1 + 4 and set(runs["status"]) == {"FINISHED"}  # the compare run and one run per cell
+    mlflow.set_tracking_uri(None)

@@ -89,6 +89,7 @@ def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_mo
     resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed",
                                                 "--resume", env=env))
     assert "Resuming after iteration 1" in resumed
+    assert f"was held by pid {process.pid}" in resumed and "no longer running" in resumed  # the stale lock
     assert final_perplexity(resumed) == final_perplexity(reference)
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])

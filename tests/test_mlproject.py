@@ -63,6 +63,7 @@ def test_mlflow_run_compare_entry_point_builds_the_report(tmp_path, tiny_model_d
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["demo"])
     assert set(runs["status"]) == {"FINISHED"}
-    assert len(runs) == 1 + 1 + 3 + 1 + 1  # compare + dense + three one-shot + one iterative + report
-    assert runs["tags.mlflow.parentRunId"].notna().sum() == 6
+    # compare + dense + three one-shot + iterative and its three equal-budget controls + report
+    assert len(runs) == 1 + 1 + 3 + 4 + 1
+    assert runs["tags.mlflow.parentRunId"].notna().sum() == 9
     assert runs.loc[runs["tags.kind"] == "report", "artifact_uri"].size == 1

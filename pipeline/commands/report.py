@@ -7,6 +7,6 @@ from ..config import ReportConfig
 
 def report(config: ReportConfig) -> None:
     """Markdown + self-contained HTML report of an experiment's comparison runs, from MLflow alone."""
-    from ..report import run_report  # deferred: see commands/__init__.py
+    from ..reporting import run_report  # deferred: see commands/__init__.py
 
     run_report(config)

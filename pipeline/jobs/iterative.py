@@ -24,7 +24,7 @@ from ..models import save_model
 from ..outputs import check_writable_dir, owned_output_dir
 from ..perplexity import change_pct
 from ..pruning import prune_model
-from ..pruning.masks import model_masks, prunable_linears, sparsity_of
+from ..pruning.masks import already_at, model_masks, prunable_linears, sparsity_of
 from ..schedules import learning_rate_for, sparsity_schedule
 from ..settings import flat_values
 from ..tracking import tracked_run
@@ -33,7 +33,8 @@ from ..training import NonFiniteLoss, steps_per_epoch
 from ..workload import Inputs, check_inputs, load_workload
 
 # Settings that may differ when resuming: where it runs, and what the README advises changing mid-run.
-RESUMABLE_CHANGES = {"device", "experiment", "save_model", "log_every", "max_iterations", "lr", "final_lr", "resume"}
+RESUMABLE_CHANGES = {"device", "experiment", "save_model", "model_dir", "log_every", "max_iterations", "lr",
+                     "final_lr", "resume"}
 
 
 def output_dir_of(config: IterativeConfig) -> Path:
@@ -61,7 +62,7 @@ def _backfill(logger, history: list) -> None:
     present = logger.logged_steps("ppl_after_train")
     for entry in history:
         if entry["iteration"] not in present:
-            logger.log_dict({k: entry[k] for k in ITERATION_METRICS if k in entry}, step=entry["iteration"])
+            _log_iteration(logger, entry)
     logger.flush()
 
 
@@ -70,6 +71,14 @@ def _final_metrics(history: list) -> dict:
     return {"final_perplexity": final["ppl_after_train"], "final_sparsity": final["sparsity"],
             "vs_unpruned_pct": change_pct(final["ppl_after_train"], base),
             "total_seconds": sum(h["iteration_seconds"] for h in history)}
+    # train_tokens/steps/flops: their last point (step = the last iteration) is the run's total
+
+
+def _log_iteration(logger, entry: dict) -> None:
+    """The iteration's metrics at step = iteration, and its perplexity at step = training tokens so far, so
+    the UI overlays runs of one budget (iterative, one-shot + training, dense + training) on one axis."""
+    logger.log_dict({key: entry[key] for key in ITERATION_METRICS if key in entry}, step=entry["iteration"])
+    logger.log_dict({"ppl_at_tokens": entry["ppl_after_train"]}, step=int(entry.get("train_tokens", 0)))
 
 
 def _print_summary(history: list, model_paths: list) -> None:
@@ -91,9 +100,14 @@ def _print_summary(history: list, model_paths: list) -> None:
     print("=" * 60)
 
 
+def final_model_dir(config: IterativeConfig) -> Path:
+    return Path(config.model_dir or Path("pruned_models") / f"{Path(config.model.model).name}-iterative-"
+                                                           f"{config.schedule.target_sparsity:.2f}")
+
+
 def save_final_model(model, tokenizer, config: IterativeConfig) -> list:
     """`pruned_models/<model>-iterative-<target>.pt` (a state dict), and a save_pretrained directory beside it."""
-    stem = Path("pruned_models") / f"{Path(config.model.model).name}-iterative-{config.schedule.target_sparsity:.2f}"
+    stem = final_model_dir(config)
     state_file = stem.parent / f"{stem.name}.pt"  # not with_suffix: "0.90" would be taken for a suffix
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state_file)
     save_model(model, tokenizer, stem)
@@ -105,8 +119,13 @@ def _announce(schedule: ScheduleConfig, targets: list, uncapped: int) -> None:
     if n < uncapped:
         print(f"note: the cap of {schedule.max_iterations} iterations stops the run after {n} of the {uncapped} "
               f"iterations needed: it will reach {targets[-1]:.2%} sparsity, not {schedule.target_sparsity:.2%}")
-    print(f"{schedule.schedule} schedule: {n} iterations to {targets[-1]:.2%} sparsity "
-          f"(pruning {schedule.prune_percentage:.0%} of the remaining weights per iteration)")
+    if schedule.schedule in ("geometric", "cubic"):
+        print(f"{schedule.schedule} schedule: {n} iterations to {targets[-1]:.2%} sparsity "
+              f"(pruning {schedule.prune_percentage:.0%} of the remaining weights per iteration)")
+    else:
+        print(f"{schedule.schedule} schedule: {'pruned to ' + format(targets[-1], '.2%') + ' at once' if targets[-1] else 'never pruned'}, "
+              f"then {n} iterations of training (as many as pruning {schedule.prune_percentage:.0%} of the remaining "
+              "weights per iteration would take)")
 
 
 def _restore(checkpoint: dict, model, linears: dict, out: Path) -> list:
@@ -155,7 +174,7 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
         if is_main_process():
             save_checkpoint(out, model_state=work.model.state_dict(), masks=model_masks(linears),
                             iteration=entry["iteration"], history=history, config=resolved, run_id=logger.run_id)
-        logger.log_dict({key: entry[key] for key in ITERATION_METRICS}, step=entry["iteration"])
+        _log_iteration(logger, entry)
         logger.flush()
         if on_iteration is not None:
             on_iteration(entry)
@@ -172,10 +191,13 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
               f"(perplexity {history[-1]['ppl_after_train']:.2f})")
 
     final_lr = config.schedule.final_lr or config.train.lr
+    def prune_to(sparsity: float) -> None:
+        if not already_at(linears, sparsity, config.prune.scope):  # one-shot prunes once, dense never
+            prune_model(work.model, replace(config.prune, sparsity=sparsity), windows, work.device)
+
     plan = ImpPlan(
         targets,
-        prune_to=lambda sparsity: prune_model(work.model, replace(config.prune, sparsity=sparsity), windows,
-                                              work.device),
+        prune_to=prune_to,
         evaluate=evaluate,
         train_config=lambda k: replace(config.train, lr=learning_rate_for(k, len(targets), config.train.lr, final_lr),
                                        seed=config.train.seed + 1000 * k))
@@ -221,6 +243,8 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
     check_launch(config.train.batch_size)
     main = is_main_process()
     out = check_writable_dir(output_dir_of(config)) if main else output_dir_of(config)
+    if main and config.save_model:
+        check_writable_dir(final_model_dir(config), "model_dir")
     check_tracking_store()
     inputs = check_inputs(config.model, config.data, eval_split=config.eval_split, training=True,
                           train_seqlen=config.train_seqlen, prune=config.prune)  # bad input opens no run

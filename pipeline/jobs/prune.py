@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
+from ..distributed import is_main_process, sync_from_main
 from ..models import save_model
 from ..outputs import check_writable_dir, owned_output_dir
 from ..perplexity import change_pct
@@ -26,11 +28,12 @@ def output_dir_of(config: PruneRunConfig) -> Path:
 
 def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
     model_name, dataset, prune = config.model.model, config.data.dataset, config.prune
-    output_dir = check_writable_dir(output_dir_of(config))
+    main = is_main_process()  # under `accelerate launch` (a `compare` grid) every process prunes; one saves
+    output_dir = check_writable_dir(output_dir_of(config)) if main else output_dir_of(config)
     check_tracking_store()
     inputs = check_inputs(config.model, config.data, eval_split=SPLIT, prune=prune)  # bad input opens no run
     params = {**flat_values(config), "output_dir": str(output_dir), "split": SPLIT}
-    with owned_output_dir(output_dir), tracked_run(
+    with owned_output_dir(output_dir) if main else contextlib.nullcontext(), tracked_run(
             f"prune {prune.label} {model_name} {dataset}", params,
             {"model": model_name, "dataset": dataset, "method": prune.method, "kind": "one-shot", **(tags or {})},
             config.tracking.experiment) as logger:
@@ -43,6 +46,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
             logger.set_tags({"calibration_digest": calibration.digest[:16]})
         print(f"pruning {model_name} with {prune.label} ...", flush=True)
         result = prune_model(work.model, prune, windows, work.device, progress=True)
+        sync_from_main(work.model)  # one mask on every process, whatever each one's calibration gave
         pruned = work.evaluate(SPLIT).perplexity
         report = sparsity_report(work.model, prunable_linears(work.model, prune.include, prune.exclude))
         logger.log_dict({"sparsity": report["prunable"], "sparsity_all_parameters": report["all_parameters"],
@@ -51,7 +55,8 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         logger.log_dict_artifact(report, "sparsity_report.json")
         if result.layers:
             logger.log_text(layer_table_csv(result.layers), "layers.csv")
-        save_model(work.model, work.tokenizer, output_dir)
+        if main:
+            save_model(work.model, work.tokenizer, output_dir)
     print(f"{prune.label}: sparsity {report['prunable']:.4f} of prunable weights "
           f"({report['all_parameters']:.4f} of all), perplexity {pruned:.4f} (dense {dense:.4f}, "
           f"{change_pct(pruned, dense):+.1f}%), {result.seconds:.1f}s; saved to {output_dir}")

@@ -51,6 +51,15 @@ def sparsity_of(linears: dict) -> float:
     return zeros / total if total else 0.0
 
 
+def already_at(linears: dict, sparsity: float, scope: str = "layer") -> bool:
+    """True when pruning to `sparsity` would add no zero: every matrix (layer scope) or the whole set (global
+    scope) already holds round(sparsity * n) of them."""
+    if scope == "global":
+        zeros, total = count_zeros(linears)
+        return zeros >= round(sparsity * total)
+    return all(int((m.weight == 0).sum()) >= round(sparsity * m.weight.numel()) for m in linears.values())
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask (True = prune) of exactly the k lowest scores; ties go to the lower flat index.
 

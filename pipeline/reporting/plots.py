@@ -1,0 +1,94 @@
+"""The report's figures: perplexity vs sparsity, perplexity vs training tokens per target (equal budget),
+and the iterative runs' per-iteration curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+matplotlib.use("Agg")  # files only: no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in summary[summary["kind"] != "dense"].groupby("method", sort=False):
+        group = group.sort_values("sparsity")
+        ax.errorbar(group["sparsity"] * 100, group["perplexity"], yerr=group["perplexity_std"].fillna(0),
+                    marker="o", capsize=3, label=method, linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
+    dense = summary[summary["kind"] == "dense"]
+    if len(dense):
+        ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
+    ax.set(xlabel="sparsity (%)", ylabel="perplexity (log scale)", yscale="log",
+           title="Perplexity vs sparsity (dashed: no training)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "perplexity_vs_sparsity.png")
+
+
+def _curve(client: MlflowClient, run_ids: list) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(tokens, mean perplexity, std) over the runs' ppl_at_tokens histories (one budget: the same steps)."""
+    histories = pd.DataFrame({run_id: pd.Series({m.step: m.value for m in client.get_metric_history(
+        run_id, "ppl_at_tokens")}) for run_id in run_ids}).sort_index().dropna()
+    return pd.Series(histories.index, dtype=float), histories.mean(axis=1), histories.std(axis=1).fillna(0.0)
+
+
+def budget_curves(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[Path]:
+    """Per target: perplexity vs training tokens of every trained method (mean ± std over seeds), with the
+    untrained one-shot results at 0 tokens and the unpruned model for reference."""
+    client = MlflowClient()
+    dense = summary[summary["kind"] == "dense"]
+    paths = []
+    for target, group in runs[runs["kind"] == "trained"].groupby("target_sparsity", sort=True):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for number, (method, cells) in enumerate(group.groupby("method", sort=False)):
+            tokens, mean, std = _curve(client, list(cells["run_id"]))
+            ax.errorbar(tokens.values / 1e6, mean.values, yerr=std.values, marker="o", markersize=3, capsize=2, color=f"C{number}",
+                        label=method, linestyle=":" if method == "dense+ft" else "-")
+        untrained = summary[(summary["kind"] == "one-shot") & (summary["target_sparsity"] == target)]
+        for _, row in untrained.iterrows():
+            ax.scatter([0], [row["perplexity"]], marker="x", s=40, label=f"{row['method']} (no training)")
+        if len(dense):
+            ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
+        ax.set(xlabel="training tokens (millions)", ylabel="perplexity (log scale)", yscale="log",
+               title=f"Equal budget at {target:.0%} sparsity")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / f"budget_{round(target * 100)}.png"))
+    return paths
+
+
+def iterative_curves(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """Perplexity after pruning and after training per iteration, and the recovery, of the iterative runs
+    (the first seed of each target)."""
+    iterative = runs[runs["method"] == "iterative"].drop_duplicates("target_sparsity")
+    if iterative.empty:
+        return []
+    client = MlflowClient()
+    fig, (curve, recovery) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for number, (_, row) in enumerate(iterative.iterrows()):
+        color = f"C{number}"
+        history = {key: sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], key))
+                   for key in ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct")}
+        sparsity = [v * 100 for _, v in history["sparsity"]]
+        label = f"to {row['target_sparsity']:.0%}"
+        curve.plot(sparsity, [v for _, v in history["ppl_after_prune"]], marker="v", linestyle=":", color=color,
+                   label=f"{label}, after prune")
+        curve.plot(sparsity, [v for _, v in history["ppl_after_train"]], marker="o", color=color,
+                   label=f"{label}, after train")
+        recovery.plot([s for s, _ in history["recovery_pct"]][1:], [v for _, v in history["recovery_pct"]][1:],
+                      marker="o", color=color, label=label)
+    curve.set(xlabel="sparsity (%)", ylabel="perplexity (log scale)", yscale="log", title="Iterative pruning, per iteration")
+    recovery.set(xlabel="iteration", ylabel="recovery (%)", title="Recovery by training")
+    recovery.xaxis.get_major_locator().set_params(integer=True)
+    curve.legend(fontsize=8)
+    recovery.legend(fontsize=8)
+    return [_save(fig, out / "iterative_curves.png")]

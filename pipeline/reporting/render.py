@@ -1,0 +1,163 @@
+"""The report as Markdown with PNGs and as one self-contained HTML page, and its MLflow run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import platform
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+import transformers
+
+from .. import __version__
+from ..config import ReportConfig
+from ..errors import UserError
+from ..tracking import tracked_run
+from ..tracking.store import experiment_id_named, use_tracking_store
+from .findings import findings, tokens_text
+from .plots import budget_curves, iterative_curves, perplexity_vs_sparsity
+from .results import collect_runs, summarize
+
+NAMES = {"unpruned": "Unpruned", "sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "Magnitude",
+         "iterative": "Iterative", "magnitude+ft": "Magnitude + FT", "sparsegpt+ft": "SparseGPT + FT",
+         "wanda+ft": "Wanda + FT", "dense+ft": "Dense + FT"}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _perplexity(row) -> str:
+    return f"{row['perplexity']:.2f}" + (f" ± {row['perplexity_std']:.2f}" if row["n"] > 1 else "")
+
+
+def main_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every method at every sparsity: the user's columns, with n and the training budget."""
+    dense = [k == "dense" for k in summary["kind"]]
+    return pd.DataFrame({
+        "Method": [NAMES.get(m, m) for m in summary["method"]],
+        "Sparsity": [f"{s:.0%}" for s in summary["sparsity"]],
+        "Perplexity": [_perplexity(row) for _, row in summary.iterrows()],
+        "n": list(summary["n"]),
+        "vs dense": ["-" if d else f"{v:+.1f}%" for d, v in zip(dense, summary["vs_dense_pct"])],
+        "Train tokens": [tokens_text(t) for t in summary["train_tokens"]],
+        "Time": ["-" if d else _duration(t) for d, t in zip(dense, summary["seconds"])],
+    })
+
+
+def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
+    """The trained cells at one sparsity: one budget, so their perplexities compare."""
+    rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
+    control = rows.loc[rows["method"] == "dense+ft", "perplexity"]
+    return pd.DataFrame({
+        "Method": [NAMES.get(m, m) for m in rows["method"]],
+        "Sparsity": [f"{s:.0%}" for s in rows["sparsity"]],
+        "Perplexity": [_perplexity(row) for _, row in rows.iterrows()],
+        "n": list(rows["n"]),
+        "vs dense": [f"{v:+.1f}%" for v in rows["vs_dense_pct"]],
+        "vs dense+ft": ([f"{100 * (p - control.iloc[0]) / control.iloc[0]:+.1f}%" for p in rows["perplexity"]]
+                        if len(control) else ["-"] * len(rows)),
+        "Train tokens": [tokens_text(t) for t in rows["train_tokens"]],
+    })
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' to_markdown would add the tabulate dependency for this)."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _html_table(frame: pd.DataFrame, table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _environment() -> str:
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, mlflow {mlflow.__version__}, pipeline {__version__}")
+
+
+def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path:
+    runs = collect_runs(experiment_id, keys)
+    if runs.empty:
+        raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs)
+    sentences = findings(summary)
+    targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
+    overview = [perplexity_vs_sparsity(summary, out), *iterative_curves(runs, out)]
+    budgets = dict(zip(targets, budget_curves(runs, summary, out)))
+    name = mlflow.get_experiment(experiment_id).name
+    footer = (f"Measured on {_environment()}. Wall time of all cells: {_duration(runs['seconds'].sum())}. "
+              "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
+              "train tokens are those that went into optimizer steps; Time is each run's wall time.")
+
+    md = [f"# Pruning comparison: {name}", "", markdown_table(main_table(summary)), "",
+          *[f"- {s}" for s in sentences], ""]
+    for target in targets:
+        md += [f"## Equal training budget at {target:.0%} sparsity", "", markdown_table(equal_budget_table(summary, target)),
+               "", f"![{budgets[target].stem}]({budgets[target].name})", ""]
+    md += [*[f"![{p.stem}]({p.name})" for p in overview], "", footer]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    def image(path: Path) -> str:
+        return f'<img alt="{path.stem}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+    sections = "".join(f"<h2>Equal training budget at {target:.0%} sparsity</h2>"
+                       f"{_html_table(equal_budget_table(summary, target), f'budget-{round(target * 100)}')}"
+                       f"{image(budgets[target])}" for target in targets)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Pruning comparison: {html.escape(name)}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width:100%;display:block;margin:1em 0}}</style>
+</head><body><h1>Pruning comparison: {html.escape(name)}</h1>
+{_html_table(main_table(summary), "results")}
+<ul>{''.join(f'<li>{html.escape(s)}</li>' for s in sentences)}</ul>
+{sections}
+{''.join(image(p) for p in overview)}
+<p>{html.escape(footer)}</p>
+</body></html>
+"""
+    (out / "report.html").write_text(page)
+    return out / "report.md"
+
+
+def publish_report(experiment_id: str | None, out: Path | None, keys: set | None = None,
+                   experiment: str | None = None) -> Path:
+    """write_report inside a `report` MLflow run (a child run when called from `compare`).
+
+    experiment_id None: the experiment the report run itself goes to (under `mlflow run`, the injected
+    run's); out None: reports/<experiment name>.
+    """
+    with tracked_run("report", {"experiment": experiment, "output_dir": str(out) if out else None},
+                     {"kind": "report"}, experiment) as logger:
+        experiment_id = experiment_id or mlflow.get_run(logger.run_id).info.experiment_id
+        out = out or Path("reports") / mlflow.get_experiment(experiment_id).name
+        path = write_report(experiment_id, out, keys)
+        logger.log_artifacts(out, "report")
+    return path
+
+
+def run_report(config: ReportConfig) -> Path:
+    """Reports on `config.experiment` (default: the one the report run goes to, e.g. under `mlflow run`)."""
+    use_tracking_store()
+    experiment_id = experiment_id_named(config.experiment) if config.experiment else None
+    path = publish_report(experiment_id, Path(config.output_dir) if config.output_dir else None,
+                          experiment=config.experiment)
+    print(f"report: {path} and {path.with_suffix('.html')}")
+    return path

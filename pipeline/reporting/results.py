@@ -1,0 +1,61 @@
+"""The runs of a comparison grid as a table, one row per run, and summarized over seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from ..config import ONE_SHOT_METHODS, TRAINED_METHODS
+from ..perplexity import change_pct
+from ..tracking.store import finished_cell_runs
+
+RUN_COLUMNS = ["method", "kind", "target_sparsity", "seed", "sparsity", "perplexity", "train_tokens", "train_flops",
+               "seconds", "run_id"]
+METHOD_ORDER = {m: i for i, m in enumerate(("unpruned", *ONE_SHOT_METHODS, *TRAINED_METHODS))}
+KIND_ORDER = {"dense": 0, "one-shot": 1, "trained": 2}
+
+
+def _row(run) -> dict:
+    tags, metrics = run.data.tags, run.data.metrics
+    kind = "trained" if tags["cell_kind"] == "iterative" else tags["cell_kind"]  # "iterative": runs before +ft cells
+    if kind == "dense":
+        sparsity, ppl = 0.0, metrics["perplexity"]
+    elif kind == "trained":
+        sparsity, ppl = metrics["final_sparsity"], metrics["final_perplexity"]
+    else:
+        sparsity, ppl = metrics["sparsity"], metrics["perplexity"]
+    seed = tags.get("cell_seed", "")
+    return {"method": "unpruned" if kind == "dense" else tags["cell_method"], "kind": kind,
+            "target_sparsity": float(tags["cell_target"]), "seed": int(seed) if seed else None, "sparsity": sparsity,
+            "perplexity": ppl, "train_tokens": int(metrics.get("train_tokens", 0)),
+            "train_flops": metrics.get("train_flops", 0.0),
+            "seconds": (run.info.end_time - run.info.start_time) / 1000.0, "run_id": run.info.run_id}
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    keys = table.assign(_kind=table["kind"].map(KIND_ORDER), _method=table["method"].map(METHOD_ORDER).fillna(99))
+    by = ["target_sparsity", "_kind", "_method"] + (["seed"] if "seed" in table else [])
+    return keys.sort_values(by).drop(columns=["_kind", "_method"]).reset_index(drop=True)
+
+
+def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
+    """One row per finished cell run of the experiment (of the cells in `keys`, if given)."""
+    table = pd.DataFrame([_row(run) for run in finished_cell_runs(experiment_id, keys).values()], columns=RUN_COLUMNS)
+    return table if table.empty else _ordered(table)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method and target: perplexity mean, std over seeds (nan for one run) and n; the budget;
+    the mean wall time; and the change against the dense model's perplexity."""
+    if runs.empty:
+        return runs.assign(perplexity_std=[], n=[], vs_dense_pct=[])
+    grouped = runs.groupby(["method", "kind", "target_sparsity"], sort=False)
+    summary = grouped.agg(sparsity=("sparsity", "mean"), perplexity=("perplexity", "mean"),
+                          perplexity_std=("perplexity", "std"), n=("perplexity", "size"),
+                          train_tokens=("train_tokens", "mean"), train_flops=("train_flops", "mean"),
+                          seconds=("seconds", "mean")).reset_index()
+    dense = summary.loc[summary["kind"] == "dense", "perplexity"]
+    base = float(dense.iloc[0]) if len(dense) else math.nan
+    summary["vs_dense_pct"] = change_pct(summary["perplexity"], base)
+    return _ordered(summary)
