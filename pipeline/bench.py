@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from .config import BenchConfig, IterativeConfig, PruneConfig, ScheduleConfig, TrainConfig
 from .data import eval_tokens
@@ -204,6 +204,15 @@ def sparsegpt_at_depth(model_config: dict, layers: int, samples: int, seqlen: in
             "seconds_per_layer": phases, "sparsity": result.sparsity}
 
 
+def llama_shape_of(config) -> dict:
+    """A Llama of the bench model's width: GQA (half the heads for k and v) and a SwiGLU MLP of 8/3 the width,
+    the shape of the families that prune most today (Llama, Mistral, Qwen)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    return LlamaConfig(hidden_size=h, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                       intermediate_size=8 * h // 3, vocab_size=config.vocab_size, num_hidden_layers=2,
+                       max_position_embeddings=config.max_position_embeddings).to_dict()
+
+
 def bench_sparsegpt_depth(model, config: BenchConfig, seqlen: int, device) -> dict:
     model_config = model.config.to_dict()
     out = {}
@@ -211,7 +220,9 @@ def bench_sparsegpt_depth(model, config: BenchConfig, seqlen: int, device) -> di
         for layers in (2, 8):
             out[layers] = pool.apply(sparsegpt_at_depth, (model_config, layers, config.calibration_samples,
                                                           seqlen, str(device)))
-    return {"sparsegpt": out,
+        llama = pool.apply(sparsegpt_at_depth, (llama_shape_of(model.config), 2, config.calibration_samples, seqlen,
+                                                str(device)))
+    return {"sparsegpt": out, "sparsegpt_llama_shape": llama,
             "sparsegpt_memory_depth_ratio": out[8]["working_bytes"] / max(1, out[2]["working_bytes"])}
 
 
@@ -316,6 +327,9 @@ def format_table(results: dict) -> str:
         phases = ", ".join(f"{k} {v:.3f}" for k, v in row["seconds_per_layer"].items())
         lines.append(f"SparseGPT {layers} layers: s/layer {phases}; working memory {row['working_bytes'] / 2**20:.1f} MiB, "
                      f"weights {row['weights_bytes'] / 2**20:.1f} MiB")
+    llama = results["sparsegpt_llama_shape"]
+    lines.append("SparseGPT, a Llama of this width (GQA, SwiGLU), 2 layers: s/layer "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in llama["seconds_per_layer"].items()))
     lines.append("IMP iterations: " + ", ".join(f"{w:.1f}s wall / {t:.1f}s training" for w, t in
                                                  zip(results["imp_iteration_seconds"], results["imp_train_seconds"])))
     return "\n".join(lines)

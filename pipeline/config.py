@@ -16,26 +16,29 @@ from .errors import ConfigError, option
 from .settings import Settings, group, setting
 
 EMBEDDED_MODEL = "opt-tiny"
+EMBEDDED_MODELS = ("opt-tiny", "llama-tiny")  # shipped in pipeline/assets: everything runs offline
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("test", "validation")
-PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")
+PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda", "random")
 CALIBRATED_METHODS = ("sparsegpt", "wanda")  # these need calibration windows
+SEEDED_METHODS = (*CALIBRATED_METHODS, "random")  # the seed draws their windows, or random's mask
 # geometric and cubic prune step by step; one-shot prunes to the target at once and dense never prunes,
 # both then training as many iterations as geometric would: the equal-budget controls of `compare`
 SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
-ONE_SHOT_METHODS = ("sparsegpt", "magnitude", "wanda")  # the grid's untrained one-shot cells
-TRAINED_METHODS = ("iterative", "magnitude+ft", "sparsegpt+ft", "wanda+ft", "dense+ft")  # equal budget each
+ONE_SHOT_METHODS = ("sparsegpt", "magnitude", "wanda", "random")  # the grid's untrained one-shot cells
+TRAINED_METHODS = ("iterative", "magnitude+ft", "sparsegpt+ft", "wanda+ft", "random+ft", "dense+ft")  # one budget
 GRID_METHODS = ONE_SHOT_METHODS + TRAINED_METHODS
+PRETRAIN_ARCHES = ("opt", "llama")
 
 
 # --- model and data ------------------------------------------------------------------------------
 
 @dataclass
 class ModelConfig(Settings):
-    model: str = setting(EMBEDDED_MODEL, "opt-tiny (embedded), opt-125m, opt-350m, opt-1.3b, opt-2.7b, a hub id "
-                         "or a local directory")
+    model: str = setting(EMBEDDED_MODEL, "opt-tiny or llama-tiny (embedded), an alias (opt-125m ... opt-2.7b, "
+                         "llama-3.2-1b, qwen2.5-0.5b, ...: see the README), a hub id or a local directory")
     dtype: str = setting("auto", "auto: float32 on CPU; on CUDA the checkpoint's dtype to evaluate and prune, "
                          "float32 weights with bf16 autocast to train", choices=DTYPES, noun="dtype")
     device: str = setting("auto", "auto: CUDA when there is one", choices=DEVICES, noun="device")
@@ -45,8 +48,8 @@ class ModelConfig(Settings):
 @dataclass
 class DataConfig(Settings):
     dataset: str = setting("pydocs", "wikitext2, ptb, c4, pydocs (embedded) or text:PATH")
-    seqlen: int | None = setting(None, "evaluation window (default: the model's max_position_embeddings)",
-                                 at_least=2)
+    seqlen: int | None = setting(None, "evaluation and calibration window (default: the model's positions, at "
+                                 "most 2048)", at_least=2)
 
 
 @dataclass
@@ -68,7 +71,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 @dataclass
 class PruneConfig(Settings):
-    method: str = setting("magnitude", "pruning criterion", choices=PRUNE_METHODS, noun="pruning method")
+    method: str = setting("magnitude", "pruning criterion; random: a uniformly random mask of the same size, the "
+                          "control that shows whether a criterion's choice carries information", choices=PRUNE_METHODS,
+                          noun="pruning method")
     sparsity: float | None = setting(None, "fraction of zeros, in [0, 1) (default 0.5; an N:M pattern makes it N/M)",
                                      at_least=0, below=1, hint="give the fraction of zeros, e.g. 0.5")
     pattern: str = setting("unstructured", "unstructured or N:M, e.g. 2:4")
@@ -82,7 +87,8 @@ class PruneConfig(Settings):
     calibration_dataset: str | None = setting(None, "default: c4 for hub models (as the reference), pydocs for "
                                               "opt-tiny, the --dataset for a local directory")
     calibration_batch_size: int = setting(8, "calibration windows per layer forward", at_least=1)
-    calibration_seed: int = setting(0, "calibration draw (0 as the reference)")
+    seed: int = setting(0, "the calibration draw (SparseGPT, Wanda; 0 draws the reference's windows) or the random "
+                        "mask")
 
     def check(self) -> None:
         self.n_m = parse_pattern(self.pattern)
@@ -103,6 +109,10 @@ class PruneConfig(Settings):
     @property
     def calibrated(self) -> bool:
         return self.method in CALIBRATED_METHODS
+
+    @property
+    def seeded(self) -> bool:
+        return self.method in SEEDED_METHODS
 
     @property
     def fraction(self) -> float:
@@ -177,7 +187,7 @@ class EvaluateConfig(RunConfig):
 
 @dataclass
 class PruneRunConfig(RunConfig):
-    prune: PruneConfig = group(PruneConfig, rename={"calibration_seed": "seed"}, defaults={"method": "sparsegpt"})
+    prune: PruneConfig = group(PruneConfig, defaults={"method": "sparsegpt"})
     output_dir: str | None = setting(None, "default pruned_models/<model>-<method>-<sparsity>")
 
 
@@ -194,7 +204,8 @@ class TrainRunConfig(RunConfig):
 class IterativeConfig(RunConfig):
     schedule: ScheduleConfig = group(ScheduleConfig)
     train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3})
-    prune: PruneConfig = group(PruneConfig, rename={"method": "prune_method"}, exclude=("sparsity", "pattern"))
+    prune: PruneConfig = group(PruneConfig, rename={"method": "prune_method", "seed": "prune_seed"},
+                               exclude=("sparsity", "pattern"))
     train_seqlen: int | None = setting(None, "training window (default: --seqlen)", at_least=2)
     eval_split: str = setting("test", "split evaluated after each pruning and each training step", choices=SPLITS,
                               noun="split")
@@ -221,6 +232,8 @@ class GridConfig(Settings):
     seeds: list[int] = setting([0], "comma-separated seeds: each repeats every stochastic cell (calibration draw, "
                                "data order); 0 draws the reference's calibration windows", min_items=1,
                                hint="give at least one, e.g. 0,1,2")
+    patterns: list[str] = setting([], "comma-separated N:M patterns: the one-shot methods also prune to each, "
+                                  "e.g. 2:4 (untrained)")
     force: bool = setting(False, "rerun cells that already have a finished run")
     output_dir: str | None = setting(None, "default reports/<experiment>")
     report: bool = setting(True, "write the report when the grid is done", negatable=True)
@@ -237,11 +250,14 @@ class CompareConfig(RunConfig):
     train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3},
                                exclude=("seed",))
     prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude",
-                                                     "calibration_seed"))
+                                                     "seed"))
     preset: str | None = setting(None, "settings a preset changes unless given: demo = the MLproject's main "
                                  "entry point", choices=tuple(PRESETS), noun="preset")
 
     def check(self) -> None:
+        for pattern in self.grid.patterns:
+            if parse_pattern(pattern) is None:
+                raise ConfigError(f"{option('patterns')} takes N:M patterns, not {pattern}")
         if set(self.grid.methods) & set(TRAINED_METHODS):
             refuse_float16_training(self.model)
         if self.schedule.schedule not in ("geometric", "cubic"):
@@ -270,11 +286,15 @@ class MemoryConfig(Settings):
 
 @dataclass
 class PretrainConfig(Settings):
+    arch: str = setting("opt", "opt: OPTForCausalLM (learned positions, LayerNorm, ReLU MLP); llama: LlamaForCausalLM "
+                        "(RoPE, RMSNorm, SwiGLU MLP, grouped-query attention)", choices=PRETRAIN_ARCHES, noun="arch")
     vocab_size: int = setting(4096, "byte-level BPE vocabulary", at_least=300)
     hidden_size: int = setting(192, "model width", at_least=8)
     num_layers: int = setting(4, "decoder layers", at_least=1)
     num_heads: int = setting(4, "attention heads", at_least=1)
-    ffn_dim: int = setting(768, "MLP width", at_least=8)
+    num_kv_heads: int | None = setting(None, "llama: key/value heads (default: half the attention heads)", at_least=1)
+    ffn_dim: int | None = setting(None, "MLP width (default: 4 x hidden for opt, 8/3 x hidden for llama, whose "
+                                  "SwiGLU has three matrices: the same parameters)", at_least=8)
     max_positions: int = setting(256, "positions, which is also the training window", at_least=8)
     lr: float = setting(3e-3, "peak learning rate (cosine decay)", above=0)
     warmup_steps: int = setting(50, "linear warmup steps", at_least=0)
@@ -282,8 +302,28 @@ class PretrainConfig(Settings):
     batch_size: int = setting(16, "sequences per optimizer step", at_least=1)
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
     seed: int = setting(0, "initialization and data order")
-    output_dir: str = setting("pretrained/opt-tiny", "where the model, its tokenizer and its card go")
+    output_dir: str | None = setting(None, "where the model, its tokenizer and its card go (default "
+                                     "pretrained/<arch>-tiny)")
     tracking: TrackingConfig = group(TrackingConfig)
+
+    def check(self) -> None:
+        kv = self.num_kv_heads or self.num_heads
+        if self.hidden_size % self.num_heads or self.num_heads % kv:
+            raise ConfigError(f"{option('hidden_size')} {self.hidden_size}, {option('num_heads')} {self.num_heads} and "
+                              f"{option('num_kv_heads')} {kv} do not divide: the heads must split the width and the "
+                              "key/value heads the heads")
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-tiny"
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_dim or (4 * self.hidden_size if self.arch == "opt" else 8 * self.hidden_size // 3)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or (self.num_heads if self.arch == "opt" else max(1, self.num_heads // 2))
 
 
 @dataclass

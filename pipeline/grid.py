@@ -23,7 +23,8 @@ import mlflow
 import pandas as pd
 
 from .checkpoint import load_checkpoint
-from .config import CALIBRATED_METHODS, ONE_SHOT_METHODS, CompareConfig, EvaluateConfig, IterativeConfig, PruneRunConfig
+from .config import (ONE_SHOT_METHODS, SEEDED_METHODS, CompareConfig, EvaluateConfig, IterativeConfig,
+                     PruneRunConfig, parse_pattern)
 from .data import load_corpus
 from .distributed import from_main, is_main_process
 from .jobs.evaluate import run_evaluate
@@ -48,6 +49,7 @@ class Cell:
     seed: int | None   # None: nothing in the cell is random
     config: object     # the job's config: EvaluateConfig, PruneRunConfig or IterativeConfig
     corpus: str        # digest of the corpus, part of the identity
+    pattern: str = "unstructured"  # or N:M (one-shot cells)
 
     @property
     def key(self) -> str:
@@ -59,12 +61,14 @@ class Cell:
     def label(self) -> str:
         if self.kind == "dense":
             return "dense"
-        return f"{self.method} {self.target:.2f}" + (f" seed {self.seed}" if self.seed is not None else "")
+        amount = f"{self.target:.2f}" if self.pattern == "unstructured" else self.pattern
+        return f"{self.method} {amount}" + (f" seed {self.seed}" if self.seed is not None else "")
 
     @property
     def tags(self) -> dict:
         return {"cell_key": self.key, "cell_kind": self.kind, "cell_method": self.method,
-                "cell_target": f"{self.target:.4f}", "cell_seed": "" if self.seed is None else str(self.seed)}
+                "cell_target": f"{self.target:.4f}", "cell_seed": "" if self.seed is None else str(self.seed),
+                "cell_pattern": self.pattern}
 
 
 def trained_cell_config(config: CompareConfig, method: str, target: float, seed: int) -> IterativeConfig:
@@ -79,20 +83,22 @@ def trained_cell_config(config: CompareConfig, method: str, target: float, seed:
     return IterativeConfig(model=config.model, data=config.data,
                            schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
                            train=replace(config.train, seed=seed),
-                           prune=replace(config.prune, method=prune_method, calibration_seed=seed))
+                           prune=replace(config.prune, method=prune_method, seed=seed))
 
 
 def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
     shared = {"model": config.model, "data": config.data}
     methods, seeds = config.grid.methods, config.grid.seeds
     cells = [Cell("dense", "dense", 0.0, None, EvaluateConfig(**shared, split="test"), corpus_digest)]
-    for target in config.grid.sparsities:
+    amounts = [(target, "unstructured") for target in config.grid.sparsities]
+    amounts += [(n / m, pattern) for pattern in config.grid.patterns for n, m in [parse_pattern(pattern)]]
+    for target, pattern in amounts:
         for method in (m for m in methods if m in ONE_SHOT_METHODS):
-            for seed in seeds if method in CALIBRATED_METHODS else [None]:  # magnitude draws nothing
-                prune = replace(config.prune, method=method, sparsity=target,
-                                calibration_seed=config.prune.calibration_seed if seed is None else seed)
+            for seed in seeds if method in SEEDED_METHODS else [None]:  # magnitude draws nothing
+                prune = replace(config.prune, method=method, sparsity=None if pattern != "unstructured" else target,
+                                pattern=pattern, seed=config.prune.seed if seed is None else seed)
                 cells.append(Cell("one-shot", method, target, seed, PruneRunConfig(**shared, prune=prune),
-                                  corpus_digest))
+                                  corpus_digest, pattern))
     for target in config.grid.sparsities:
         for method in (m for m in methods if m not in ONE_SHOT_METHODS):
             for seed in seeds:

@@ -1,17 +1,24 @@
 """Peak memory of recovery training and of SparseGPT, from a formula, and measured on CPU to check it.
 
+The formula reads the model's shape from a copy built on the meta device (no memory used), so it holds
+for every family: GQA (k and v narrower than q), gated MLPs (gate and up: SwiGLU), untied heads.
+h = hidden width, kv = width of k and v, f = MLP width, L = layers, V = vocabulary.
+
 Training, per process (DDP keeps a full replica on every GPU):
     weights + gradients + AdamW's two moments      4 * P * param_bytes
     masks (MaskKeeper, in the weight dtype)        P_prunable * param_bytes
     under FSDP over N processes, both of these / N, plus the all-gathered weights and gradients of the
-    two largest wrapped units (the root with the embeddings, and a decoder layer: wrap OPTDecoderLayer)
-    activations kept for backward, per token       L * ((9h + 2 ffn) * act_bytes + 2h)     (SDPA attention,
-                                                   dropout masks 1 byte; with --gradient-checkpointing only
-                                                   L * h * act_bytes plus one layer's full set)
+    two largest wrapped units (the root with the embeddings, and one decoder layer)
+    activations kept for backward, per token       L * ((7h + 2kv + m f) * act_bytes + d)   m = 2 (fc1, its
+                                                   activation) or 4 (gate, up, activation, product); d = 2h
+                                                   bytes of dropout masks when dropout is on; SDPA attention.
+                                                   With --gradient-checkpointing: L * h * act_bytes plus one
+                                                   layer's full set
     logits, their float32 copy and its gradient    V * (act_bytes + 8)  per token
 SparseGPT on the device (the model stays in CPU memory; one decoder layer at a time moves over):
     one layer's weights + the calibration activations in and out (2 * n * seqlen * h * act_bytes)
-    + the layer's six Hessians in float32 (5 h^2 + ffn^2) * 4 + the factorization's copies (2 * ffn^2 * 4)
+    + a float32 Hessian per prunable matrix (its inputs squared) + the factorization's two copies of
+    the largest
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import multiprocessing
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, OPTConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
 
+from .architecture import decoder_layout, in_features, prunable_modules
 from .config import TrainConfig
 from .pruning.magnitude import magnitude_prune_layerwise
 from .pruning.masks import MaskKeeper, prunable_linears
@@ -42,43 +51,95 @@ def opt_config(hidden: int, layers: int, ffn: int, heads: int, proj: int | None 
                      word_embed_proj_dim=proj or hidden, vocab_size=vocab, max_position_embeddings=positions)
 
 
-def parameter_counts(config) -> tuple[int, int]:
-    """(all parameters, prunable decoder Linear weights), counted on the meta device: no memory used."""
+def published_configs() -> dict:
+    """The README's table: the OPT sizes, and Llama-3.2-1B, Qwen2.5-0.5B and Llama-2-7B from their published
+    config.json values (tied embeddings for the first two, an untied head for Llama-2)."""
+    configs = {name: opt_config(h, layers, ffn, heads, proj) for name, (h, layers, ffn, heads, proj) in OPT_SIZES.items()}
+    configs["llama-3.2-1b"] = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                          vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True)
+    configs["qwen2.5-0.5b"] = Qwen2Config(hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+                                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                          max_position_embeddings=32768, tie_word_embeddings=True)
+    configs["llama-2-7b"] = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                        max_position_embeddings=4096, tie_word_embeddings=False)
+    return configs
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formula needs, read from a model built on the meta device."""
+    params: int          # all parameters, a tied head counted once
+    prunable: int        # weights of the prunable matrices
+    layers: int
+    hidden: int
+    kv: int              # width of k and v: kv heads x head dim (GQA)
+    ffn: int
+    gated: bool          # gate and up projections (SwiGLU)
+    dropout: bool
+    layer_params: int    # one decoder layer
+    layer_inputs: tuple  # the input width of each prunable matrix of a layer: a Hessian each
+    vocab: int
+
+
+def shape_of(config) -> Shape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return (sum(p.numel() for p in model.parameters()),
-            sum(m.weight.numel() for m in prunable_linears(model).values()))
+    layer = decoder_layout(model).layers[0]
+    prefix = decoder_layout(model).layer_prefix + ".0."
+    first = {name: m for name, m in prunable_modules(model).items() if name.startswith(prefix)}
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    ffn = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+           or getattr(config, "n_inner", None) or 4 * h)
+    dropout = any((getattr(config, key, 0.0) or 0.0) > 0 for key in ("dropout", "attention_dropout", "resid_pdrop"))
+    return Shape(params=sum(p.numel() for p in model.parameters()),
+                 prunable=sum(m.weight.numel() for m in prunable_linears(model).values()),
+                 layers=config.num_hidden_layers, hidden=h, kv=kv, ffn=ffn,
+                 gated=any("gate" in name for name in first), dropout=dropout,
+                 layer_params=sum(p.numel() for p in layer.parameters()),
+                 layer_inputs=tuple(in_features(m) for m in first.values()), vocab=config.vocab_size)
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(all parameters, prunable decoder weights), counted on the meta device: no memory used."""
+    shape = shape_of(config)
+    return shape.params, shape.prunable
 
 
 def training_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes: int,
                    gradient_checkpointing: bool = False) -> dict:
-    params, prunable = parameter_counts(config)
-    h, ffn, layers = config.hidden_size, config.ffn_dim, config.num_hidden_layers
-    tokens = batch * seqlen
-    per_layer = (9 * h + 2 * ffn) * act_bytes + 2 * h
+    shape = shape_of(config)
+    h, tokens = shape.hidden, batch * seqlen
+    per_layer = ((7 * h + 2 * shape.kv + (4 if shape.gated else 2) * shape.ffn) * act_bytes
+                 + (2 * h if shape.dropout else 0))
     if gradient_checkpointing:
-        activations = tokens * (layers * h * act_bytes + per_layer)
+        activations = tokens * (shape.layers * h * act_bytes + per_layer)
     else:
-        activations = tokens * layers * per_layer
-    parts = {"states": 4 * params * param_bytes, "masks": prunable * param_bytes, "activations": activations,
-             "logits": tokens * config.vocab_size * (act_bytes + 8)}
+        activations = tokens * shape.layers * per_layer
+    parts = {"states": 4 * shape.params * param_bytes, "masks": shape.prunable * param_bytes,
+             "activations": activations, "logits": tokens * shape.vocab * (act_bytes + 8)}
     parts["total"] = sum(parts.values())
     return parts
 
 
 def fsdp_state_bytes(config, processes: int, param_bytes: int) -> int:
     """Weights, gradients, AdamW moments and masks held by one of `processes` FSDP processes."""
-    params, prunable = parameter_counts(config)
-    h, ffn = config.hidden_size, config.ffn_dim
-    layer = 4 * h * h + 2 * h * ffn + 9 * h + ffn
-    root = params - config.num_hidden_layers * layer
-    return (4 * params + prunable) * param_bytes // processes + 2 * (root + layer) * param_bytes
+    shape = shape_of(config)
+    root = shape.params - shape.layers * shape.layer_params
+    return ((4 * shape.params + shape.prunable) * param_bytes // processes
+            + 2 * (root + shape.layer_params) * param_bytes)
 
 
 def sparsegpt_device_bytes(config, nsamples: int, seqlen: int, act_bytes: int) -> int:
-    h, ffn = config.hidden_size, config.ffn_dim
-    layer = (4 * h * h + 2 * h * ffn) * act_bytes
-    return layer + 2 * nsamples * seqlen * h * act_bytes + (5 * h * h + ffn * ffn) * 4 + 2 * ffn * ffn * 4
+    shape = shape_of(config)
+    hessians = sum(width * width for width in shape.layer_inputs) * 4
+    factorization = 2 * max(shape.layer_inputs) ** 2 * 4
+    return (shape.layer_params * act_bytes + 2 * nsamples * seqlen * shape.hidden * act_bytes + hessians
+            + factorization)
 
 
 def rss() -> int:
@@ -136,8 +197,8 @@ def _train_two_steps(config_dict: dict, batch: int, seqlen: int, gradient_checkp
 
 def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool) -> int:
     """Runs in a fresh process: resident memory added by building a float32 model and training two steps."""
-    tiny = {**config_dict, "hidden_size": 8, "ffn_dim": 8, "num_attention_heads": 1, "num_hidden_layers": 1,
-            "word_embed_proj_dim": 8, "vocab_size": 16}
+    tiny = {**config_dict, "hidden_size": 8, "ffn_dim": 8, "intermediate_size": 8, "num_attention_heads": 1,
+            "num_key_value_heads": 1, "num_hidden_layers": 1, "word_embed_proj_dim": 8, "vocab_size": 16}
     _train_two_steps(tiny, 1, 8, gradient_checkpointing)  # imports and one-time state are not the model's
     before = rss()
     sampler = PeakRSS()
@@ -146,13 +207,12 @@ def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_c
 
 
 def memory_table(measure: bool = True) -> str:
-    """The README's memory table: formula for OPT-125m...2.7b, and formula vs measurement on small widths."""
+    """The README's memory table: the formula for published sizes, and formula vs measurement on small widths."""
     lines = ["| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
              "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
              "| SparseGPT device peak (fp16, 128 x 2048) |",
              "|---|---|---|---|---|---|---|"]
-    for name, (h, layers, ffn, heads, proj) in OPT_SIZES.items():
-        config = opt_config(h, layers, ffn, heads, proj)
+    for name, config in published_configs().items():
         fp32 = training_bytes(config, 1, 2048, 4, 2)
         checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
         lines.append(f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
@@ -164,11 +224,14 @@ def memory_table(measure: bool = True) -> str:
         return "\n".join(lines)
     lines += ["", "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
               "|---|---|---|---|"]
-    for hidden, checkpointing in ((128, False), (256, False), (512, False), (512, True)):
-        config = opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256)
+    for hidden, checkpointing, family in ((128, False, "opt"), (256, False, "opt"), (512, False, "opt"),
+                                          (512, True, "opt"), (256, False, "llama"), (512, False, "llama")):
+        config = (opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256) if family == "opt" else
+                  LlamaConfig(hidden_size=hidden, num_hidden_layers=2, intermediate_size=8 * hidden // 3,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, max_position_embeddings=256))
         predicted = training_bytes(config, 4, 256, 4, 4, checkpointing)["total"]
         with measuring_pool() as pool:
             measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing))
-        label = f"{hidden} x 2{', checkpointing' if checkpointing else ''}"
+        label = f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
         lines.append(f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |")
     return "\n".join(lines)

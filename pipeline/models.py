@@ -14,27 +14,34 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .config import EMBEDDED_MODEL
+from .config import EMBEDDED_MODELS
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable
 
-HUB_ALIASES = {
+HUB_ALIASES = {  # short names of the hub models researchers prune; any other hub id works as is
     "opt-125m": "facebook/opt-125m",
     "opt-350m": "facebook/opt-350m",
     "opt-1.3b": "facebook/opt-1.3b",
     "opt-2.7b": "facebook/opt-2.7b",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "gpt2": "openai-community/gpt2",
 }
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "assets" / "opt-tiny"
+ASSETS = Path(__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_source(name: str) -> str:
     """Alias, embedded model, local directory or hub id -> what `from_pretrained` takes."""
-    if name == EMBEDDED_MODEL:
-        if not (EMBEDDED_MODEL_DIR / "config.json").exists():
-            raise UserError(f"the embedded model is missing from {EMBEDDED_MODEL_DIR}; "
-                            "reinstall the package or run `python -m pipeline pretrain`")
-        return str(EMBEDDED_MODEL_DIR)
+    if name in EMBEDDED_MODELS:
+        if not (ASSETS / name / "config.json").exists():
+            raise UserError(f"the embedded model is missing from {ASSETS / name}; reinstall the package or run "
+                            f"`python -m pipeline pretrain --arch {name.split('-')[0]}`")
+        return str(ASSETS / name)
     if name in HUB_ALIASES:
         return HUB_ALIASES[name]
     if os.path.isdir(name):
@@ -46,7 +53,7 @@ def resolve_model_source(name: str) -> str:
     if looks_like_path:
         raise ConfigError(f"model directory {name} does not exist")
     if "/" not in name:
-        known = ", ".join([EMBEDDED_MODEL, *HUB_ALIASES])
+        known = ", ".join([*EMBEDDED_MODELS, *HUB_ALIASES])
         raise ConfigError(f"unknown model '{name}': use one of {known}, a hub id (org/name) "
                           "or a local directory saved with save_pretrained()")
     return name
@@ -189,31 +196,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
     return directory
 
 
-# --- where the decoder layers live -------------------------------------------------------------
-# The only architecture-specific knowledge of the project. To support another family (LLaMA: model.model.layers,
-# model.model.embed_tokens, model.model.norm, rotary embeddings) add an entry here.
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    layers: nn.ModuleList
-    before_layers: list   # modules the input passes through before the first decoder layer
-    layer_prefix: str     # qualified name of the layer list, e.g. "model.decoder.layers"
-
-
-def decoder_layout(model: nn.Module) -> DecoderLayout:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type == "opt":
-        decoder = model.model.decoder
-        before = [decoder.embed_tokens, decoder.embed_positions]
-        if decoder.project_in is not None:
-            before.append(decoder.project_in)
-        return DecoderLayout(decoder.layers, before, "model.decoder.layers")
-    if model_type in ("llama", "mistral", "qwen2"):
-        inner = model.model
-        before = [inner.embed_tokens] + ([inner.rotary_emb] if hasattr(inner, "rotary_emb") else [])
-        return DecoderLayout(inner.layers, before, "model.layers")
-    raise ConfigError(f"model type '{model_type}' is not supported yet: its decoder layers are unknown "
-                      "(add it to pipeline/models.py:decoder_layout)")
+DEFAULT_WINDOW = 2048  # the SparseGPT paper's window; Llama-3's 131072 positions are no window to evaluate
 
 
 def max_positions(model: nn.Module) -> int:
@@ -221,10 +204,11 @@ def max_positions(model: nn.Module) -> int:
 
 
 def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
-    """The window: `seqlen`, or by default the model's positions; more than the positions is an error."""
+    """The window: `seqlen`, or by default min(the model's positions, 2048); more than the positions is an
+    error."""
     limit = max_positions(model)
     if seqlen is None:
-        return limit
+        return min(limit, DEFAULT_WINDOW)
     if seqlen > limit:
         raise ConfigError(f"{option('seqlen')} {seqlen} is above the model's {limit} positions; use at most {limit}")
     return seqlen

@@ -1,7 +1,7 @@
-"""`pretrain`: builds the embedded `opt-tiny` from scratch on the pydocs corpus.
+"""`pretrain`: builds the embedded `opt-tiny` or `llama-tiny` from scratch on the pydocs corpus.
 
-A byte-level BPE tokenizer is trained on the train split, then an OPT-architecture model with most
-of its parameters in the decoder layers (pruning touches only those) is trained on packed blocks.
+A byte-level BPE tokenizer is trained on the train split, then an OPT- or Llama-architecture model with
+most of its parameters in the decoder layers (pruning touches only those) is trained on packed blocks.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from .config import PretrainConfig, TrainConfig
+from .architecture import decoder_layout
 from .data import eval_tokens, load_corpus, training_blocks
+from .models import save_model
+from .outputs import check_writable_dir, owned_output_dir
 from .perplexity import perplexity
 from .settings import flat_values
 from .tracking import tracked_run
@@ -41,24 +44,32 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def build_model(config: PretrainConfig, tokenizer):
+    """A freshly initialized model of `config.arch`, embeddings tied to the head (as OPT and Llama-3.2-1B)."""
     torch.manual_seed(config.seed)
-    opt_config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        ffn_dim=config.ffn_dim, num_attention_heads=config.num_heads,
-        max_position_embeddings=config.max_positions, word_embed_proj_dim=config.hidden_size,
-        dropout=0.0, attention_dropout=0.0, do_layer_norm_before=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    return OPTForCausalLM(opt_config)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    if config.arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, intermediate_size=config.ffn,
+            num_attention_heads=config.num_heads, num_key_value_heads=config.kv_heads,
+            max_position_embeddings=config.max_positions, attention_dropout=0.0, **ids))
+    return OPTForCausalLM(OPTConfig(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, ffn_dim=config.ffn,
+        num_attention_heads=config.num_heads, max_position_embeddings=config.max_positions,
+        word_embed_proj_dim=config.hidden_size, dropout=0.0, attention_dropout=0.0, do_layer_norm_before=True, **ids))
 
 
 def model_settings(config: PretrainConfig) -> dict:
     """The settings that make the model (what its card's command repeats), not where it goes."""
-    return {k: v for k, v in flat_values(config).items() if k not in ("output_dir", "experiment")}
+    return {k: v for k, v in flat_values(config).items() if k not in ("output_dir", "experiment") and v is not None}
+
+
+def output_dir_of(config: PretrainConfig) -> Path:
+    return Path(config.output_dir or Path("pretrained") / config.name)
 
 
 def pretrain(config: PretrainConfig, on_log=None) -> dict:
-    output_dir = Path(config.output_dir)
+    output_dir = output_dir_of(config)
     started = time.perf_counter()
     corpus = load_corpus("pydocs")
     tokenizer = train_tokenizer(corpus.train_text, config.vocab_size)
@@ -68,22 +79,22 @@ def pretrain(config: PretrainConfig, on_log=None) -> dict:
     train_config = TrainConfig(lr=config.lr, weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
                                lr_schedule="cosine", batch_size=config.batch_size, epochs=epochs,
                                max_steps=math.ceil(config.steps / epochs), seed=config.seed)
-    result = train_causal_lm(model, blocks, train_config, desc="Pretraining opt-tiny", on_log=on_log)
+    result = train_causal_lm(model, blocks, train_config, desc=f"Pretraining {config.name}", on_log=on_log)
     test = perplexity(model, eval_tokens(corpus, tokenizer, "test", config.max_positions), config.max_positions)
     validation = perplexity(model, eval_tokens(corpus, tokenizer, "validation", config.max_positions),
                             config.max_positions)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    save_model(model, tokenizer, output_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    n_decoder = sum(p.numel() for p in model.model.decoder.layers.parameters())
+    n_decoder = sum(p.numel() for p in decoder_layout(model).layers.parameters())
     summary = {
         "config": model_settings(config), "corpus": corpus.describe(), "train_blocks": blocks.shape[0],
         "optimizer_steps": result.steps, "epochs": epochs, "final_train_loss": result.final_loss,
         "test_perplexity": test.perplexity, "validation_perplexity": validation.perplexity,
         "parameters": n_params, "decoder_layer_parameters": n_decoder,
         "train_seconds": result.seconds, "total_seconds": time.perf_counter() - started,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "name": config.name, "class": type(model).__name__,
+        "layer_shape": f"{config.num_layers} x {config.hidden_size} x {config.ffn} x {config.num_heads}"
+                       + (f" ({config.kv_heads} key/value heads)" if config.arch == "llama" else ""),
     }
     (output_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / "README.md").write_text(model_card(summary))
@@ -93,16 +104,17 @@ def pretrain(config: PretrainConfig, on_log=None) -> dict:
 def model_card(summary: dict) -> str:
     c = summary["config"]
     corpus = summary["corpus"]
+    name = summary.get("name", "opt-tiny")
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in c.items())
-    return f"""# opt-tiny
+    return f"""# {name}
 
-An OPT-architecture causal LM (`OPTForCausalLM`) trained from scratch on the `pydocs` corpus: the
-standard-library documentation of Python {corpus.get('corpus_python')}. It is this project's embedded default, so
-that pruning, training and evaluation run offline. It is a test subject, not a useful language model.
+A causal LM (`{summary.get('class', 'OPTForCausalLM')}`) trained from scratch on the `pydocs` corpus: the
+standard-library documentation of Python {corpus.get('corpus_python')}. It is embedded in this project so that
+pruning, training and evaluation run offline. It is a test subject, not a useful language model.
 
 | | |
 |---|---|
-| layers x hidden x ffn x heads | {c['num_layers']} x {c['hidden_size']} x {c['ffn_dim']} x {c['num_heads']} |
+| layers x hidden x ffn x heads | {summary.get('layer_shape')} |
 | vocabulary | {c['vocab_size']} (byte-level BPE trained on the pydocs train split) |
 | positions (seqlen) | {c['max_positions']} |
 | parameters | {summary['parameters']:,}, of which {summary['decoder_layer_parameters']:,} ({100 * summary['decoder_layer_parameters'] / summary['parameters']:.0f}%) in the decoder layers |
@@ -116,24 +128,25 @@ that pruning, training and evaluation run offline. It is a test subject, not a u
 Reproduce with
 
 ```
-python -m pipeline pretrain {flags} --output-dir pipeline/assets/opt-tiny
+python -m pipeline pretrain {flags} --output-dir pipeline/assets/{name}
 ```
 
-Perplexities are computed as the SparseGPT reference does (non-overlapping windows of {c['max_positions']} tokens). The corpus
-is rebuilt from the running Python's documentation: another Python version gives another digest,
-and then these numbers do not apply.
+Perplexities are computed as the SparseGPT reference does (non-overlapping windows of {c['max_positions']} tokens).
+The corpus is rebuilt from the running Python's documentation: another Python version gives another
+digest, and then these numbers do not apply.
 """
 
 
 def run_pretrain(config: PretrainConfig) -> dict:
-    output_dir = Path(config.output_dir)
-    with tracked_run("pretrain opt-tiny pydocs", flat_values(config), {"model": "opt-tiny", "dataset": "pydocs"},
-                     config.tracking.experiment, journal_dir=output_dir) as logger:
+    output_dir = check_writable_dir(output_dir_of(config))
+    with owned_output_dir(output_dir), tracked_run(
+            f"pretrain {config.name} pydocs", flat_values(config), {"model": config.name, "dataset": "pydocs"},
+            config.tracking.experiment, journal_dir=output_dir) as logger:
         summary = pretrain(config, on_log=lambda step, loss, lr: logger.log_dict({"train_loss": loss, "lr": lr}, step))
         logger.set_tags({k: v for k, v in summary["corpus"].items() if k != "dataset"})
         logger.log_dict({"test_perplexity": summary["test_perplexity"],
                          "validation_perplexity": summary["validation_perplexity"],
                          "train_seconds": summary["train_seconds"]})
-    print(f"opt-tiny saved to {output_dir}: test perplexity {summary['test_perplexity']:.2f}, "
+    print(f"{config.name} saved to {output_dir}: test perplexity {summary['test_perplexity']:.2f}, "
           f"{summary['train_seconds'] / 60:.1f} min of training")
     return summary

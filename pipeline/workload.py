@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import EMBEDDED_MODEL, DataConfig, ModelConfig, PruneConfig
+from .config import EMBEDDED_MODELS, DataConfig, ModelConfig, PruneConfig
 from .data import Corpus, cache_dir, calibration_windows, eval_tokens, load_corpus, training_blocks
 from .models import load_model, load_tokenizer, model_skeleton, resolve_device, resolve_seqlen, training_dtype
 from .perplexity import PerplexityResult, evaluate_on
@@ -17,11 +17,11 @@ from .pruning import check_prunable
 
 
 def calibration_dataset_for(model_name: str, dataset: str, explicit: str | None = None) -> str:
-    """Hub models calibrate on C4, as the reference; the embedded model on pydocs, the corpus it knows;
+    """Hub models calibrate on C4, as the reference; the embedded models on pydocs, the corpus they know;
     a local directory on the evaluation dataset's train split (it may not know C4 either)."""
     if explicit:
         return explicit
-    if model_name == EMBEDDED_MODEL:
+    if model_name in EMBEDDED_MODELS:
         return "pydocs"
     return dataset if os.path.isdir(model_name) else "c4"
 
@@ -77,7 +77,7 @@ class Workload:
             return None, None
         name = calibration_dataset_for(self.model_config.model, self.data_config.dataset, prune.calibration_dataset)
         corpus = self.corpus if name == self.data_config.dataset else load_corpus(name)
-        return calibration_windows(corpus, self.tokenizer, prune.nsamples, self.seqlen, prune.calibration_seed), corpus
+        return calibration_windows(corpus, self.tokenizer, prune.nsamples, self.seqlen, prune.seed), corpus
 
 
 def load_workload(model: ModelConfig, data: DataConfig, inputs: Inputs | None = None, *, training: bool = False,

@@ -75,10 +75,14 @@ def _final_metrics(history: list) -> dict:
 
 
 def _log_iteration(logger, entry: dict) -> None:
-    """The iteration's metrics at step = iteration, and its perplexity at step = training tokens so far, so
-    the UI overlays runs of one budget (iterative, one-shot + training, dense + training) on one axis."""
+    """The iteration's metrics at step = iteration, and the perplexity against the training tokens so far
+    (`ppl_at_tokens`, from the first pruning step at 0 tokens on), so the UI overlays runs of one budget
+    (iterative, one-shot + training, dense + training) on one axis."""
     logger.log_dict({key: entry[key] for key in ITERATION_METRICS if key in entry}, step=entry["iteration"])
-    logger.log_dict({"ppl_at_tokens": entry["ppl_after_train"]}, step=int(entry.get("train_tokens", 0)))
+    if entry["iteration"] == 1:
+        logger.log_dict({"ppl_at_tokens": entry["ppl_after_prune"]}, step=0)
+    if entry["iteration"] >= 1:
+        logger.log_dict({"ppl_at_tokens": entry["ppl_after_train"]}, step=int(entry["train_tokens"]))
 
 
 def _print_summary(history: list, model_paths: list) -> None:

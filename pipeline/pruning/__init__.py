@@ -1,4 +1,4 @@
-"""One-shot pruning methods behind one registry: magnitude, SparseGPT, Wanda."""
+"""One-shot pruning methods behind one registry: magnitude, SparseGPT, Wanda, and the random control."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..architecture import in_features, matrix_of, set_matrix
 from ..config import PRUNE_METHODS, PruneConfig
 from ..errors import ConfigError, UserError, option
 from .magnitude import magnitude_prune_global, magnitude_prune_layerwise
 from .masks import prunable_linears, sparsity_of
+from .random import random_prune
 from .sequential import InputStatistics, LayerRecord, prune_sequentially
 from .sparsegpt import SingularHessian, sparsegpt_prune_matrix
 from .wanda import wanda_prune_matrix
@@ -27,8 +29,8 @@ class PruneResult:
 def _magnitude(model, linears, config, windows, device, progress):
     if config.n_m:  # N:M by magnitude is Wanda's selection with unit input norms
         for module in linears.values():
-            ones = torch.ones(module.in_features, device=module.weight.device)
-            module.weight.data = wanda_prune_matrix(module.weight, ones, 0.0, *config.n_m)
+            ones = torch.ones(in_features(module), device=module.weight.device)
+            set_matrix(module, wanda_prune_matrix(matrix_of(module), ones, 0.0, *config.n_m))
     elif config.scope == "global":
         magnitude_prune_global(linears, config.fraction)
     else:
@@ -39,15 +41,15 @@ def _magnitude(model, linears, config, windows, device, progress):
 def _sparsegpt(model, linears, config, windows, device, progress):
     n, m = config.n_m or (0, 0)
 
-    def prune_matrix(name: str, module: nn.Linear, stats: InputStatistics, seconds: dict):
+    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
         try:
-            pruned, _ = sparsegpt_prune_matrix(module.weight, stats.sum, config.fraction, n, m,
+            pruned, _ = sparsegpt_prune_matrix(matrix_of(module), stats.sum, config.fraction, n, m,
                                                config.blocksize, config.percdamp, timings=seconds)
         except SingularHessian:
             raise UserError(f"SparseGPT cannot invert the Hessian of {name}: it is singular with "
                             f"{option('percdamp')} {config.percdamp:g} over {windows.shape[0]} calibration windows; "
                             f"raise {option('percdamp')} (the reference uses 0.01) or {option('nsamples')}") from None
-        module.weight.data = pruned
+        set_matrix(module, pruned)
 
     return prune_sequentially(model, linears, windows, device, True, prune_matrix,
                               config.calibration_batch_size, progress)
@@ -56,16 +58,21 @@ def _sparsegpt(model, linears, config, windows, device, progress):
 def _wanda(model, linears, config, windows, device, progress):
     n, m = config.n_m or (0, 0)
 
-    def prune_matrix(name: str, module: nn.Linear, stats: InputStatistics, seconds: dict):
+    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
         started = time.perf_counter()
-        module.weight.data = wanda_prune_matrix(module.weight, stats.sum, config.fraction, n, m)
+        set_matrix(module, wanda_prune_matrix(matrix_of(module), stats.sum, config.fraction, n, m))
         seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
 
     return prune_sequentially(model, linears, windows, device, False, prune_matrix,
                               config.calibration_batch_size, progress)
 
 
-PRUNERS = {"magnitude": _magnitude, "sparsegpt": _sparsegpt, "wanda": _wanda}
+def _random(model, linears, config, windows, device, progress):
+    random_prune(linears, config.fraction, config.seed, config.n_m)
+    return []
+
+
+PRUNERS = {"magnitude": _magnitude, "sparsegpt": _sparsegpt, "wanda": _wanda, "random": _random}
 assert set(PRUNERS) == set(PRUNE_METHODS), "the registry and the --method choices must name the same methods"
 
 
@@ -76,7 +83,7 @@ def check_prunable(model: nn.Module, config: PruneConfig) -> dict:
     if not linears:
         raise ConfigError(f"no prunable matrices match {option('include')}/{option('exclude')}")
     if config.n_m:
-        name, narrowest = min(((n, m.in_features) for n, m in linears.items()), key=lambda item: item[1])
+        name, narrowest = min(((n, in_features(m)) for n, m in linears.items()), key=lambda item: item[1])
         if narrowest < config.n_m[1]:
             raise ConfigError(f"{option('pattern')} {config.pattern} needs groups of {config.n_m[1]} input columns, "
                               f"but {name} has {narrowest} inputs: use M of at most {narrowest}")

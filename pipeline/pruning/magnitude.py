@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..architecture import matrix_of
 from .masks import lowest_k_mask, zeros_to_reach
 
 
@@ -11,7 +12,7 @@ from .masks import lowest_k_mask, zeros_to_reach
 def magnitude_prune_layerwise(linears: dict, sparsity: float) -> None:
     """Every matrix to exactly round(sparsity * numel) zeros (never fewer than it already has)."""
     for module in linears.values():
-        weight = module.weight
+        weight = matrix_of(module)  # [out, in], so ties break in the same order for Linear and Conv1D
         zeros = int((weight == 0).sum())
         k = zeros + zeros_to_reach(weight.numel(), zeros, sparsity)
         weight[lowest_k_mask(weight.abs(), k)] = 0
@@ -20,7 +21,7 @@ def magnitude_prune_layerwise(linears: dict, sparsity: float) -> None:
 @torch.no_grad()
 def magnitude_prune_global(linears: dict, sparsity: float) -> None:
     """One threshold over all matrices: exactly round(sparsity * total) zeros in the whole set."""
-    weights = [m.weight for m in linears.values()]
+    weights = [matrix_of(m) for m in linears.values()]
     scores = torch.cat([w.detach().abs().reshape(-1).float().cpu() for w in weights])
     zeros = int((scores == 0).sum())
     k = zeros + zeros_to_reach(scores.numel(), zeros, sparsity)

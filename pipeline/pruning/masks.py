@@ -13,27 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import decoder_layout
+from ..architecture import decoder_layout, prunable_modules
 
 
 def prunable_linears(model: nn.Module, include: str | None = None, exclude: str | None = None) -> dict:
-    """Qualified name -> nn.Linear for every Linear inside the decoder layers (not embeddings, lm_head).
+    """Qualified name -> module for every Linear (or GPT-2 Conv1D) inside the decoder layers, never
+    embeddings, norms or lm_head (see architecture.py).
 
     `include` / `exclude` are regexes searched in the qualified name (e.g. `fc[12]`, `layers\\.0\\.`).
     """
-    layout = decoder_layout(model)
-    found = {}
-    for index, layer in enumerate(layout.layers):
-        for name, module in layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            qualified = f"{layout.layer_prefix}.{index}.{name}"
-            if include and not re.search(include, qualified):
-                continue
-            if exclude and re.search(exclude, qualified):
-                continue
-            found[qualified] = module
-    return found
+    return {name: module for name, module in prunable_modules(model).items()
+            if (not include or re.search(include, name)) and not (exclude and re.search(exclude, name))}
 
 
 def model_masks(linears: dict) -> dict:
@@ -79,6 +69,17 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     prune |= below
     prune[tied] = True
     return prune.view_as(scores)
+
+
+def lowest_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask (True = prune) of the n lowest scores in every group of m consecutive columns of each row;
+    the columns after the last whole group are left alone."""
+    rows, columns = scores.shape
+    usable = columns - columns % m
+    groups = scores[:, :usable].reshape(rows, -1, m)
+    lowest = torch.topk(groups, n, dim=2, largest=False).indices
+    prune = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True).reshape(rows, usable)
+    return torch.cat([prune, torch.zeros_like(scores[:, usable:], dtype=torch.bool)], dim=1)
 
 
 def allocate_exactly(total: int, weights: torch.Tensor) -> torch.Tensor:

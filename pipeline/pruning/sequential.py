@@ -1,16 +1,19 @@
 """Layer-by-layer calibration, shared by SparseGPT and Wanda (as in both reference implementations).
 
-The calibration windows go through the embeddings once; their outputs, with the exact arguments the
-installed transformers passes to a decoder layer, are captured at layer 0. Then per layer: one
-forward of the dense layer collects input statistics of its Linear maps, the layer is pruned, and a
-second forward of the pruned layer produces the inputs of the next. The model stays where it is (CPU)
-and only the layer being worked on moves to the device.
+The calibration windows go through the embeddings once; their outputs are captured at layer 0, with
+every positional and keyword argument the installed transformers passes a decoder layer (attention
+mask, position ids, rotary (cos, sin), cache position, ...), once per kind of layer where a model gives
+its sliding-window and full-attention layers different masks. Then per layer: one forward of the dense
+layer collects input statistics of its prunable matrices, the layer is pruned, and a second forward of
+the pruned layer produces the inputs of the next. The model stays where it is (CPU) and only the layer
+being worked on moves to the device.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models import decoder_layout
+from ..architecture import decoder_layout, in_features, modules_outside_layers
 
 
 class _StopForward(Exception):
@@ -27,50 +30,79 @@ class _StopForward(Exception):
 
 @dataclass
 class CalibrationBatch:
-    hidden: torch.Tensor  # [b, seqlen, hidden]
-    kwargs: dict          # what the decoder passes each layer besides the hidden states
+    hidden: torch.Tensor  # [b, seqlen, hidden]: layer 0's input, then each next layer's
+    inputs: dict          # layer kind -> (args, kwargs): what the decoder passes such a layer besides the hidden states
 
 
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
+def _own_tensors(module: nn.Module):
+    return itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+
+
+def _move_own(module: nn.Module, devices: dict | torch.device) -> dict:
+    """Moves a module's own parameters and buffers (not its children's, which may be decoder layers);
+    `devices` is one device or what an earlier call returned. Returns where they were."""
+    before = {}
+    for name, tensor in list(_own_tensors(module)):
+        before[name] = tensor.device
+        target = devices[name] if isinstance(devices, dict) else devices
+        if name in module._parameters:
+            module._parameters[name].data = tensor.data.to(target)
+        else:
+            module._buffers[name] = tensor.to(target)
+    return before
 
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
                          batch_size: int) -> list[CalibrationBatch]:
     layout = decoder_layout(model)
-    first = layout.layers[0]
-    moved = layout.before_layers + [first]
-    original_device = next(first.parameters()).device
-    captured = []
+    firsts = {}  # layer kind -> the first layer of that kind, where its arguments are caught
+    for index, kind in enumerate(layout.layer_types):
+        firsts.setdefault(kind, index)
+    last = max(firsts.values())
+    outside = modules_outside_layers(model, layout)
+    running = list(layout.layers[: last + 1])  # the forward runs up to the first layer of the last kind
+    homes = [next(layer.parameters()).device for layer in running]
+    captured, current = [], {}
 
-    def catch(_module, args, kwargs):
-        captured.append(CalibrationBatch(args[0] if args else kwargs.pop("hidden_states"),
-                                         {k: v for k, v in kwargs.items()}))
-        raise _StopForward
+    def catcher(kind, index):
+        def catch(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            current[kind] = (tuple(args[1:]), kwargs)
+            if index == 0:
+                current["hidden"] = hidden
+            if index == last:
+                raise _StopForward
+        return catch
 
-    for module in moved:
-        module.to(device)
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    places = [_move_own(module, device) for module in outside]
+    for layer in running:
+        layer.to(device)
+    handles = [layout.layers[index].register_forward_pre_hook(catcher(kind, index), with_kwargs=True)
+               for kind, index in firsts.items()]
     try:
         for start in range(0, windows.shape[0], batch_size):
+            current.clear()
             try:
                 model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
+            captured.append(CalibrationBatch(current.pop("hidden"), dict(current)))
     finally:
-        handle.remove()
-        for module in moved:
-            module.to(original_device)
+        for handle in handles:
+            handle.remove()
+        for module, place in zip(outside, places):
+            _move_own(module, place)
+        for layer, home in zip(running, homes):
+            layer.to(home)
     return captured
 
 
-def layer_output(layer: nn.Module, batch: CalibrationBatch) -> torch.Tensor:
-    out = layer(batch.hidden, **batch.kwargs)
+def layer_output(layer: nn.Module, batch: CalibrationBatch, kind: str | None = None) -> torch.Tensor:
+    """The layer's output for the batch's hidden states, with the arguments its kind of layer gets."""
+    args, kwargs = batch.inputs[kind]
+    out = layer(batch.hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -118,25 +150,25 @@ def layer_table_csv(records: list) -> str:
 @torch.no_grad()
 def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, device: torch.device,
                        full_statistics: bool,
-                       prune_matrix: Callable[[str, nn.Linear, InputStatistics, dict], None],
+                       prune_matrix: Callable[[str, nn.Module, InputStatistics, dict], None],
                        batch_size: int = 8, progress: bool = True) -> list[LayerRecord]:
-    """Runs the calibration windows layer by layer and calls `prune_matrix(name, linear, stats, timings)`
-    for every prunable Linear of the layer, between the dense and the pruned forward."""
+    """Runs the calibration windows layer by layer and calls `prune_matrix(name, module, stats, timings)`
+    for every prunable matrix of the layer, between the dense and the pruned forward."""
     layout = decoder_layout(model)
     batches = capture_layer_inputs(model, windows, device, batch_size)
     records = []
     for index, layer in enumerate(layout.layers):
-        record = LayerRecord(index)
+        record, kind = LayerRecord(index), layout.layer_types[index]
         started = time.perf_counter()
         original_device = next(layer.parameters()).device
         layer.to(device)
         prefix = f"{layout.layer_prefix}.{index}."
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
-        stats = {name: InputStatistics(m.in_features, device, full_statistics) for name, m in targets.items()}
+        stats = {name: InputStatistics(in_features(m), device, full_statistics) for name, m in targets.items()}
         handles = [module.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
                    for name, module in targets.items()]
         try:
-            dense_outputs = [layer_output(layer, batch) for batch in batches]
+            dense_outputs = [layer_output(layer, batch, kind) for batch in batches]
         finally:
             for handle in handles:
                 handle.remove()
@@ -146,7 +178,7 @@ def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, d
         started = time.perf_counter()
         error, norm = 0.0, 0.0
         for batch, dense in zip(batches, dense_outputs):
-            pruned = layer_output(layer, batch)
+            pruned = layer_output(layer, batch, kind)
             error += float((pruned.float() - dense.float()).pow(2).sum())
             norm += float(dense.float().pow(2).sum())
             batch.hidden = pruned

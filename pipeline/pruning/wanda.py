@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import allocate_exactly, zeros_to_reach
+from .masks import allocate_exactly, lowest_n_of_m, zeros_to_reach
 
 
 def _lowest_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
@@ -21,14 +21,8 @@ def wanda_prune_matrix(weight: torch.Tensor, column_norm_sq: torch.Tensor, spars
     W = weight.detach().float()
     kept = W != 0
     scores = (W.abs() * column_norm_sq.sqrt().reshape(1, -1)).masked_fill(~kept, float("-inf"))
-    rows, columns = W.shape
     if prune_n:
-        usable = columns - columns % prune_m
-        groups = scores[:, :usable].reshape(rows, -1, prune_m)
-        lowest = torch.topk(groups, prune_n, dim=2, largest=False).indices
-        prune = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True).reshape(rows, usable)
-        prune = torch.cat([prune, ~kept[:, usable:]], dim=1)
-        prune |= ~kept
+        prune = lowest_n_of_m(scores, prune_n, prune_m) | ~kept
     else:
         new_zeros = zeros_to_reach(W.numel(), int((~kept).sum()), sparsity)
         per_row = (~kept).sum(dim=1) + allocate_exactly(new_zeros, kept.sum(dim=1).cpu()).to(W.device)

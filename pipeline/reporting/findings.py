@@ -48,11 +48,13 @@ def findings(summary: pd.DataFrame) -> list[str]:
     base = float(dense["perplexity"].iloc[0]) if len(dense) else math.nan
     if len(dense):
         sentences.append(f"The unpruned model's perplexity is {base:.2f}.")
-    for target, group in summary[summary["kind"] != "dense"].groupby("target_sparsity", sort=True):
+    for (target, pattern), group in summary[summary["kind"] != "dense"].groupby(["target_sparsity", "pattern"],
+                                                                                sort=True):
+        amount = f"{target:.0%}" if pattern == "unstructured" else pattern
         one_shot = group[group["kind"] == "one-shot"].sort_values("perplexity")
         if len(one_shot):
             best = one_shot.iloc[0]
-            sentences.append(f"At {target:.0%} without training, the best one-shot method is {best['method']} "
+            sentences.append(f"At {amount} without training, the best one-shot method is {best['method']} "
                              f"with {_ppl(best)} ({best['vs_dense_pct']:+.1f}% vs dense).")
         trained = group[group["kind"] == "trained"]
         sparse = trained[trained["method"] != "dense+ft"].sort_values("perplexity")

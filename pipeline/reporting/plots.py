@@ -22,10 +22,13 @@ def _save(fig, path: Path) -> Path:
 
 def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method, group in summary[summary["kind"] != "dense"].groupby("method", sort=False):
+    unstructured = summary[summary["pattern"] == "unstructured"]
+    for method, group in unstructured[unstructured["kind"] != "dense"].groupby("method", sort=False):
         group = group.sort_values("sparsity")
         ax.errorbar(group["sparsity"] * 100, group["perplexity"], yerr=group["perplexity_std"].fillna(0),
                     marker="o", capsize=3, label=method, linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
+    for _, row in summary[summary["pattern"] != "unstructured"].iterrows():
+        ax.scatter([row["sparsity"] * 100], [row["perplexity"]], marker="s", label=f"{row['method']} {row['pattern']}")
     dense = summary[summary["kind"] == "dense"]
     if len(dense):
         ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
@@ -54,7 +57,8 @@ def budget_curves(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[
             tokens, mean, std = _curve(client, list(cells["run_id"]))
             ax.errorbar(tokens.values / 1e6, mean.values, yerr=std.values, marker="o", markersize=3, capsize=2, color=f"C{number}",
                         label=method, linestyle=":" if method == "dense+ft" else "-")
-        untrained = summary[(summary["kind"] == "one-shot") & (summary["target_sparsity"] == target)]
+        untrained = summary[(summary["kind"] == "one-shot") & (summary["target_sparsity"] == target)
+                            & (summary["pattern"] == "unstructured")]
         for _, row in untrained.iterrows():
             ax.scatter([0], [row["perplexity"]], marker="x", s=40, label=f"{row['method']} (no training)")
         if len(dense):

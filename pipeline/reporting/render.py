@@ -46,7 +46,7 @@ def main_table(summary: pd.DataFrame) -> pd.DataFrame:
     dense = [k == "dense" for k in summary["kind"]]
     return pd.DataFrame({
         "Method": [NAMES.get(m, m) for m in summary["method"]],
-        "Sparsity": [f"{s:.0%}" for s in summary["sparsity"]],
+        "Sparsity": [f"{s:.0%}" if p == "unstructured" else p for s, p in zip(summary["sparsity"], summary["pattern"])],
         "Perplexity": [_perplexity(row) for _, row in summary.iterrows()],
         "n": list(summary["n"]),
         "vs dense": ["-" if d else f"{v:+.1f}%" for d, v in zip(dense, summary["vs_dense_pct"])],

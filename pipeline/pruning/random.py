@@ -1,0 +1,31 @@
+"""A random mask of the size a criterion would prune: the control that shows whether the criterion's choice of
+weights carries information (the lottery-ticket experiments' random pruning)."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ..architecture import matrix_of
+from .masks import lowest_k_mask, lowest_n_of_m, zeros_to_reach
+
+
+@torch.no_grad()
+def random_prune(linears: dict, sparsity: float, seed: int, n_m: tuple | None = None) -> None:
+    """Every matrix to exactly round(sparsity * numel) zeros (or N of every M), the new ones drawn uniformly
+    from its non-zeros.
+
+    The draw depends on the seed, the matrix and how many zeros it already has, so each step of an iterative
+    run draws anew and the same run draws the same.
+    """
+    for name, module in linears.items():
+        weight = matrix_of(module)
+        zeros = int((weight == 0).sum())
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}:{zeros}".encode()))
+        scores = torch.rand(weight.shape, generator=generator).masked_fill(weight.cpu() == 0, -1.0)  # zeros stay
+        if n_m:
+            prune = lowest_n_of_m(scores, *n_m)
+        else:
+            prune = lowest_k_mask(scores, zeros + zeros_to_reach(weight.numel(), zeros, sparsity))
+        weight[prune.to(weight.device)] = 0
