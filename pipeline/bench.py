@@ -8,15 +8,18 @@ a shared machine).
     d  SparseGPT per-layer seconds and working memory, 2 vs 8 layers             memory(8) / memory(2) <= 1.10
     e  MLflow logging time per training step, sqlite and `mlflow server`         <= 1% of a step
     f  IMP time outside training steps, share of an iteration (demo settings)    <= 10%
+    g  a training step distilling from a teacher / without (logits, SquareHead)   <= 1.45, <= 1.6
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,6 +52,8 @@ TARGETS = [
     ("logging_share_sqlite", "<=", 0.01, "e MLflow logging / step time, sqlite"),
     ("logging_share_server", "<=", 0.01, "e MLflow logging / step time, mlflow server"),
     ("imp_outside_training_share", "<=", 0.10, "f IMP time outside training steps / iteration"),
+    ("distill_logits_step_ratio", "<=", 1.45, "g step with a logits teacher / without"),
+    ("distill_squarehead_step_ratio", "<=", 1.60, "g step with a SquareHead teacher / without"),
 ]
 
 
@@ -133,9 +138,12 @@ def bench_training(model, blocks, config: BenchConfig, device) -> dict:
                                log_every=config.steps)
     subset = blocks[: config.batch_size * config.steps]
 
-    def ours(masked: bool) -> float:
+    teacher = copy.deepcopy(model)
+
+    def ours(masked: bool, distill: str = "none") -> float:
         model.load_state_dict(initial)
-        result = train_causal_lm(model, subset, train_config, mask_keeper=MaskKeeper(linears) if masked else None,
+        result = train_causal_lm(model, subset, replace(train_config, distill=distill),
+                                 mask_keeper=MaskKeeper(linears) if masked else None, teacher=teacher,
                                  show_progress=False)
         return result.seconds / result.steps
 
@@ -144,11 +152,13 @@ def bench_training(model, blocks, config: BenchConfig, device) -> dict:
         return _timed(lambda: bare_training_loop(model, subset, config.batch_size, config.steps, 1e-5)) / config.steps
 
     ours(True)  # warm-up: allocator, kernels, first-touch of optimizer state
-    times = {"masked": [], "unmasked": [], "bare": []}
+    times = {"masked": [], "unmasked": [], "bare": [], "logits": [], "squarehead": []}
     for _ in range(config.repeats):  # alternated, so drifting machine load hits every variant alike
         times["masked"].append(ours(True))
         times["unmasked"].append(ours(False))
         times["bare"].append(bare())
+        times["logits"].append(ours(True, "logits"))
+        times["squarehead"].append(ours(True, "squarehead"))
     step = {k: statistics.median(v) for k, v in times.items()}
     mask_seconds = mask_seconds_per_step(model, linears, subset[: config.batch_size].to(device))
     tokens = config.batch_size * blocks.shape[1]
@@ -161,7 +171,10 @@ def bench_training(model, blocks, config: BenchConfig, device) -> dict:
             "masked_step_ratio_end_to_end": step["masked"] / step["unmasked"],
             "loop_throughput_ratio": step["bare"] / step["unmasked"],
             "train_tokens_per_second": tokens / step["masked"], "train_flops_per_second": achieved,
-            "matmul_peak_flops_per_second": peak, "train_flops_share_of_peak": achieved / peak}
+            "matmul_peak_flops_per_second": peak, "train_flops_share_of_peak": achieved / peak,
+            "step_seconds_logits": step["logits"], "step_seconds_squarehead": step["squarehead"],
+            "distill_logits_step_ratio": step["logits"] / step["masked"],
+            "distill_squarehead_step_ratio": step["squarehead"] / step["masked"]}
 
 
 def bench_evaluation(model, tokenizer, corpus, seqlen: int, config: BenchConfig) -> dict:

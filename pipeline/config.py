@@ -27,6 +27,11 @@ SEEDED_METHODS = (*CALIBRATED_METHODS, "random")  # the seed draws their windows
 # both then training as many iterations as geometric would: the equal-budget controls of `compare`
 SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
+DISTILL_MODES = ("none", "logits", "squarehead")
+RECOVERIES = ("ce", "logits", "squarehead")  # a grid's names for --distill none, logits, squarehead
+REWIND_HELP = ("after each pruning step, reset the surviving weights to their values at a point, then train: none; "
+               "dense (the starting model, as lottery-ticket studies of pretrained models do); iteration:K (after "
+               "iteration K's training: late rewinding, Frankle et al. 2020, Renda et al. 2020)")
 ONE_SHOT_METHODS = ("sparsegpt", "magnitude", "wanda", "random")  # the grid's untrained one-shot cells
 TRAINED_METHODS = ("iterative", "magnitude+ft", "sparsegpt+ft", "wanda+ft", "random+ft", "dense+ft")  # one budget
 GRID_METHODS = ONE_SHOT_METHODS + TRAINED_METHODS
@@ -55,6 +60,14 @@ class DataConfig(Settings):
 @dataclass
 class TrackingConfig(Settings):
     experiment: str | None = setting(None, "MLflow experiment (ignored under `mlflow run`)")
+    system_metrics: bool = setting(True, "record CPU, memory and GPU use in the run's System metrics (MLflow's "
+                                   "monitor: psutil, and nvidia-ml-py on CUDA)", negatable=True)
+
+
+@dataclass
+class RegistryConfig(Settings):
+    register_model: str | None = setting(None, "register the saved model in MLflow's Model Registry under this name, "
+                                         "its sparsity and perplexity as version tags")
 
 
 # --- pruning -------------------------------------------------------------------------------------
@@ -144,7 +157,16 @@ class TrainConfig(Settings):
     min_lr_ratio: float = setting(0.1, "cosine: the last step's lr as a fraction of --lr", at_least=0, at_most=1)
     grad_clip: float = setting(1.0, "maximal gradient norm (0: no clipping)", at_least=0)
     gradient_checkpointing: bool = setting(False, "trade compute for activation memory")
+    autocast: str = setting("auto", "the training compute's precision, weights staying float32: auto (bf16 on CUDA, "
+                            "float32 on CPU), bf16 (also on CPU) or none", choices=("auto", "bf16", "none"),
+                            noun="autocast")
     log_every: int = setting(10, "steps between train_loss points in MLflow", at_least=1)
+    distill: str = setting("none", "recovery loss: none (cross-entropy); logits (+ distillation of a frozen "
+                           "teacher's logits: the dense model); squarehead (+ its decoder layers' outputs, Kurtic et "
+                           "al. 2023)", choices=DISTILL_MODES, noun="distillation")
+    distill_alpha: float = setting(0.5, "the logits term's weight: (1 - alpha) CE + alpha T^2 KL(teacher || student)",
+                                   at_least=0, at_most=1)
+    distill_temperature: float = setting(2.0, "the softmax temperature T of the logits term", above=0)
 
 
 @dataclass
@@ -160,6 +182,16 @@ class ScheduleConfig(Settings):
                             "(never pruned) train as many iterations as geometric would", choices=SPARSITY_SCHEDULES,
                             noun="schedule")
     final_lr: float | None = setting(None, "last iteration's lr (default: --lr); geometric in between", above=0)
+
+
+@dataclass
+class TasksConfig(Settings):
+    tasks: list[str] = setting([], "comma-separated zero-shot tasks of lm-evaluation-harness: names (pydocs-cloze "
+                               "runs offline; piqa, arc_easy, ... need their data from the hub) or directories of "
+                               "task YAMLs")
+    num_fewshot: int | None = setting(None, "examples in each task's prompt (default: the task's own)", at_least=0)
+    limit: int | None = setting(None, "at most this many examples per task (default: all)", at_least=1)
+    tasks_batch_size: int = setting(8, "examples per forward for the tasks", at_least=1)
 
 
 # --- one config per command ----------------------------------------------------------------------
@@ -181,6 +213,7 @@ class RunConfig(Settings):
 
 @dataclass
 class EvaluateConfig(RunConfig):
+    tasks: TasksConfig = group(TasksConfig)
     split: str = setting("test", "split to evaluate", choices=SPLITS, noun="split")
     batch_size: int | None = setting(None, "windows per forward (default: by memory)", at_least=1)
 
@@ -188,13 +221,19 @@ class EvaluateConfig(RunConfig):
 @dataclass
 class PruneRunConfig(RunConfig):
     prune: PruneConfig = group(PruneConfig, defaults={"method": "sparsegpt"})
+    tasks: TasksConfig = group(TasksConfig)
+    registry: RegistryConfig = group(RegistryConfig)
     output_dir: str | None = setting(None, "default pruned_models/<model>-<method>-<sparsity>")
 
 
 @dataclass
 class TrainRunConfig(RunConfig):
     train: TrainConfig = group(TrainConfig)
+    tasks: TasksConfig = group(TasksConfig)
+    registry: RegistryConfig = group(RegistryConfig)
     output_dir: str | None = setting(None, "default pruned_models/<model>-trained")
+    teacher: str | None = setting(None, "the model --distill learns from (default: the model as loaded; give the "
+                                  "dense one when training a pruned model)")
 
     def check(self) -> None:
         refuse_float16_training(self.model)
@@ -206,17 +245,29 @@ class IterativeConfig(RunConfig):
     train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3})
     prune: PruneConfig = group(PruneConfig, rename={"method": "prune_method", "seed": "prune_seed"},
                                exclude=("sparsity", "pattern"))
+    tasks: TasksConfig = group(TasksConfig, rename={"tasks": "eval_tasks"})
+    registry: RegistryConfig = group(RegistryConfig)
+    eval_tasks_every: int = setting(1, "run --eval-tasks after every N-th iteration (and after the dense model and "
+                                    "the last iteration)", at_least=1)
     train_seqlen: int | None = setting(None, "training window (default: --seqlen)", at_least=2)
     eval_split: str = setting("test", "split evaluated after each pruning and each training step", choices=SPLITS,
                               noun="split")
     output_dir: str | None = setting(None, "checkpoint directory (default under checkpoints/)")
     resume: bool = setting(False, "continue from the last completed iteration in --output-dir")
     save_model: bool = setting(True, "save the final model", negatable=True)
+    rewind: str = setting("none", REWIND_HELP)
     model_dir: str | None = setting(None, "where the final model goes: a save_pretrained directory, and a state "
                                     "dict beside it as <dir>.pt (default pruned_models/<model>-iterative-<target>)")
 
     def check(self) -> None:
         refuse_float16_training(self.model)
+        if not re.fullmatch(r"none|dense|iteration:\d+", self.rewind):
+            raise ConfigError(f"{option('rewind')} '{self.rewind}' is not none, dense or iteration:K (e.g. iteration:1)")
+
+    @property
+    def rewind_iteration(self) -> int | None:
+        """The iteration whose trained weights survivors are reset to (0: the dense model), or None."""
+        return None if self.rewind == "none" else 0 if self.rewind == "dense" else int(self.rewind.split(":")[1])
 
 
 @dataclass
@@ -234,6 +285,9 @@ class GridConfig(Settings):
                                hint="give at least one, e.g. 0,1,2")
     patterns: list[str] = setting([], "comma-separated N:M patterns: the one-shot methods also prune to each, "
                                   "e.g. 2:4 (untrained)")
+    recoveries: list[str] = setting(["ce"], "comma-separated recovery losses of the trained cells, each a cell of its "
+                                    "own: ce (cross-entropy), logits, squarehead (see --distill)",
+                                    choices=RECOVERIES, min_items=1, noun="recovery", hint="give at least one, e.g. ce")
     force: bool = setting(False, "rerun cells that already have a finished run")
     output_dir: str | None = setting(None, "default reports/<experiment>")
     report: bool = setting(True, "write the report when the grid is done", negatable=True)
@@ -248,9 +302,10 @@ class CompareConfig(RunConfig):
     grid: GridConfig = group(GridConfig)
     schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
     train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3},
-                               exclude=("seed",))
+                               exclude=("seed", "distill"))
     prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude",
                                                      "seed"))
+    tasks: TasksConfig = group(TasksConfig)
     preset: str | None = setting(None, "settings a preset changes unless given: demo = the MLproject's main "
                                  "entry point", choices=tuple(PRESETS), noun="preset")
 

@@ -39,6 +39,8 @@ class Corpus:
     eval_max_windows: int | None = None
     train_documents: list | None = None  # c4 only: calibration draws whole documents, as the reference
     tags: dict = field(default_factory=dict)
+    source_type: str = "local"           # where it comes from, for MLflow's dataset records: hugging_face,
+    source: str = ""                     # code (pydocs) or local (text:PATH)
 
     @cached_property
     def digest(self) -> str:
@@ -51,6 +53,11 @@ class Corpus:
         return {"dataset": self.name, "corpus_digest": self.digest[:16],
                 "corpus_bytes": len(self.train_text.encode("utf-8"))
                 + sum(len(t.encode("utf-8")) for t in self.eval_texts.values()), **self.tags}
+
+    def dataset_input(self, split: str, tokens: int, context: str) -> dict:
+        """What MLflow records of a dataset a run read (MLflowLogger.log_input's fields)."""
+        return {"name": self.name, "digest": self.digest[:16], "source_type": self.source_type,
+                "source": self.source or self.name, "context": context, "profile": {"split": split, "tokens": tokens}}
 
     def eval_text(self, split: str) -> str:
         if split not in self.eval_texts:
@@ -72,35 +79,48 @@ def _hub_dataset(loader_name: str, *args, **kwargs):
                     "text:PATH, or fill the HF datasets cache on a machine with network access")
 
 
+def wikitext2_corpus(train: list, validation: list, test: list) -> Corpus:
+    """WikiText-2 as the reference reads it: evaluation lines joined with blank lines ("\\n\\n")."""
+    return Corpus("wikitext2", " ".join(train), {"validation": "\n\n".join(validation), "test": "\n\n".join(test)},
+                  source_type="hugging_face", source="wikitext/wikitext-2-raw-v1")
+
+
+def ptb_corpus(train: list, validation: list, test: list) -> Corpus:
+    """PTB as the reference reads it: sentences joined with single spaces."""
+    return Corpus("ptb", " ".join(train), {"validation": " ".join(validation), "test": " ".join(test)},
+                  source_type="hugging_face", source="ptb_text_only/penn_treebank")
+
+
+def c4_corpus(train_documents: list, validation_documents: list) -> Corpus:
+    """C4 as the reference reads it: the first 1100 validation documents joined with spaces, evaluated on
+    their first 256 windows; calibration draws whole train documents (see calibration_windows)."""
+    eval_text = " ".join(validation_documents[:C4_EVAL_DOCUMENTS])
+    return Corpus("c4", " ".join(train_documents[:C4_TRAINING_DOCUMENTS]), {"validation": eval_text, "test": eval_text},
+                  eval_max_windows=C4_EVAL_WINDOWS, train_documents=list(train_documents), source_type="hugging_face",
+                  source=f"allenai/c4:{C4_TRAIN_SHARD},{C4_VALIDATION_SHARD}")
+
+
 def _wikitext2() -> Corpus:
-    splits = {s: _hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=s)
-              for s in ("train", "validation", "test")}
-    return Corpus("wikitext2", " ".join(splits["train"]["text"]),
-                  {s: "\n\n".join(splits[s]["text"]) for s in ("validation", "test")})
+    return wikitext2_corpus(*(_hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=s)["text"]
+                              for s in ("train", "validation", "test")))
 
 
 def _ptb() -> Corpus:
-    splits = {s: _hub_dataset("ptb", "ptb_text_only", "penn_treebank", split=s)
-              for s in ("train", "validation", "test")}
-    return Corpus("ptb", " ".join(splits["train"]["sentence"]),
-                  {s: " ".join(splits[s]["sentence"]) for s in ("validation", "test")})
+    return ptb_corpus(*(_hub_dataset("ptb", "ptb_text_only", "penn_treebank", split=s)["sentence"]
+                        for s in ("train", "validation", "test")))
 
 
 def _c4() -> Corpus:
     train = _hub_dataset("c4", "allenai/c4", data_files={"train": C4_TRAIN_SHARD}, split="train")
-    valid = _hub_dataset("c4", "allenai/c4", data_files={"validation": C4_VALIDATION_SHARD},
-                         split="validation")
-    eval_text = " ".join(valid[:C4_EVAL_DOCUMENTS]["text"])
-    documents = list(train["text"])
-    return Corpus("c4", " ".join(documents[:C4_TRAINING_DOCUMENTS]),
-                  {"validation": eval_text, "test": eval_text},
-                  eval_max_windows=C4_EVAL_WINDOWS, train_documents=documents)
+    valid = _hub_dataset("c4", "allenai/c4", data_files={"validation": C4_VALIDATION_SHARD}, split="validation")
+    return c4_corpus(train["text"], valid[:C4_EVAL_DOCUMENTS]["text"])
 
 
 def _pydocs() -> Corpus:
     splits = build_pydocs_splits()
     return Corpus("pydocs", splits["train"], {"validation": splits["validation"], "test": splits["test"]},
-                  tags={"corpus_python": python_version()})
+                  tags={"corpus_python": python_version()}, source_type="code",
+                  source=f"the standard library documentation of Python {python_version()}")
 
 
 def _read_utf8(path: Path) -> str:
@@ -125,11 +145,11 @@ def _text_path(path: str) -> Corpus:
         test = _read_utf8(root / "test.txt")
         validation = _read_utf8(root / "validation.txt") if (root / "validation.txt").exists() else test
         return Corpus(f"text:{path}", _read_utf8(root / "train.txt"),
-                      {"validation": validation, "test": test})
+                      {"validation": validation, "test": test}, source=str(root.resolve()))
     if not root.exists():
         raise ConfigError(f"{option('dataset')} text:{path}: no such file or directory")
     text = _read_utf8(root)
-    return Corpus(f"text:{path}", text, {"validation": text, "test": text})
+    return Corpus(f"text:{path}", text, {"validation": text, "test": text}, source=str(root.resolve()))
 
 
 def load_corpus(name: str) -> Corpus:

@@ -38,7 +38,8 @@ from .tracking import tracked_run
 from .tracking.store import finished_cell_runs
 
 # Settings that change where or how a cell runs, not its result.
-NOT_IDENTITY = {"experiment", "output_dir", "resume", "device", "log_every", "save_model", "model_dir"}
+NOT_IDENTITY = {"experiment", "system_metrics", "output_dir", "resume", "device", "log_every", "save_model", "model_dir",
+                "tasks_batch_size"}
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Cell:
     config: object     # the job's config: EvaluateConfig, PruneRunConfig or IterativeConfig
     corpus: str        # digest of the corpus, part of the identity
     pattern: str = "unstructured"  # or N:M (one-shot cells)
+    recovery: str = "ce"           # the trained cells' loss: ce, logits or squarehead
 
     @property
     def key(self) -> str:
@@ -62,16 +64,18 @@ class Cell:
         if self.kind == "dense":
             return "dense"
         amount = f"{self.target:.2f}" if self.pattern == "unstructured" else self.pattern
-        return f"{self.method} {amount}" + (f" seed {self.seed}" if self.seed is not None else "")
+        recovery = f" [{self.recovery}]" if self.recovery != "ce" else ""
+        return f"{self.method}{recovery} {amount}" + (f" seed {self.seed}" if self.seed is not None else "")
 
     @property
     def tags(self) -> dict:
         return {"cell_key": self.key, "cell_kind": self.kind, "cell_method": self.method,
                 "cell_target": f"{self.target:.4f}", "cell_seed": "" if self.seed is None else str(self.seed),
-                "cell_pattern": self.pattern}
+                "cell_pattern": self.pattern, "cell_recovery": self.recovery}
 
 
-def trained_cell_config(config: CompareConfig, method: str, target: float, seed: int) -> IterativeConfig:
+def trained_cell_config(config: CompareConfig, method: str, target: float, seed: int,
+                        recovery: str = "ce") -> IterativeConfig:
     """The IMP loop of one trained cell: the grid's schedule (iterative), one-shot with X (X+ft) or none
     (dense+ft), always the grid's training, so every trained cell at a target has one budget."""
     if method == "iterative":
@@ -80,14 +84,14 @@ def trained_cell_config(config: CompareConfig, method: str, target: float, seed:
         schedule, prune_method = "dense", config.prune.method
     else:
         schedule, prune_method = "one-shot", method.removesuffix("+ft")
-    return IterativeConfig(model=config.model, data=config.data,
+    return IterativeConfig(model=config.model, data=config.data, tracking=config.tracking, tasks=config.tasks,
                            schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
-                           train=replace(config.train, seed=seed),
+                           train=replace(config.train, seed=seed, distill="none" if recovery == "ce" else recovery),
                            prune=replace(config.prune, method=prune_method, seed=seed))
 
 
 def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
-    shared = {"model": config.model, "data": config.data}
+    shared = {"model": config.model, "data": config.data, "tracking": config.tracking, "tasks": config.tasks}
     methods, seeds = config.grid.methods, config.grid.seeds
     cells = [Cell("dense", "dense", 0.0, None, EvaluateConfig(**shared, split="test"), corpus_digest)]
     amounts = [(target, "unstructured") for target in config.grid.sparsities]
@@ -100,10 +104,12 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                 cells.append(Cell("one-shot", method, target, seed, PruneRunConfig(**shared, prune=prune),
                                   corpus_digest, pattern))
     for target in config.grid.sparsities:
-        for method in (m for m in methods if m not in ONE_SHOT_METHODS):
-            for seed in seeds:
-                cells.append(Cell("trained", method, target, seed, trained_cell_config(config, method, target, seed),
-                                  corpus_digest))
+        for recovery in config.grid.recoveries:
+            for method in (m for m in methods if m not in ONE_SHOT_METHODS):
+                for seed in seeds:
+                    cells.append(Cell("trained", method, target, seed,
+                                      trained_cell_config(config, method, target, seed, recovery), corpus_digest,
+                                      recovery=recovery))
     return cells
 
 
@@ -129,7 +135,8 @@ def run_grid(config: CompareConfig) -> pd.DataFrame | None:
     cells = plan_cells(config, corpus.digest[:16])
     name = f"compare {Path(config.model.model).name} {config.data.dataset}"
     with tracked_run(name, flat_values(config), {"model": config.model.model, "dataset": config.data.dataset,
-                                                 "kind": "compare"}, config.tracking.experiment) as logger:
+                                                 "kind": "compare"}, config.tracking.experiment,
+                     system_metrics=config.tracking.system_metrics) as logger:
         main = is_main_process()
         experiment_id = mlflow.get_run(logger.run_id).info.experiment_id if main else None
         done = from_main({key: run.info.run_id for key, run in finished_cell_runs(experiment_id).items()}

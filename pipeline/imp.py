@@ -33,6 +33,8 @@ class ImpPlan:
     prune_to: Callable[[float], None]              # prunes the model to a sparsity; a zero stays a zero
     evaluate: Callable[[], float]                  # perplexity of the model as it is now
     train_config: Callable[[int], TrainConfig]     # iteration k's recovery training
+    teacher: nn.Module | None = None               # the frozen model a distilling recovery learns from
+    before_training: Callable[[int], None] | None = None  # e.g. rewinding the surviving weights
 
 
 def dense_record(sparsity: float, perplexity: float, seconds: float) -> dict:
@@ -42,13 +44,23 @@ def dense_record(sparsity: float, perplexity: float, seconds: float) -> dict:
             "lr": 0.0, "train_tokens": 0, "train_steps": 0, "train_flops": 0.0}
 
 
+@torch.no_grad()
+def rewind_weights(model: nn.Module, linears: dict, state: dict) -> None:
+    """Every weight back to its value in `state`, keeping the zeros pruning has just made: the surviving
+    weights rewound, the mask the current one (taken from the trained weights)."""
+    masks = {name: module.weight != 0 for name, module in linears.items()}
+    model.load_state_dict(state)
+    for name, module in linears.items():
+        module.weight.mul_(masks[name])
+
+
 def recovery_pct(ppl_after_prune: float, ppl_after_train: float) -> float:
     """(ppl_after_prune - ppl_after_train) / ppl_after_prune, in percent: 32.45 -> 28.67 is 11.7%."""
     return 100.0 * (ppl_after_prune - ppl_after_train) / ppl_after_prune
 
 
 def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan, previous: dict,
-                  on_step: Callable[[int, float, float], None] | None = None) -> dict:
+                  on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Prune to targets[k-1], evaluate, train with the mask kept, evaluate; returns the iteration's record.
     A pruning step that changes nothing (one-shot's later iterations, dense) is not evaluated again."""
     started = time.perf_counter()
@@ -58,8 +70,11 @@ def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor,
     sparsity = sparsity_of(linears)
     ppl_pruned = plan.evaluate() if sparsity != before else previous["ppl_after_train"]
     print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {ppl_pruned:.2f}")
+    if plan.before_training is not None:
+        plan.before_training(k)
     config = plan.train_config(k)
-    result = train_keeping_masks(model, linears, blocks, config, desc=f"Iteration {k}", on_log=on_step)
+    result = train_keeping_masks(model, linears, blocks, config, teacher=plan.teacher, desc=f"Iteration {k}",
+                                 on_log=on_step)
     ppl_trained = plan.evaluate()
     return {"iteration": k, "sparsity": sparsity, "ppl_after_prune": ppl_pruned, "ppl_after_train": ppl_trained,
             "recovery_pct": recovery_pct(ppl_pruned, ppl_trained), "train_loss": result.final_loss,
@@ -72,7 +87,7 @@ def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor,
 def run_imp(model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan, history: list,
             on_iteration: Callable[[dict], None], on_step: Callable[[int], Callable] | None = None) -> list:
     """Runs the iterations the history (entry 0: the unpruned model) does not hold yet, calling
-    `on_iteration(record)` after each and `on_step(k)(step, loss, lr)` as iteration k trains."""
+    `on_iteration(record)` after each and `on_step(k)(step, metrics)` as iteration k trains."""
     n = len(plan.targets)
     for k in range(len(history), n + 1):
         print(f"\n{'=' * 20} Iteration {k}/{n} {'=' * 20}")

@@ -15,6 +15,9 @@ Training, per process (DDP keeps a full replica on every GPU):
                                                    With --gradient-checkpointing: L * h * act_bytes plus one
                                                    layer's full set
     logits, their float32 copy and its gradient    V * (act_bytes + 8)  per token
+    with --distill, the teacher: its weights         P * param_bytes (FSDP: / N), and per token its logits and
+                                                   both models' float32 log-probabilities  V * (act_bytes + 8)
+                                                   (its forward keeps nothing for backward)
 SparseGPT on the device (the model stays in CPU memory; one decoder layer at a time moves over):
     one layer's weights + the calibration activations in and out (2 * n * seqlen * h * act_bytes)
     + a float32 Hessian per prunable matrix (its inputs squared) + the factorization's two copies of
@@ -126,6 +129,12 @@ def training_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes:
     return parts
 
 
+def teacher_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes: int, processes: int = 1) -> int:
+    """What --distill adds: the frozen teacher's weights (sharded under FSDP) and the distillation's logits."""
+    shape = shape_of(config)
+    return shape.params * param_bytes // processes + batch * seqlen * shape.vocab * (act_bytes + 8)
+
+
 def fsdp_state_bytes(config, processes: int, param_bytes: int) -> int:
     """Weights, gradients, AdamW moments and masks held by one of `processes` FSDP processes."""
     shape = shape_of(config)
@@ -210,8 +219,8 @@ def memory_table(measure: bool = True) -> str:
     """The README's memory table: the formula for published sizes, and formula vs measurement on small widths."""
     lines = ["| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
              "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
-             "| SparseGPT device peak (fp16, 128 x 2048) |",
-             "|---|---|---|---|---|---|---|"]
+             "| + teacher for --distill (fp32 weights, one sequence) | SparseGPT device peak (fp16, 128 x 2048) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, config in published_configs().items():
         fp32 = training_bytes(config, 1, 2048, 4, 2)
         checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
@@ -219,6 +228,7 @@ def memory_table(measure: bool = True) -> str:
                      f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
                      f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
                      f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
+                     f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} GiB"
                      f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |")
     if not measure:
         return "\n".join(lines)

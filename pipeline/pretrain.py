@@ -142,7 +142,8 @@ def run_pretrain(config: PretrainConfig) -> dict:
     with owned_output_dir(output_dir), tracked_run(
             f"pretrain {config.name} pydocs", flat_values(config), {"model": config.name, "dataset": "pydocs"},
             config.tracking.experiment, journal_dir=output_dir) as logger:
-        summary = pretrain(config, on_log=lambda step, loss, lr: logger.log_dict({"train_loss": loss, "lr": lr}, step))
+        summary = pretrain(config, on_log=lambda step, metrics: logger.log_dict(
+            {"train_loss": metrics["loss"], "lr": metrics["lr"]}, step))
         logger.set_tags({k: v for k, v in summary["corpus"].items() if k != "dataset"})
         logger.log_dict({"test_perplexity": summary["test_perplexity"],
                          "validation_perplexity": summary["validation_perplexity"],

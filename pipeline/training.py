@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .distillation import Distillation, cross_entropy
 from .distributed import (check_launch, copy_full_weights, local_numel, shards_parameters, sync_from_main,
                           training_accelerator)
 from .pruning.masks import MaskKeeper
@@ -42,6 +43,7 @@ class TrainResult:
     seconds: float = 0.0
     parallelism: str = "NO"        # Accelerate's distributed type: NO, MULTI_GPU / MULTI_CPU (DDP), FSDP
     held_parameters: int = 0       # parameter elements this process held while training (its shards under FSDP)
+    teacher_held_parameters: int = 0  # the same, of the distillation teacher
 
     @property
     def final_loss(self) -> float:
@@ -105,13 +107,22 @@ def _set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
 
 
+def _teacher_on(teacher: nn.Module, accelerator, sharded: bool, device: torch.device) -> nn.Module:
+    """The frozen teacher where the student trains: on each process's device (DDP: a copy per process), or
+    sharded across the processes as the student is (FSDP2)."""
+    if not sharded:
+        return teacher.to(device)
+    return accelerator.prepare_model(copy.deepcopy(teacher).to("cpu").requires_grad_(False))
+
+
 def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, *, mask_keeper=None,
-                    desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
-                    show_progress: bool = True) -> TrainResult:
-    """Trains `model` in place on `blocks` [n, seqlen]; `on_log(global_step, loss, lr)` every log_every steps."""
+                    teacher: nn.Module | None = None, desc: str = "Training",
+                    on_log: Callable[[int, dict], None] | None = None, show_progress: bool = True) -> TrainResult:
+    """Trains `model` in place on `blocks` [n, seqlen], with `config.distill`'s objective (`teacher` frozen);
+    `on_log(global_step, {"loss", "lr", and the loss's parts})` every log_every steps."""
     check_launch(config.batch_size)
     home = next(model.parameters()).device
-    use_bf16 = home.type == "cuda"
+    use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and home.type == "cuda")
     accelerator = training_accelerator(cpu=home.type == "cpu")
     sharded = shards_parameters(accelerator)
     trained = _module_to_train(model, sharded)
@@ -126,6 +137,11 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         mask_keeper.refresh()
         keeper = mask_keeper.over(trained) if sharded else mask_keeper
     device = next(wrapped.parameters()).device
+    objective = cross_entropy
+    if config.distill != "none":
+        if teacher is None:
+            raise ValueError(f"--distill {config.distill} needs a teacher model")
+        objective = Distillation(_teacher_on(teacher, accelerator, sharded, device), config)
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = steps_per_epoch(blocks.shape[0], config)
     total_steps = per_epoch * config.epochs
@@ -133,7 +149,9 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
     share = micro // world
     show_progress = show_progress and accelerator.is_main_process
     result = TrainResult(parallelism=accelerator.distributed_type.value,
-                         held_parameters=sum(local_numel(p) for p in trained.parameters()))
+                         held_parameters=sum(local_numel(p) for p in trained.parameters()),
+                         teacher_held_parameters=sum(local_numel(p) for p in objective.teacher.parameters())
+                         if isinstance(objective, Distillation) else 0)
     started = time.perf_counter()
     trained.train()
     step = 0
@@ -142,13 +160,11 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         bar = tqdm(range(per_epoch), desc=f"{desc}, Epoch {epoch + 1}/{config.epochs}",
                    disable=not show_progress, dynamic_ncols=True)
         epoch_loss_sum = torch.zeros((), device=device)
-        window_loss_sum = torch.zeros((), device=device)
-        steps_in_window = 0
+        window, steps_in_window = {}, 0  # the loss and its parts, summed since the last log
         for step_in_epoch in bar:
             lr = lr_at(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
             for accum in range(config.grad_accum):
                 first = ((step_in_epoch * config.grad_accum + accum) * micro) % blocks.shape[0]
                 index = order[first:first + micro][rank * share:(rank + 1) * share]
@@ -157,9 +173,11 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
                 # gradients are averaged across processes once per optimizer step, not per micro-batch
                 with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss = wrapped(input_ids=batch, labels=batch, use_cache=False).loss
+                        loss, parts = objective(wrapped, batch)
                     accelerator.backward(loss / config.grad_accum)
-                step_loss += loss.detach() / config.grad_accum
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    window[key] = window.get(key, 0.0) + value / config.grad_accum
+                epoch_loss_sum += loss.detach() / config.grad_accum
                 result.tokens += batch.numel() * world
             if keeper is not None:
                 keeper.zero_pruned_grads()
@@ -169,20 +187,18 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
             optimizer.zero_grad(set_to_none=True)
             if keeper is not None:
                 keeper.zero_pruned_weights()
-            epoch_loss_sum += step_loss
-            window_loss_sum += step_loss
             steps_in_window += 1
             step += 1
             # Reading the loss forces a device sync, so it happens only every log_every steps.
             if step % config.log_every == 0 or step_in_epoch == per_epoch - 1:
-                running = accelerator.reduce(window_loss_sum, "mean").item() / steps_in_window
-                window_loss_sum.zero_()
-                steps_in_window = 0
-                if not math.isfinite(running):
-                    raise NonFiniteLoss(step, running)
-                bar.set_postfix(loss=f"{running:.4f}")
+                running = {key: accelerator.reduce(value, "mean").item() / steps_in_window
+                           for key, value in window.items()}
+                window, steps_in_window = {}, 0
+                if not math.isfinite(running["loss"]):
+                    raise NonFiniteLoss(step, running["loss"])
+                bar.set_postfix(loss=f"{running['loss']:.4f}")
                 if on_log is not None:
-                    on_log(step, running, lr)
+                    on_log(step, {**running, "lr": lr})
         bar.close()
         result.epoch_losses.append(accelerator.reduce(epoch_loss_sum, "mean").item() / per_epoch)
         if show_progress:
@@ -195,18 +211,18 @@ def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig,
         model.to(home)
     if config.gradient_checkpointing:
         _set_gradient_checkpointing(trained, False)
-    del wrapped, trained, keeper
+    del wrapped, trained, keeper, objective
     accelerator.free_memory()  # drops the DDP/FSDP wrapper; `model` itself holds the trained weights
     model.eval()
     return result
 
 
 def train_keeping_masks(model: nn.Module, linears: dict, blocks: torch.Tensor, config: TrainConfig, *,
-                        desc: str = "Training", on_log: Callable[[int, float, float], None] | None = None,
-                        show_progress: bool = True) -> TrainResult:
+                        teacher: nn.Module | None = None, desc: str = "Training",
+                        on_log: Callable[[int, dict], None] | None = None, show_progress: bool = True) -> TrainResult:
     """Recovery training: every pruned weight of `linears` stays exactly zero, which is checked after."""
     keeper = MaskKeeper(linears)
-    result = train_causal_lm(model, blocks, config, mask_keeper=keeper, desc=desc, on_log=on_log,
+    result = train_causal_lm(model, blocks, config, mask_keeper=keeper, teacher=teacher, desc=desc, on_log=on_log,
                              show_progress=show_progress)
     changed = keeper.changed_matrices()
     if changed:

@@ -68,6 +68,19 @@ class Workload:
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityResult:
         return evaluate_on(self.model, self.tokenizer, self.corpus, split, self.seqlen, self.device, batch_size)
 
+    def record_inputs(self, logger, evaluation: str | None = None, training: torch.Tensor | None = None,
+                      calibration: tuple | None = None) -> None:
+        """The datasets the run reads, in MLflow's Datasets: an evaluation split, training blocks, and
+        (windows, corpus) of a calibration draw."""
+        if evaluation:
+            tokens = eval_tokens(self.corpus, self.tokenizer, evaluation, self.seqlen).numel()
+            logger.log_input(**self.corpus.dataset_input(evaluation, tokens, "evaluation"))
+        if training is not None:
+            logger.log_input(**self.corpus.dataset_input("train", training.numel(), "training"))
+        if calibration is not None and calibration[0] is not None:
+            windows, corpus = calibration
+            logger.log_input(**corpus.dataset_input("train", windows.numel(), "calibration"))
+
     def training_blocks(self, seqlen: int | None = None) -> torch.Tensor:
         return training_blocks(self.corpus, self.tokenizer, resolve_seqlen(self.model, seqlen or self.seqlen))
 

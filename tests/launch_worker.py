@@ -16,7 +16,7 @@ from pipeline.pruning.masks import MaskKeeper, model_masks, prunable_linears, sp
 from pipeline.training import TrainConfig, train_causal_lm
 
 
-def train_and_record(model_dir: str, corpus_dir: str, out: Path) -> None:
+def train_and_record(model_dir: str, corpus_dir: str, out: Path, distill: str = "none") -> None:
     rank = process_index()
     model, tokenizer = load_model_and_tokenizer(model_dir)
     if rank > 0:  # a rank that starts from other weights prunes another mask: training must make it rank 0's
@@ -28,16 +28,18 @@ def train_and_record(model_dir: str, corpus_dir: str, out: Path) -> None:
     corpus = load_corpus(f"text:{corpus_dir}")
     blocks = training_blocks(corpus, tokenizer, 64)
     keeper = MaskKeeper(linears)
-    result = train_causal_lm(model, blocks, TrainConfig(lr=2e-3, batch_size=4, max_steps=6, log_every=2),
-                             mask_keeper=keeper, show_progress=False)
+    teacher, _ = load_model_and_tokenizer(model_dir)  # the dense model, the same on every rank
+    result = train_causal_lm(model, blocks, TrainConfig(lr=2e-3, batch_size=4, max_steps=6, log_every=2,
+                                                        distill=distill),
+                             mask_keeper=keeper, teacher=teacher, show_progress=False)
     ppl = perplexity(model, eval_tokens(corpus, tokenizer, "test", 64), 64).perplexity
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"masks": model_masks(linears), "state": model.state_dict(), "losses": result.epoch_losses,
                 "tokens": result.tokens, "sparsity": sparsity_of(linears), "perplexity": ppl,
                 "changed": keeper.changed_matrices(), "parallelism": result.parallelism,
-                "held_parameters": result.held_parameters,
+                "held_parameters": result.held_parameters, "teacher_held_parameters": result.teacher_held_parameters,
                 "parameters": sum(p.numel() for p in model.parameters())}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    train_and_record(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
+    train_and_record(sys.argv[1], sys.argv[2], Path(sys.argv[3]), *sys.argv[4:])

@@ -15,9 +15,8 @@ from pipeline.local_server import free_port
 from imp_jobs import final_perplexity, final_sparsity
 
 WORKER = Path(__file__).with_name("launch_worker.py")
-LAUNCH_FLAGS = {"ddp": ["--multi_gpu"],
-                "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                         "--fsdp_transformer_layer_cls_to_wrap", "OPTDecoderLayer"]}  # as the README says
+LAUNCH_FLAGS = {"ddp": ["--multi_gpu"],  # as the README says: the wrapped layer class is read from the model
+                "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]}
 
 
 def accelerate_launch(mode: str, *args) -> list:
@@ -32,12 +31,13 @@ def run(command, cwd, env=None) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_keep_one_mask_and_train_like_one(mode, tmp_path, tiny_model_dir, corpus_dir):
+@pytest.mark.parametrize("mode, distill", [("ddp", "none"), ("fsdp", "none"), ("ddp", "logits"), ("fsdp", "squarehead")])
+def test_two_processes_keep_one_mask_and_train_like_one(mode, distill, tmp_path, tiny_model_dir, corpus_dir):
     from launch_worker import train_and_record
 
-    train_and_record(str(tiny_model_dir), str(corpus_dir), tmp_path / "single")  # one process: this one
-    run(accelerate_launch(mode, str(WORKER), str(tiny_model_dir), str(corpus_dir), str(tmp_path / mode)), tmp_path)
+    train_and_record(str(tiny_model_dir), str(corpus_dir), tmp_path / "single", distill)  # one process: this one
+    run(accelerate_launch(mode, str(WORKER), str(tiny_model_dir), str(corpus_dir), str(tmp_path / mode), distill),
+        tmp_path)
     single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
     ranks = [torch.load(tmp_path / mode / f"rank{i}.pt", weights_only=True) for i in range(2)]
     for name, mask in single["masks"].items():  # rank 1 pruned other weights; training gave it rank 0's
@@ -55,11 +55,16 @@ def test_two_processes_keep_one_mask_and_train_like_one(mode, tmp_path, tiny_mod
     if mode == "ddp":
         assert [r["parallelism"] for r in ranks] == ["MULTI_CPU"] * 2
         assert all(r["held_parameters"] == r["parameters"] for r in ranks)  # every process holds a full copy
+        if distill != "none":  # and a full copy of the teacher
+            assert all(r["teacher_held_parameters"] == r["parameters"] for r in ranks)
     else:
         assert [r["parallelism"] for r in ranks] == ["FSDP"] * 2
         # each process held its half of every parameter (dim 0 split in two) and no more
         assert sum(r["held_parameters"] for r in ranks) == single["parameters"]
         assert all(r["held_parameters"] < 0.6 * r["parameters"] for r in ranks)
+        if distill != "none":  # the teacher is sharded as the student is
+            assert sum(r["teacher_held_parameters"] for r in ranks) == single["parameters"]
+            assert all(r["teacher_held_parameters"] < 0.6 * r["parameters"] for r in ranks)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -121,16 +121,15 @@ def test_sparsegpt_beats_magnitude_on_correlated_inputs():
 
 
 def test_sparsegpt_2_4_is_exact_and_sparsity_zero_changes_nothing():
+    """The OBS result itself is checked against an oracle in test_oracles.py; here, the pattern and the no-op."""
     W, X, H = correlated_problem()
     pruned, _ = sparsegpt_prune_matrix(W, H.clone(), 0.0, prune_n=2, prune_m=4, blocksize=32)
     groups = (pruned != 0).reshape(W.shape[0], -1, 4).sum(dim=2)
     assert (groups == 2).all()
     unchanged, losses = sparsegpt_prune_matrix(W, H.clone(), 0.0)
     assert torch.allclose(unchanged, W, atol=1e-5) and float(losses.sum()) == 0.0
-    again, _ = sparsegpt_prune_matrix(W, H.clone(), 0.0, prune_n=2, prune_m=4, blocksize=32)
-    assert torch.equal(again, pruned)  # deterministic
     magnitude_24 = wanda_prune_matrix(W, torch.ones(W.shape[1]), 0.0, 2, 4)
-    assert output_error(W, pruned, X) < output_error(W, magnitude_24, X)
+    assert output_error(W, pruned, X) < 0.75 * output_error(W, magnitude_24, X)
 
 
 def test_sparsegpt_honours_an_existing_mask_and_dead_inputs():
@@ -254,7 +253,7 @@ def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_m
     first = run_prune(build(PruneRunConfig, {**common, "method": "wanda"}))
     assert "(cached)" not in capsys.readouterr().out
     second = run_prune(build(PruneRunConfig, {**common, "method": "sparsegpt"}))
-    assert "dense perplexity" in capsys.readouterr().out
+    assert "(cached)" in capsys.readouterr().out  # the second run read the first's dense perplexity
     assert second["dense_perplexity"] == first["dense_perplexity"]
 
     dense_model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))

@@ -8,6 +8,7 @@ same MLflow run, logging no step twice.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..checkpoint import atomic_torch_save, load_checkpoint, restore_rng_state, 
 from ..config import IterativeConfig, ScheduleConfig
 from ..distributed import check_launch, is_main_process
 from ..errors import ConfigError, UserError, option, sigterm_as_interrupt
-from ..imp import ITERATION_METRICS, ImpPlan, dense_record, run_imp
+from ..imp import ITERATION_METRICS, ImpPlan, dense_record, rewind_weights, run_imp
 from ..models import save_model
 from ..outputs import check_writable_dir, owned_output_dir
 from ..perplexity import change_pct
@@ -31,6 +32,7 @@ from ..tracking import tracked_run
 from ..tracking.store import check_tracking_store
 from ..training import NonFiniteLoss, steps_per_epoch
 from ..workload import Inputs, check_inputs, load_workload
+from ..zeroshot import check_tasks, log_tasks
 
 # Settings that may differ when resuming: where it runs, and what the README advises changing mid-run.
 RESUMABLE_CHANGES = {"device", "experiment", "save_model", "model_dir", "log_every", "max_iterations", "lr",
@@ -143,6 +145,30 @@ def _restore(checkpoint: dict, model, linears: dict, out: Path) -> list:
     return checkpoint["history"]
 
 
+class Rewind:
+    """The rewind point of `config.rewind` and its use: before iteration k trains, after the point."""
+
+    def __init__(self, config: IterativeConfig, out: Path, start):
+        self.iteration = config.rewind_iteration
+        self.path = out / f"rewind-iteration-{self.iteration}.pt"  # iteration:K's weights, for resuming
+        self.state = None
+        if self.iteration == 0:
+            self.state = {k: v.detach().cpu().clone() for k, v in start.state_dict().items()}
+        elif self.iteration is not None and self.path.exists():
+            self.state = torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def remember(self, iteration: int, model) -> None:
+        if self.iteration and iteration == self.iteration:
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if is_main_process():
+                atomic_torch_save(self.state, self.path)
+
+    def __call__(self, k: int, model, linears: dict) -> None:
+        if self.state is not None and k > self.iteration:
+            rewind_weights(model, linears, self.state)
+            print(f"Rewound the surviving weights to {'the dense model' if self.iteration == 0 else f'iteration {self.iteration}'}")
+
+
 def _step_logger(logger, steps_per_iteration: int) -> Callable[[int], Callable]:
     """on_step(k): logs iteration k's training steps at global step numbers, none twice after a resume."""
     already_logged = max(logger.logged_steps("train_step_loss"), default=0)
@@ -150,9 +176,10 @@ def _step_logger(logger, steps_per_iteration: int) -> Callable[[int], Callable]:
     def on_step(k: int):
         offset = (k - 1) * steps_per_iteration
 
-        def log_step(step: int, loss: float, lr: float) -> None:
+        def log_step(step: int, metrics: dict) -> None:
             if offset + step > already_logged:
-                logger.log_dict({"train_step_loss": loss, "train_lr": lr}, step=offset + step)
+                names = {"loss": "train_step_loss", "lr": "train_lr"}  # and the loss's parts as they are
+                logger.log_dict({names.get(k, k): v for k, v in metrics.items()}, step=offset + step)
         return log_step
     return on_step
 
@@ -168,20 +195,30 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
     logger.set_tags(work.corpus.describe())
     blocks = work.training_blocks(config.train_seqlen)
     linears = prunable_linears(work.model, config.prune.include, config.prune.exclude)
-    windows, _ = work.calibration(config.prune)
+    windows, calibration = work.calibration(config.prune)
+    work.record_inputs(logger, evaluation=config.eval_split, training=blocks, calibration=(windows, calibration))
     resolved = flat_values(config)
 
     def evaluate() -> float:
         return work.evaluate(config.eval_split).perplexity
 
     def after_iteration(entry: dict) -> None:
+        k = entry["iteration"]
+        rewind.remember(k, work.model)
         if is_main_process():
-            save_checkpoint(out, model_state=work.model.state_dict(), masks=model_masks(linears),
-                            iteration=entry["iteration"], history=history, config=resolved, run_id=logger.run_id)
+            save_checkpoint(out, model_state=work.model.state_dict(), masks=model_masks(linears), iteration=k,
+                            history=history, config=resolved, run_id=logger.run_id)
         _log_iteration(logger, entry)
+        if config.tasks.tasks and is_main_process() and (k % config.eval_tasks_every == 0 or k == len(targets)):
+            log_tasks(logger, work.model, work.tokenizer, config.tasks, work.seqlen, step=k,
+                      artifact=f"lm_eval/iteration-{k}.json")
         logger.flush()
         if on_iteration is not None:
             on_iteration(entry)
+
+    # the starting model: the teacher a distilling recovery learns from, and the `dense` rewind point
+    start = copy.deepcopy(work.model) if config.train.distill != "none" or config.rewind == "dense" else None
+    rewind = Rewind(config, out, start)
 
     if checkpoint is None:
         started = time.perf_counter()
@@ -204,7 +241,9 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
         prune_to=prune_to,
         evaluate=evaluate,
         train_config=lambda k: replace(config.train, lr=learning_rate_for(k, len(targets), config.train.lr, final_lr),
-                                       seed=config.train.seed + 1000 * k))
+                                       seed=config.train.seed + 1000 * k),
+        teacher=start if config.train.distill != "none" else None,
+        before_training=lambda k: rewind(k, work.model, linears))
     steps_per_iteration = steps_per_epoch(blocks.shape[0], config.train) * config.train.epochs
     try:
         run_imp(work.model, linears, blocks, plan, history, after_iteration,
@@ -220,6 +259,10 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
     if config.save_model and is_main_process():
         model_paths = save_final_model(work.model, work.tokenizer, config)
         logger.log_artifacts(model_paths[1], "model")
+        if config.registry.register_model:
+            logger.register_model(config.registry.register_model, "model",
+                                  {"sparsity": history[-1]["sparsity"], "perplexity": history[-1]["ppl_after_train"],
+                                   "method": config.prune.method, "schedule": config.schedule.schedule})
     logger.log_dict(_final_metrics(history))
     _print_summary(history, model_paths)
     return history
@@ -252,6 +295,7 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
     check_tracking_store()
     inputs = check_inputs(config.model, config.data, eval_split=config.eval_split, training=True,
                           train_seqlen=config.train_seqlen, prune=config.prune)  # bad input opens no run
+    check_tasks(config.tasks)
     params = {**flat_values(config), "output_dir": str(out)}
     name = (f"iterative {config.prune.method} {Path(config.model.model).name} {config.data.dataset} "
             f"-> {config.schedule.target_sparsity:.2f}")
@@ -261,7 +305,8 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
         with sigterm_as_interrupt(), owned_output_dir(out) if main else contextlib.nullcontext():
             checkpoint = _checkpoint_to_continue(config, out)
             with tracked_run(name, params, tags, config.tracking.experiment,
-                             resume_run_id=checkpoint["run_id"] if checkpoint else None, journal_dir=out) as logger:
+                             resume_run_id=checkpoint["run_id"] if checkpoint else None, journal_dir=out,
+                             system_metrics=config.tracking.system_metrics) as logger:
                 return iterate(config, logger, checkpoint, inputs=inputs)
     except KeyboardInterrupt as stop:
         stop.hint = (f"Stopped. Completed iterations are saved in {out}; continue with the same settings plus "

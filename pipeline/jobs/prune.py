@@ -18,6 +18,7 @@ from ..settings import flat_values
 from ..tracking import tracked_run
 from ..tracking.store import check_tracking_store
 from ..workload import check_inputs, load_workload
+from ..zeroshot import check_tasks, log_tasks
 
 SPLIT = "test"
 
@@ -32,16 +33,18 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
     output_dir = check_writable_dir(output_dir_of(config)) if main else output_dir_of(config)
     check_tracking_store()
     inputs = check_inputs(config.model, config.data, eval_split=SPLIT, prune=prune)  # bad input opens no run
+    check_tasks(config.tasks)
     params = {**flat_values(config), "output_dir": str(output_dir), "split": SPLIT}
     with owned_output_dir(output_dir) if main else contextlib.nullcontext(), tracked_run(
             f"prune {prune.label} {model_name} {dataset}", params,
             {"model": model_name, "dataset": dataset, "method": prune.method, "kind": "one-shot", **(tags or {})},
-            config.tracking.experiment) as logger:
+            config.tracking.experiment, system_metrics=config.tracking.system_metrics) as logger:
         work = load_workload(config.model, config.data, inputs, keep_on_cpu=True)
         logger.set_tags(work.corpus.describe())
         dense, cached = dense_perplexity(work, SPLIT)
         print(f"dense perplexity: {dense:.4f}" + (" (cached)" if cached else ""))
         windows, calibration = work.calibration(prune)
+        work.record_inputs(logger, evaluation=SPLIT, calibration=(windows, calibration))
         if calibration is not None:
             logger.set_tags({"calibration_digest": calibration.digest[:16]})
         print(f"pruning {model_name} with {prune.label} ...", flush=True)
@@ -55,8 +58,14 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         logger.log_dict_artifact(report, "sparsity_report.json")
         if result.layers:
             logger.log_text(layer_table_csv(result.layers), "layers.csv")
+        if config.tasks.tasks:
+            log_tasks(logger, work.model, work.tokenizer, config.tasks, work.seqlen)
         if main:
             save_model(work.model, work.tokenizer, output_dir)
+            if config.registry.register_model:
+                logger.log_artifacts(output_dir, "model")
+                logger.register_model(config.registry.register_model, "model",
+                                      {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label})
     print(f"{prune.label}: sparsity {report['prunable']:.4f} of prunable weights "
           f"({report['all_parameters']:.4f} of all), perplexity {pruned:.4f} (dense {dense:.4f}, "
           f"{change_pct(pruned, dense):+.1f}%), {result.seconds:.1f}s; saved to {output_dir}")

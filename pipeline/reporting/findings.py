@@ -57,7 +57,7 @@ def findings(summary: pd.DataFrame) -> list[str]:
             sentences.append(f"At {amount} without training, the best one-shot method is {best['method']} "
                              f"with {_ppl(best)} ({best['vs_dense_pct']:+.1f}% vs dense).")
         trained = group[group["kind"] == "trained"]
-        sparse = trained[trained["method"] != "dense+ft"].sort_values("perplexity")
+        sparse = trained[~trained["method"].str.startswith("dense+ft")].sort_values("perplexity")
         if len(sparse):
             winner = sparse.iloc[0]
             budget = f"{tokens_text(winner['train_tokens'])} training tokens"

@@ -23,8 +23,14 @@ from .plots import budget_curves, iterative_curves, perplexity_vs_sparsity
 from .results import collect_runs, summarize
 
 NAMES = {"unpruned": "Unpruned", "sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "Magnitude",
-         "iterative": "Iterative", "magnitude+ft": "Magnitude + FT", "sparsegpt+ft": "SparseGPT + FT",
-         "wanda+ft": "Wanda + FT", "dense+ft": "Dense + FT"}
+         "random": "Random", "iterative": "Iterative", "magnitude+ft": "Magnitude + FT", "sparsegpt+ft": "SparseGPT + FT",
+         "wanda+ft": "Wanda + FT", "random+ft": "Random + FT", "dense+ft": "Dense + FT"}
+
+
+def display_name(method: str) -> str:
+    """"sparsegpt+ft [logits]" -> "SparseGPT + FT [logits]"."""
+    base, _, rest = method.partition(" ")
+    return " ".join(filter(None, [NAMES.get(base, base), rest]))
 
 
 def _duration(seconds: float) -> str:
@@ -45,7 +51,7 @@ def main_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Every method at every sparsity: the user's columns, with n and the training budget."""
     dense = [k == "dense" for k in summary["kind"]]
     return pd.DataFrame({
-        "Method": [NAMES.get(m, m) for m in summary["method"]],
+        "Method": [display_name(m) for m in summary["method"]],
         "Sparsity": [f"{s:.0%}" if p == "unstructured" else p for s, p in zip(summary["sparsity"], summary["pattern"])],
         "Perplexity": [_perplexity(row) for _, row in summary.iterrows()],
         "n": list(summary["n"]),
@@ -60,7 +66,7 @@ def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
     control = rows.loc[rows["method"] == "dense+ft", "perplexity"]
     return pd.DataFrame({
-        "Method": [NAMES.get(m, m) for m in rows["method"]],
+        "Method": [display_name(m) for m in rows["method"]],
         "Sparsity": [f"{s:.0%}" for s in rows["sparsity"]],
         "Perplexity": [_perplexity(row) for _, row in rows.iterrows()],
         "n": list(rows["n"]),

@@ -6,11 +6,11 @@ import math
 
 import pandas as pd
 
-from ..config import ONE_SHOT_METHODS, TRAINED_METHODS
+from ..config import ONE_SHOT_METHODS, RECOVERIES, TRAINED_METHODS
 from ..perplexity import change_pct
 from ..tracking.store import finished_cell_runs
 
-RUN_COLUMNS = ["method", "kind", "target_sparsity", "pattern", "seed", "sparsity", "perplexity", "train_tokens",
+RUN_COLUMNS = ["method", "kind", "target_sparsity", "pattern", "recovery", "seed", "sparsity", "perplexity", "train_tokens",
                "train_flops", "seconds", "run_id"]
 METHOD_ORDER = {m: i for i, m in enumerate(("unpruned", *ONE_SHOT_METHODS, *TRAINED_METHODS))}
 KIND_ORDER = {"dense": 0, "one-shot": 1, "trained": 2}
@@ -26,7 +26,9 @@ def _row(run) -> dict:
     else:
         sparsity, ppl = metrics["sparsity"], metrics["perplexity"]
     seed = tags.get("cell_seed", "")
-    return {"method": "unpruned" if kind == "dense" else tags["cell_method"], "kind": kind,
+    recovery = tags.get("cell_recovery", "ce")
+    method = "unpruned" if kind == "dense" else tags["cell_method"] + (f" [{recovery}]" if recovery != "ce" else "")
+    return {"method": method, "kind": kind, "recovery": recovery,
             "target_sparsity": float(tags["cell_target"]), "pattern": tags.get("cell_pattern", "unstructured"),
             "seed": int(seed) if seed else None, "sparsity": sparsity,
             "perplexity": ppl, "train_tokens": int(metrics.get("train_tokens", 0)),
@@ -35,10 +37,13 @@ def _row(run) -> dict:
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
-    keys = table.assign(_kind=table["kind"].map(KIND_ORDER), _method=table["method"].map(METHOD_ORDER).fillna(99),
-                        _pattern=table["pattern"] != "unstructured")
-    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_method"] + (["seed"] if "seed" in table else [])
-    return keys.sort_values(by).drop(columns=["_kind", "_method", "_pattern"]).reset_index(drop=True)
+    base = table["method"].str.split(" ").str[0]
+    keys = table.assign(_kind=table["kind"].map(KIND_ORDER), _method=base.map(METHOD_ORDER).fillna(99),
+                        _pattern=table["pattern"] != "unstructured",
+                        _recovery=table["recovery"].map({r: i for i, r in enumerate(RECOVERIES)}).fillna(9))
+    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_recovery", "_method"] + (["seed"] if "seed" in table
+                                                                                        else [])
+    return keys.sort_values(by).drop(columns=["_kind", "_method", "_pattern", "_recovery"]).reset_index(drop=True)
 
 
 def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
@@ -52,7 +57,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     the mean wall time; and the change against the dense model's perplexity."""
     if runs.empty:
         return runs.assign(perplexity_std=[], n=[], vs_dense_pct=[])
-    grouped = runs.groupby(["method", "kind", "target_sparsity", "pattern"], sort=False)
+    grouped = runs.groupby(["method", "kind", "target_sparsity", "pattern", "recovery"], sort=False)
     summary = grouped.agg(sparsity=("sparsity", "mean"), perplexity=("perplexity", "mean"),
                           perplexity_std=("perplexity", "std"), n=("perplexity", "size"),
                           train_tokens=("train_tokens", "mean"), train_flops=("train_flops", "mean"),

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import requests
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +24,7 @@ from ..errors import ConfigError, UserError, option
 from .store import tracking_unreachable, use_tracking_store
 
 JOURNAL_PREFIX = "mlflow-pending-"
-ENTRY_KINDS = ("metric", "params", "tags", "text", "artifacts", "status")
+ENTRY_KINDS = ("metric", "params", "tags", "text", "artifacts", "status", "input", "register")
 
 # MLflow error codes that mean "try again later" rather than "this request is wrong".
 _TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "ABORTED",
@@ -39,6 +39,24 @@ def is_outage(error: BaseException) -> bool:
         # the REST client wraps connection failures (after its own retries) as "API request to ... failed"
         return error.error_code in _TRANSIENT_CODES or str(error).startswith("API request to")
     return False
+
+
+def dataset_input(entry: dict) -> DatasetInput:
+    """A run's input dataset, as the UI lists it: name, digest, source, and a profile (split, tokens)."""
+    dataset = Dataset(entry["name"], entry["digest"], entry["source_type"], json.dumps({"uri": entry["source"]}),
+                      profile=json.dumps(entry["profile"]))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", entry["context"])])
+
+
+def register_model(client, run_id: str, entry: dict) -> None:
+    """A new version of registered model entry["name"], from the run's model artifact, with its tags."""
+    try:
+        client.create_registered_model(entry["name"])
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    client.create_model_version(entry["name"], f"runs:/{run_id}/{entry['artifact_path']}", run_id=run_id,
+                                tags={k: str(v) for k, v in entry["tags"].items()})
 
 
 def metric_entries(metrics: list) -> list:
@@ -139,6 +157,10 @@ def send_entries(client, run_id: str, entries: list) -> None:
                 client.log_artifact(run_id, str(source), entry.get("artifact_path"))
         elif kind == "status":
             client.set_terminated(run_id, entry["status"], entry["end_time"])
+        elif kind == "input":
+            client.log_inputs(run_id, [dataset_input(entry)])
+        elif kind == "register":
+            register_model(client, run_id, entry)
 
 
 def find_journals(paths: list) -> list:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from .. import __version__
 from ..distributed import is_main_process
-from .journal import Journal, is_outage, journal_path, metric_entries
+from .journal import Journal, dataset_input, is_outage, journal_path, metric_entries, register_model
 from .store import (DEFAULT_EXPERIMENT, git_commit, tracking_unreachable, tracking_uri, under_mlflow_run,
                     use_experiment, use_tracking_store)
 
@@ -91,6 +91,17 @@ class MLflowLogger:
         self._deliver(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path),
                       [{"kind": "artifacts", "path": str(Path(directory).resolve()), "artifact_path": artifact_path}])
 
+    def log_input(self, name: str, digest: str, source_type: str, source: str, context: str, profile: dict) -> None:
+        """A dataset the run read (the UI's Datasets column): context is training, evaluation or calibration."""
+        entry = {"kind": "input", "name": name, "digest": digest, "source_type": source_type, "source": source,
+                 "context": context, "profile": profile}
+        self._deliver(lambda: self.client.log_inputs(self.run_id, [dataset_input(entry)]), [entry])
+
+    def register_model(self, name: str, artifact_path: str, tags: dict) -> None:
+        """Registers the run's `artifact_path` as a new version of model `name`, tagged (sparsity, perplexity)."""
+        entry = {"kind": "register", "name": name, "artifact_path": artifact_path, "tags": tags}
+        self._deliver(lambda: register_model(self.client, self.run_id, entry), [entry])
+
     def logged_steps(self, key: str) -> set:
         """Steps of `key` already in the run: what a resumed run must not log again."""
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -129,6 +140,8 @@ class NullLogger:
     def log_artifacts(self, directory, artifact_path=None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_dict_artifact(self, data: dict, artifact_file: str) -> None: ...
+    def log_input(self, **fields) -> None: ...
+    def register_model(self, name: str, artifact_path: str, tags: dict) -> None: ...
     def flush(self, force: bool = False) -> None: ...
     def close(self) -> None: ...
 
@@ -136,16 +149,17 @@ class NullLogger:
         return set()
 
 
-def _open_run(run_name: str, experiment: str | None, resume_run_id: str | None):
+def _open_run(run_name: str, experiment: str | None, resume_run_id: str | None, system_metrics: bool):
     parent = mlflow.active_run()
+    monitor = {"log_system_metrics": system_metrics}
     if parent is not None and resume_run_id is None:  # a grid cell inside `compare`: a child run
-        return mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id)
+        return mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id, **monitor)
     if under_mlflow_run():
-        return mlflow.start_run()
+        return mlflow.start_run(**monitor)
     if resume_run_id:
-        return mlflow.start_run(run_id=resume_run_id, nested=parent is not None)
+        return mlflow.start_run(run_id=resume_run_id, nested=parent is not None, **monitor)
     use_experiment(experiment or DEFAULT_EXPERIMENT)
-    return mlflow.start_run(run_name=run_name)
+    return mlflow.start_run(run_name=run_name, **monitor)
 
 
 def _end_run(run, logger: MLflowLogger, status: str) -> None:
@@ -167,13 +181,14 @@ def _end_run(run, logger: MLflowLogger, status: str) -> None:
 
 @contextlib.contextmanager
 def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None = None,
-                resume_run_id: str | None = None, journal_dir: str | Path | None = None):
+                resume_run_id: str | None = None, journal_dir: str | Path | None = None, system_metrics: bool = False):
     """Starts (or, under `mlflow run`, adopts) a run; ends it FINISHED, FAILED or KILLED.
 
     Inside another active run (a `compare` grid) the run is its child. `resume_run_id` reopens an
     earlier run (a resumed IMP run keeps one history), whatever its status: a run left RUNNING by a
     SIGKILL is taken over, not duplicated. What the tracking server cannot take mid-run is journaled
-    in `journal_dir` (see journal.py), the run's status included.
+    in `journal_dir` (see journal.py), the run's status included. `system_metrics`: MLflow's monitor
+    samples CPU, memory (and GPU) use into the run's System metrics while it lasts.
     """
     if not is_main_process():
         yield NullLogger()
@@ -181,7 +196,7 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     try:
         use_tracking_store()
         adopted = under_mlflow_run() or resume_run_id is not None
-        run = _open_run(run_name, experiment, resume_run_id)
+        run = _open_run(run_name, experiment, resume_run_id, system_metrics)
         logger = MLflowLogger(run.info.run_id, journal_dir)
         logger.set_tags({"mlflow.runName": run_name, "pipeline_version": __version__, "git_commit": git_commit(),
                          **tags})

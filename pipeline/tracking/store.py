@@ -55,6 +55,8 @@ def use_tracking_store() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # it logs each SQLAlchemy error with a traceback, then raises it: we report the raised one, in one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # its monitor warns at every sample it cannot send during an outage; the logger's one warning says it all
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     _create_store_once(tracking_uri())
