@@ -247,8 +247,8 @@ class IterativeConfig(RunConfig):
                                exclude=("sparsity", "pattern"))
     tasks: TasksConfig = group(TasksConfig, rename={"tasks": "eval_tasks"})
     registry: RegistryConfig = group(RegistryConfig)
-    eval_tasks_every: int = setting(1, "run --eval-tasks after every N-th iteration (and after the dense model and "
-                                    "the last iteration)", at_least=1)
+    eval_tasks_every: int = setting(1, "run --eval-tasks on the dense model and after every N-th iteration and the "
+                                    "last; 0: after the last only", at_least=0)
     train_seqlen: int | None = setting(None, "training window (default: --seqlen)", at_least=2)
     eval_split: str = setting("test", "split evaluated after each pruning and each training step", choices=SPLITS,
                               noun="split")
@@ -297,7 +297,8 @@ class GridConfig(Settings):
 class CompareConfig(RunConfig):
     # `mlflow run .` (the MLproject's main entry point) runs `compare --preset demo`
     PRESETS: ClassVar[dict] = {"demo": {"prune_percentage": 0.3, "epochs_per_iteration": 1, "max_steps": 40,
-                                        "batch_size": 16, "lr": 1e-3}}
+                                        "batch_size": 16, "lr": 1e-3, "tasks": ["pydocs-cloze"],
+                                        "tasks_batch_size": 16}}
 
     grid: GridConfig = group(GridConfig)
     schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))

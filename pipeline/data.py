@@ -56,8 +56,9 @@ class Corpus:
 
     def dataset_input(self, split: str, tokens: int, context: str) -> dict:
         """What MLflow records of a dataset a run read (MLflowLogger.log_input's fields)."""
-        return {"name": self.name, "digest": self.digest[:16], "source_type": self.source_type,
-                "source": self.source or self.name, "context": context, "profile": {"split": split, "tokens": tokens}}
+        part = hashlib.sha256(f"{self.digest}:{context}:{split}".encode()).hexdigest()[:16]  # one dataset per use
+        return {"name": self.name, "digest": part, "source_type": self.source_type, "source": self.source or self.name,
+                "context": context, "profile": {"split": split, "tokens": tokens, "corpus_digest": self.digest[:16]}}
 
     def eval_text(self, split: str) -> str:
         if split not in self.eval_texts:

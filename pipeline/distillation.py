@@ -1,8 +1,9 @@
 """Recovery losses: plain cross-entropy, and distillation from a frozen teacher (the dense model).
 
     logits:      (1 - a) CE + a T^2 KL(softmax(t / T) || softmax(s / T))      (Hinton et al. 2015)
-    squarehead:  the logits loss + the mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2
-                 (Kurtic et al. 2023, "Sparse fine-tuning for inference acceleration of LLMs")
+    squarehead:  the logits loss + the mean over decoder layers (and sequences) of ||h_s - h_t||^2 / ||h_t||^2
+                 (Kurtic et al. 2023, "Sparse fine-tuning for inference acceleration of LLMs"), each sequence
+                 normalized by its own norm, so the loss is the same however a batch is split over processes
 
 The teacher runs without gradients, in the student's autocast (the training dtype). KL and CE are
 averaged over tokens; CE is the model's own loss, so a = 0 trains exactly as plain cross-entropy does.
@@ -25,8 +26,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def layer_loss(student_hidden, teacher_hidden) -> torch.Tensor:
-    """SquareHead's feature term: per decoder layer ||h_s - h_t||^2 / ||h_t||^2, averaged over layers."""
-    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+    """SquareHead's feature term: per decoder layer and sequence ||h_s - h_t||^2 / ||h_t||^2, averaged."""
+    terms = [(s.float() - t.float()).pow(2).sum(dim=(1, 2)) / t.float().pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
              for s, t in zip(student_hidden, teacher_hidden)]
     return torch.stack(terms).mean()
 

@@ -14,7 +14,7 @@ import sys
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, broadcast, broadcast_object_list,
-                               gather_object)
+                               fsdp2_prepare_model, gather_object)
 from torch.distributed.tensor import DTensor
 
 from .errors import ConfigError, option
@@ -113,6 +113,12 @@ def check_launch(batch_size: int) -> None:
     if batch_size % world:
         raise ConfigError(f"{option('batch_size')} {batch_size} is the global batch and must split evenly over "
                           f"the {world} processes: use a multiple of {world}")
+
+
+def shard_frozen(accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """A module that only runs forward (a distillation teacher), sharded by FSDP2 as the trained model is:
+    Accelerate's own preparation, which `accelerator.prepare` refuses without an optimizer."""
+    return fsdp2_prepare_model(accelerator, module)
 
 
 def shards_parameters(accelerator) -> bool:

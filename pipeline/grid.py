@@ -85,6 +85,7 @@ def trained_cell_config(config: CompareConfig, method: str, target: float, seed:
     else:
         schedule, prune_method = "one-shot", method.removesuffix("+ft")
     return IterativeConfig(model=config.model, data=config.data, tracking=config.tracking, tasks=config.tasks,
+                           eval_tasks_every=0,  # the cell's accuracy is its final model's
                            schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
                            train=replace(config.train, seed=seed, distill="none" if recovery == "ce" else recovery),
                            prune=replace(config.prune, method=prune_method, seed=seed))

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .distillation import Distillation, cross_entropy
-from .distributed import (check_launch, copy_full_weights, local_numel, shards_parameters, sync_from_main,
-                          training_accelerator)
+from .distributed import (check_launch, copy_full_weights, local_numel, shard_frozen, shards_parameters,
+                          sync_from_main, training_accelerator)
 from .pruning.masks import MaskKeeper
 
 
@@ -112,7 +112,7 @@ def _teacher_on(teacher: nn.Module, accelerator, sharded: bool, device: torch.de
     sharded across the processes as the student is (FSDP2)."""
     if not sharded:
         return teacher.to(device)
-    return accelerator.prepare_model(copy.deepcopy(teacher).to("cpu").requires_grad_(False))
+    return shard_frozen(accelerator, copy.deepcopy(teacher).to("cpu").requires_grad_(False))
 
 
 def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, *, mask_keeper=None,

@@ -19,6 +19,7 @@ from torch import nn
 from .config import TasksConfig
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable
+from .models import DEFAULT_WINDOW, max_positions
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # pydocs-cloze
 INSTALL = "pip install 'lm-eval[hf]==0.4.13' (it comes with `pip install -e .`)"
@@ -108,7 +109,7 @@ def check_tasks(config: TasksConfig) -> None:
                 from None
 
 
-def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int) -> dict:
+def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int | None = None) -> dict:
     """The harness's results dict (JSON-able) for `config.tasks` on the model as it is now."""
     lm_eval, _ = _harness()
     from lm_eval.models.huggingface import HFLM  # deferred with the harness
@@ -117,7 +118,7 @@ def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int)
     was_training = model.training
     with _quiet(), offline_when_unreachable():
         wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.tasks_batch_size,
-                       max_length=max_length)
+                       max_length=max_length or min(max_positions(model), DEFAULT_WINDOW))
         results = lm_eval.simple_evaluate(model=wrapper, tasks=names, num_fewshot=config.num_fewshot,
                                           limit=config.limit, task_manager=_manager(tuple(paths)),
                                           log_samples=False, verbosity="ERROR")
@@ -143,10 +144,10 @@ def mean_accuracy(metrics: dict) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def log_tasks(logger, model: nn.Module, tokenizer, config: TasksConfig, max_length: int, step: int = 0,
+def log_tasks(logger, model: nn.Module, tokenizer, config: TasksConfig, step: int = 0,
               artifact: str = "lm_eval_results.json") -> dict:
     """Runs the tasks, logs their metrics at `step` and the harness's results as a JSON artifact."""
-    results = run_tasks(model, tokenizer, config, max_length)
+    results = run_tasks(model, tokenizer, config)
     metrics = task_metrics(results)
     logger.log_dict(metrics, step=step)
     logger.log_text(json.dumps(results, indent=2, default=str), artifact)

@@ -19,7 +19,7 @@ from pipeline.settings import build
     ({"prune_percentage": 0.0}, "prune-percentage"), ({"prune_percentage": 1.5}, "prune-percentage"),
     ({"epochs_per_iteration": 0}, "epochs-per-iteration"), ({"batch_size": -1}, "batch-size"),
     ({"max_iterations": 0}, "max-iterations"), ({"max_steps": 0}, "max-steps"), ({"lr": 0}, "--lr must be positive"),
-    ({"schedule": "linear"}, "unknown schedule"), ({"prune_method": "random"}, "unknown pruning method"),
+    ({"schedule": "linear"}, "unknown schedule"), ({"prune_method": "optimal"}, "unknown pruning method"),
     ({"prune_method": "wanda", "scope": "global"}, "global"),
 ])
 def test_iterative_config_rejects(kwargs, message):

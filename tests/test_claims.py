@@ -90,8 +90,8 @@ def test_cubic_global_final_lr_and_include_in_a_real_run(mlflow_store, tiny_mode
     included = {n: m for n, m in linears.items() if ".fc" in n}
     zeros = sum(int((m.weight == 0).sum()) for m in included.values())
     assert zeros == round(0.5 * sum(m.weight.numel() for m in included.values()))  # one global threshold over fc
-    per_matrix = {n: float((m.weight == 0).float().mean()) for n, m in included.items()}
-    assert max(per_matrix.values()) - min(per_matrix.values()) > 0.01  # global: matrices differ
+    # global: one threshold, so the matrices do not each land on exactly half (layer scope would)
+    assert any(int((m.weight == 0).sum()) != round(0.5 * m.weight.numel()) for m in included.values())
     assert all(int((m.weight == 0).sum()) == 0 for n, m in linears.items() if n not in included)
 
 

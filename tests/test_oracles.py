@@ -129,7 +129,9 @@ def two_layers(tiny_model_dir):
 def inputs_of(model: nn.Module, module: nn.Module, windows: torch.Tensor) -> list:
     """What `module` receives when the whole model runs on each window: [tokens, in] per window."""
     seen = []
-    handle = module.register_forward_hook(lambda _m, inputs, _o: seen.extend(x for x in inputs[0].detach()))
+    tokens = windows.shape[1]
+    handle = module.register_forward_hook(  # OPT's MLP sees [windows * tokens, in]
+        lambda _m, inputs, _o: seen.extend(inputs[0].detach().reshape(-1, tokens, inputs[0].shape[-1])))
     with torch.no_grad():
         model(windows)
     handle.remove()

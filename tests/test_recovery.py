@@ -63,8 +63,9 @@ def test_objective_on_a_fixed_batch_equals_its_definition(tiny):
     kl = F.kl_div(F.log_softmax(s.logits / 2, -1).reshape(-1, s.logits.shape[-1]),
                   F.log_softmax(t.logits / 2, -1).reshape(-1, s.logits.shape[-1]), reduction="batchmean",
                   log_target=True) * 4
-    layers = [((hs - ht) ** 2).sum() / (ht ** 2).sum() for hs, ht in zip(s.hidden_states[1:], t.hidden_states[1:])]
-    assert len(layers) == model.config.num_hidden_layers
+    layers = [((hs[b] - ht[b]) ** 2).sum() / (ht[b] ** 2).sum()  # per layer and sequence
+              for hs, ht in zip(s.hidden_states[1:], t.hidden_states[1:]) for b in range(batch.shape[0])]
+    assert len(layers) == model.config.num_hidden_layers * batch.shape[0]
     assert float(parts["ce_loss"]) == pytest.approx(float(s.loss), rel=1e-6)
     assert float(parts["kd_loss"]) == pytest.approx(float(kl), rel=1e-5)
     assert float(parts["layer_loss"]) == pytest.approx(float(sum(layers) / len(layers)), rel=1e-5)

@@ -44,19 +44,23 @@ def test_pydocs_cloze_is_built_as_documented():
     assert all(0.15 < labels.count(i) / len(labels) < 0.35 for i in range(4))  # chance is 25%
 
 
-def test_our_evaluate_and_the_harness_cli_give_the_same_accuracy(mlflow_store, tiny_model_dir, tmp_path):
+def test_our_evaluate_and_the_harness_cli_give_the_same_accuracy(mlflow_store, tmp_path):
+    """On the embedded model: the test's random tiny OPT has a 400-token vocabulary and 128 positions, too few
+    for some continuations."""
     from pipeline.config import EvaluateConfig
     from pipeline.jobs.evaluate import run_evaluate
+    from pipeline.models import resolve_model_source
 
-    run_evaluate(build(EvaluateConfig, {"model": str(tiny_model_dir), "device": "cpu", "seqlen": 64,
-                                        "experiment": "tasks", "tasks": ["pydocs-cloze"], "limit": 40}))
+    model_dir = resolve_model_source("opt-tiny")
+    run_evaluate(build(EvaluateConfig, {"model": "opt-tiny", "device": "cpu", "experiment": "tasks",
+                                        "tasks": ["pydocs-cloze"], "limit": 60}))
     run = mlflow.search_runs(experiment_names=["tasks"]).iloc[0]
     ours = run["metrics.task/pydocs-cloze/acc"]
     assert 0 <= ours <= 1 and "metrics.task/pydocs-cloze/acc_norm" in run and "metrics.task/pydocs-cloze/acc_stderr" in run
     saved = json.loads(mlflow.artifacts.load_text(f"runs:/{run['run_id']}/lm_eval_results.json"))
     assert saved["results"]["pydocs-cloze"]["acc,none"] == pytest.approx(ours)
-    done = subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir},dtype=float32",
-                           "--tasks", "pydocs-cloze", "--include_path", str(TASKS_DIR), "--limit", "40",
+    done = subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+                           "--tasks", "pydocs-cloze", "--include_path", str(TASKS_DIR), "--limit", "60",
                            "--batch_size", "8", "--device", "cpu", "--output_path", str(tmp_path / "harness")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,7 +75,7 @@ def test_opt_tiny_is_well_above_chance_on_pydocs_cloze():
 
     model, tokenizer = load_model_and_tokenizer("opt-tiny")
     metrics = task_metrics(run_tasks(model, tokenizer, TasksConfig(tasks=["pydocs-cloze"], tasks_batch_size=16), 256))
-    assert metrics["task/pydocs-cloze/acc"] > 0.5  # chance: 0.25
+    assert metrics["task/pydocs-cloze/acc"] > 0.33  # chance: 0.25; 0.33 is chance + 3 standard errors (293 items)
 
 
 def test_iterative_logs_the_tasks_once_per_iteration(mlflow_store, tiny_model_dir, corpus_dir, tmp_path):
@@ -106,7 +110,8 @@ def test_a_run_records_its_dataset_system_metrics_and_registered_model(mlflow_st
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     corpus = load_corpus(f"text:{corpus_dir}")
     assert set(inputs) == {"training", "evaluation"}
-    assert inputs["training"].name == f"text:{corpus_dir}" and inputs["training"].digest == corpus.digest[:16]
+    assert inputs["training"].name == inputs["evaluation"].name == f"text:{corpus_dir}"
+    assert json.loads(inputs["training"].profile)["corpus_digest"] == corpus.digest[:16]
     assert json.loads(inputs["evaluation"].profile)["split"] == "validation"
     assert json.loads(inputs["training"].profile)["tokens"] > 0
     assert any(key.startswith("system/cpu_utilization_percentage") for key in run.data.metrics)

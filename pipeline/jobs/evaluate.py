@@ -26,5 +26,5 @@ def run_evaluate(config: EvaluateConfig, tags: dict | None = None) -> Perplexity
         print(f"{model_name} on {dataset} ({config.split}, {result.windows} windows of {work.seqlen} tokens): "
               f"perplexity {result.perplexity:.4f}")
         if config.tasks.tasks:
-            log_tasks(logger, work.model, work.tokenizer, config.tasks, work.seqlen)
+            log_tasks(logger, work.model, work.tokenizer, config.tasks)
     return result

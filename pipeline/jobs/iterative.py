@@ -209,8 +209,9 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
             save_checkpoint(out, model_state=work.model.state_dict(), masks=model_masks(linears), iteration=k,
                             history=history, config=resolved, run_id=logger.run_id)
         _log_iteration(logger, entry)
-        if config.tasks.tasks and is_main_process() and (k % config.eval_tasks_every == 0 or k == len(targets)):
-            log_tasks(logger, work.model, work.tokenizer, config.tasks, work.seqlen, step=k,
+        every = config.eval_tasks_every
+        if config.tasks.tasks and is_main_process() and (k == len(targets) or (every and k % every == 0)):
+            log_tasks(logger, work.model, work.tokenizer, config.tasks, step=k,
                       artifact=f"lm_eval/iteration-{k}.json")
         logger.flush()
         if on_iteration is not None:

@@ -59,7 +59,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         if result.layers:
             logger.log_text(layer_table_csv(result.layers), "layers.csv")
         if config.tasks.tasks:
-            log_tasks(logger, work.model, work.tokenizer, config.tasks, work.seqlen)
+            log_tasks(logger, work.model, work.tokenizer, config.tasks)
         if main:
             save_model(work.model, work.tokenizer, output_dir)
             if config.registry.register_model:

@@ -69,7 +69,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
                          "train_seconds": result.seconds, "train_tokens": result.tokens, "train_steps": result.steps,
                          "train_flops": result.flops})
         if config.tasks.tasks:
-            log_tasks(logger, work.model, work.tokenizer, config.tasks, work.seqlen)
+            log_tasks(logger, work.model, work.tokenizer, config.tasks)
         if main:
             save_model(work.model, work.tokenizer, output_dir)
             if config.registry.register_model:

@@ -116,8 +116,8 @@ class InputStatistics:
         self.sum = torch.zeros(shape, device=device, dtype=torch.float32)
         self.nsamples = 0
 
-    def add(self, inputs: torch.Tensor) -> None:
-        windows = inputs.shape[0] if inputs.ndim == 3 else 1
+    def add(self, inputs: torch.Tensor, windows: int) -> None:
+        """A batch of `windows` calibration windows' inputs, [windows, tokens, in] or flattened (OPT's MLP)."""
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         self.sum *= self.nsamples / (self.nsamples + windows)
         self.nsamples += windows
@@ -165,10 +165,14 @@ def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, d
         prefix = f"{layout.layer_prefix}.{index}."
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
         stats = {name: InputStatistics(in_features(m), device, full_statistics) for name, m in targets.items()}
-        handles = [module.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
-                   for name, module in targets.items()]
+        windows_now = {}  # the windows of the batch being run: some layers flatten [windows, tokens] for their MLP
+        handles = [module.register_forward_hook(
+            lambda mod, inp, out, s=stats[name]: s.add(inp[0], windows_now["count"])) for name, module in targets.items()]
         try:
-            dense_outputs = [layer_output(layer, batch, kind) for batch in batches]
+            dense_outputs = []
+            for batch in batches:
+                windows_now["count"] = batch.hidden.shape[0]
+                dense_outputs.append(layer_output(layer, batch, kind))
         finally:
             for handle in handles:
                 handle.remove()
