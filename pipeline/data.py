@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable
+from .outputs import write_error
 from .pydocs import build_pydocs_splits, python_version
 
 DATASETS = ("wikitext2", "ptb", "c4", "pydocs", "text:PATH")
@@ -172,14 +172,10 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def _usable_cache_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
-            pass
-    except OSError as error:
+    error = write_error(path)
+    if error:
         raise UserError(f"the cache directory {path} (PIPELINE_CACHE_DIR, default ~/.cache/pipeline) cannot be "
-                        f"written ({error.strerror or error}): point PIPELINE_CACHE_DIR at a writable "
-                        "directory") from None
+                        f"written ({error.strerror or error}): point PIPELINE_CACHE_DIR at a writable directory")
     return path
 
 

@@ -18,11 +18,43 @@ from torch import nn
 from .config import TrainConfig
 
 
+# Rows of [tokens, vocabulary] float32 worked on at once: on a CPU a chunk that stays in the caches (the KL
+# over the whole batch's logits otherwise makes ten passes through memory: measured on opt-tiny, 0.24 s of
+# a 0.47 s step, 0.11 s chunked); on a GPU a bound on the temporary memory.
+CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
+
+
+class _SoftenedKL(torch.autograd.Function):
+    """T^2 KL(softmax(t / T) || softmax(s / T)) averaged over tokens, computed chunk by chunk; its gradient
+    with respect to the student's logits, T / n (softmax(s / T) - softmax(t / T)), is formed on the way."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature):
+        vocabulary = student.shape[-1]
+        s_rows, t_rows = student.reshape(-1, vocabulary), teacher.reshape(-1, vocabulary)
+        n = s_rows.shape[0]
+        rows = max(1, CHUNK_BYTES.get(student.device.type, CHUNK_BYTES["cuda"]) // (4 * vocabulary))
+        gradient = torch.empty(s_rows.shape, dtype=torch.float32, device=student.device)
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        for start in range(0, n, rows):
+            s = torch.log_softmax(s_rows[start:start + rows].float() / temperature, dim=-1)
+            t = torch.log_softmax(t_rows[start:start + rows].float() / temperature, dim=-1)
+            p_t = t.exp()
+            total += (p_t * (t - s)).sum(dtype=torch.float64)
+            gradient[start:start + rows] = s.exp_().sub_(p_t)
+        ctx.save_for_backward(gradient)
+        ctx.scale, ctx.shape, ctx.dtype = temperature / n, student.shape, student.dtype
+        return (total * (temperature ** 2 / n)).float()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (gradient,) = ctx.saved_tensors
+        return (gradient * (grad_output * ctx.scale)).view(ctx.shape).to(ctx.dtype), None, None
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 KL(teacher || student) of the softened distributions, averaged over tokens (float32)."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature ** 2 * (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+    return _SoftenedKL.apply(student_logits, teacher_logits.detach(), temperature)
 
 
 def layer_loss(student_hidden, teacher_hidden) -> torch.Tensor:

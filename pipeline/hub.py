@@ -34,9 +34,10 @@ def hub_unreachable_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def quiet_hub_logging():
-    """Silences huggingface_hub's per-retry warnings: the caller reports one line of its own."""
-    logger = logging.getLogger("huggingface_hub")
+def quieted(name: str):
+    """Within the block, logger `name` says nothing below ERROR: the caller reports one line of its own
+    (huggingface_hub warns at every retry, lm-eval at every step)."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -58,7 +59,7 @@ def offline_when_unreachable():
         for target in targets:
             target.HF_HUB_OFFLINE = True
     try:
-        with quiet_hub_logging():
+        with quieted("huggingface_hub"):
             yield reason
     finally:
         for target, value in zip(targets, saved):

@@ -22,6 +22,17 @@ from .errors import ConfigError, UserError, option
 LOCK_NAME = ".pipeline.lock"
 
 
+def write_error(path: Path) -> OSError | None:
+    """Creates `path` if needed and writes a file in it: the error if that fails, else None."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        return error
+    return None
+
+
 def check_writable_dir(path: Path, setting: str = "output_dir") -> Path:
     """Proves `path` can be created and written, leaving no trace; a file or an unwritable place is a
     ConfigError naming the setting."""
@@ -34,17 +45,13 @@ def check_writable_dir(path: Path, setting: str = "output_dir") -> Path:
                                   "(it is created if missing)")
             break
         missing.append(parent)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
-            pass
-    except OSError as error:
+    error = write_error(path)
+    for created in missing:  # deepest first: what this check made, it removes
+        with contextlib.suppress(OSError):
+            created.rmdir()
+    if error:
         raise ConfigError(f"{option(setting)} {path} cannot be written ({error.strerror or error}): give a "
-                          "directory you can write to") from None
-    finally:
-        for created in missing:  # deepest first: what this check made, it removes
-            with contextlib.suppress(OSError):
-                created.rmdir()
+                          "directory you can write to")
     return path
 
 

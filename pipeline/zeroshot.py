@@ -7,9 +7,7 @@ directory of task YAMLs; this package ships one that runs offline, pydocs-cloze 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from torch import nn
 
 from .config import TasksConfig
 from .errors import ConfigError, UserError, option
-from .hub import offline_when_unreachable
+from .hub import offline_when_unreachable, quieted
 from .models import DEFAULT_WINDOW, max_positions
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # pydocs-cloze
@@ -72,18 +70,6 @@ def _manager(paths: tuple):
     return TaskManager(include_path=list(paths))  # indexes every task the harness knows: seconds, so once
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The harness logs every step at INFO and WARNING; a run's one line must stay readable."""
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def check_tasks(config: TasksConfig) -> None:
     """Before a run opens: the harness is there, every task is known, and its data loads (the hub's tasks
     download theirs: offline, that is one line here)."""
@@ -96,11 +82,9 @@ def check_tasks(config: TasksConfig) -> None:
     if unknown:
         raise ConfigError(f"unknown {option('tasks')} {', '.join(unknown)}: `lm_eval ls tasks` lists the harness's, and "
                           "pydocs-cloze runs offline")
-    from lm_eval.tasks import get_task_dict  # deferred with the harness
-
-    with _quiet(), offline_when_unreachable() as unreachable:
+    with quieted("lm_eval"), offline_when_unreachable() as unreachable:
         try:
-            get_task_dict(names, manager)
+            manager.load(names)  # builds each task, which downloads (or finds cached) its data
         except Exception as error:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
             detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             where = f"the hub could not be reached ({unreachable})" if unreachable else detail
@@ -116,7 +100,7 @@ def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int 
 
     names, paths = resolve_tasks(config.tasks)
     was_training = model.training
-    with _quiet(), offline_when_unreachable():
+    with quieted("lm_eval"), offline_when_unreachable():
         wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.tasks_batch_size,
                        max_length=max_length or min(max_positions(model), DEFAULT_WINDOW))
         results = lm_eval.simple_evaluate(model=wrapper, tasks=names, num_fewshot=config.num_fewshot,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 
@@ -14,22 +13,6 @@ import torch
 from imp_jobs import final_perplexity, finished_output, run_iterative_cli
 
 from pipeline.settings import build
-
-
-def test_ctrl_c_marks_the_run_killed_exits_130_and_says_how_to_resume(tmp_path, tiny_model_dir, corpus_dir):
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
-    for line in process.stdout:
-        if "Iteration 1, Epoch 1/1" in line:
-            break
-    process.send_signal(signal.SIGINT)
-    rest, _ = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Interrupted." in rest, rest
-    assert "--resume" in rest and "Traceback" not in rest
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    assert mlflow.search_runs(experiment_names=["imp"]).iloc[0]["status"] == "KILLED"
-    mlflow.set_tracking_uri(None)
-    assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
 def test_nan_loss_through_the_cli_then_resume_with_a_lower_lr(tmp_path, tiny_model_dir, corpus_dir,

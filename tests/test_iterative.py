@@ -150,7 +150,9 @@ def test_api_rejects_unknown_keys():
         iterative_training_wrapper({"traget_sparsity": 0.9, "learning_rate": 1e-5})
 
 
-def test_sigterm_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_model_dir, corpus_dir):
+@pytest.mark.parametrize("stop, code, said", [(signal.SIGTERM, 143, "Terminated."), (signal.SIGINT, 130, "Interrupted.")])
+def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_model_dir, corpus_dir, stop,
+                                                                        code, said):
     import mlflow
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -158,13 +160,15 @@ def test_sigterm_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_mod
     for line in process.stdout:
         if "Iteration 1, Epoch 1/1" in line:
             break
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     rest, _ = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == code and said in rest, rest
     assert "--resume" in rest and "Traceback" not in rest
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assert mlflow.search_runs(experiment_names=["imp"]).iloc[0]["status"] == "KILLED"
     assert not list((tmp_path / "run").glob(".*tmp*"))  # no half-written checkpoint
+    if stop == signal.SIGINT:
+        return
     refused = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--resume",
                                 "--batch-size", "2", env=env)
     out, _ = refused.communicate(timeout=120)

@@ -116,7 +116,7 @@ def test_a_run_records_its_dataset_system_metrics_and_registered_model(mlflow_st
     assert json.loads(inputs["training"].profile)["tokens"] > 0
     assert any(key.startswith("system/cpu_utilization_percentage") for key in run.data.metrics)
     assert any(key.startswith("system/system_memory_usage") for key in run.data.metrics)
-    version = client.get_latest_versions("tiny-sparse")[0]
+    version = client.search_model_versions("name = 'tiny-sparse'")[0]
     assert version.run_id == run.info.run_id and version.source == f"runs:/{run.info.run_id}/model"
     assert float(version.tags["perplexity"]) == pytest.approx(result["perplexity"])
     assert float(version.tags["sparsity"]) == pytest.approx(result["sparsity"])

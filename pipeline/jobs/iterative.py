@@ -259,11 +259,9 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
     model_paths = []
     if config.save_model and is_main_process():
         model_paths = save_final_model(work.model, work.tokenizer, config)
-        logger.log_artifacts(model_paths[1], "model")
-        if config.registry.register_model:
-            logger.register_model(config.registry.register_model, "model",
-                                  {"sparsity": history[-1]["sparsity"], "perplexity": history[-1]["ppl_after_train"],
-                                   "method": config.prune.method, "schedule": config.schedule.schedule})
+        logger.log_model_dir(model_paths[1], config.registry.register_model,
+                             {"sparsity": history[-1]["sparsity"], "perplexity": history[-1]["ppl_after_train"],
+                              "method": config.prune.method, "schedule": config.schedule.schedule})
     logger.log_dict(_final_metrics(history))
     _print_summary(history, model_paths)
     return history

@@ -8,7 +8,6 @@ from pathlib import Path
 from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
 from ..distributed import is_main_process, sync_from_main
-from ..models import save_model
 from ..outputs import check_writable_dir, owned_output_dir
 from ..perplexity import change_pct
 from ..pruning import prune_model
@@ -18,7 +17,8 @@ from ..settings import flat_values
 from ..tracking import tracked_run
 from ..tracking.store import check_tracking_store
 from ..workload import check_inputs, load_workload
-from ..zeroshot import check_tasks, log_tasks
+from ..zeroshot import check_tasks
+from . import finish_model
 
 SPLIT = "test"
 
@@ -58,14 +58,8 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         logger.log_dict_artifact(report, "sparsity_report.json")
         if result.layers:
             logger.log_text(layer_table_csv(result.layers), "layers.csv")
-        if config.tasks.tasks:
-            log_tasks(logger, work.model, work.tokenizer, config.tasks)
-        if main:
-            save_model(work.model, work.tokenizer, output_dir)
-            if config.registry.register_model:
-                logger.log_artifacts(output_dir, "model")
-                logger.register_model(config.registry.register_model, "model",
-                                      {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label})
+        finish_model(logger, work, config.tasks, config.registry, output_dir,
+                     {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label}, main)
     print(f"{prune.label}: sparsity {report['prunable']:.4f} of prunable weights "
           f"({report['all_parameters']:.4f} of all), perplexity {pruned:.4f} (dense {dense:.4f}, "
           f"{change_pct(pruned, dense):+.1f}%), {result.seconds:.1f}s; saved to {output_dir}")

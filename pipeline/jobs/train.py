@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import TrainRunConfig
 from ..distributed import check_launch, is_main_process
 from ..errors import UserError, option, sigterm_as_interrupt
-from ..models import load_model, model_skeleton, save_model, training_dtype
+from ..models import load_model, model_skeleton, training_dtype
 from ..outputs import check_writable_dir, owned_output_dir
 from ..pruning.masks import prunable_linears, sparsity_of
 from ..settings import flat_values
@@ -17,7 +17,8 @@ from ..tracking import tracked_run
 from ..tracking.store import check_tracking_store
 from ..training import NonFiniteLoss, train_keeping_masks
 from ..workload import check_inputs, load_workload
-from ..zeroshot import check_tasks, log_tasks
+from ..zeroshot import check_tasks
+from . import finish_model
 
 SPLIT = "validation"
 
@@ -68,14 +69,8 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
         logger.log_dict({"sparsity": sparsity_of(linears), "validation_perplexity": ppl,
                          "train_seconds": result.seconds, "train_tokens": result.tokens, "train_steps": result.steps,
                          "train_flops": result.flops})
-        if config.tasks.tasks:
-            log_tasks(logger, work.model, work.tokenizer, config.tasks)
-        if main:
-            save_model(work.model, work.tokenizer, output_dir)
-            if config.registry.register_model:
-                logger.log_artifacts(output_dir, "model")
-                logger.register_model(config.registry.register_model, "model",
-                                      {"sparsity": sparsity_of(linears), "perplexity": ppl})
+        finish_model(logger, work, config.tasks, config.registry, output_dir,
+                     {"sparsity": sparsity_of(linears), "perplexity": ppl}, main)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s: average loss of the last epoch "
           f"{result.final_loss:.4f}, {SPLIT} perplexity {ppl:.2f}, sparsity {sparsity:.2%}; saved to {output_dir}")
     return {"perplexity": ppl, "sparsity": sparsity, "epoch_losses": result.epoch_losses}

@@ -102,6 +102,13 @@ class MLflowLogger:
         entry = {"kind": "register", "name": name, "artifact_path": artifact_path, "tags": tags}
         self._deliver(lambda: register_model(self.client, self.run_id, entry), [entry])
 
+    def log_model_dir(self, directory: str | Path, register_as: str | None = None, tags: dict | None = None) -> None:
+        """A saved model directory as the run's `model` artifact, and (register_as) a new version of that
+        registered model."""
+        self.log_artifacts(directory, "model")
+        if register_as:
+            self.register_model(register_as, "model", tags or {})
+
     def logged_steps(self, key: str) -> set:
         """Steps of `key` already in the run: what a resumed run must not log again."""
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -142,6 +149,7 @@ class NullLogger:
     def log_dict_artifact(self, data: dict, artifact_file: str) -> None: ...
     def log_input(self, **fields) -> None: ...
     def register_model(self, name: str, artifact_path: str, tags: dict) -> None: ...
+    def log_model_dir(self, directory, register_as=None, tags=None) -> None: ...
     def flush(self, force: bool = False) -> None: ...
     def close(self) -> None: ...
 
