@@ -336,7 +336,7 @@ class SyncConfig(Settings):
 
 @dataclass
 class MemoryConfig(Settings):
-    measure: bool = setting(True, "also train small random OPTs on the CPU and compare their peak memory with the "
+    measure: bool = setting(True, "also train small random OPT and Llama models on the CPU and compare their peak memory with the "
                             "formula", negatable=True)
 
 

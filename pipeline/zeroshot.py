@@ -111,11 +111,12 @@ def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int 
 
 
 def task_metrics(results: dict) -> dict:
-    """task/<task>/<metric> -> value, for every number the harness reported (`acc,none` -> `acc`)."""
+    """task/<task>/<metric> -> value, for every metric the harness reported (`acc,none` -> `acc`); its
+    bookkeeping numbers without a filter (`sample_len`) stay in the JSON artifact."""
     metrics = {}
     for task, values in results["results"].items():
         for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool):
                 metric, _, filter_name = key.partition(",")
                 name = metric if filter_name in ("", "none") else f"{metric}_{filter_name}"
                 metrics[f"task/{task}/{name}"] = float(value)

@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import CompareConfig, PruneRunConfig, TrainConfig, TrainRunConfig
@@ -277,6 +278,35 @@ def test_report_sentences_say_what_the_numbers_say(mlflow_store, tmp_path, case)
         assert ("- Trained as long without pruning (dense+ft), the unpruned model reaches 82.00 ± 0.00 (n=3) (+2.5% "
                 "vs the untouched model): at 90% the best pruned model is +11.0% against it.\n") in md
     assert "## Equal training budget at 90% sparsity" in md and "![budget_90](budget_90.png)" in md
+
+
+def test_report_shows_zero_shot_accuracy_mean_over_seeds_and_tasks(mlflow_store, tmp_path):
+    import matplotlib.image
+    from pipeline.reporting.results import collect_runs, summarize
+
+    cells = {("unpruned", 0.0): [80.0], ("sparsegpt", 0.5): [90.0], ("iterative", 0.5): [85.0, 87.0]}
+    experiment_id = build_store("accuracy", cells)
+    client = MlflowClient()
+    accuracy = {"unpruned": [(0.50, 0.70)], "sparsegpt": [(0.40, 0.60)], "iterative": [(0.45, 0.65), (0.47, 0.69)]}
+    for run in client.search_runs([experiment_id]):
+        method, seed = run.data.tags["cell_method"], int(run.data.tags["cell_seed"])
+        cloze, other = accuracy["unpruned" if method == "dense" else method][seed]
+        client.log_batch(run.info.run_id, [Metric("task/pydocs-cloze/acc", cloze, 0, 0),
+                                           Metric("task/pydocs-cloze/acc_stderr", 0.03, 0, 0),
+                                           Metric("task/other/acc", other, 0, 0)])
+    summary = summarize(collect_runs(experiment_id)).set_index("method")
+    # the iterative row: each task averaged over the two seeds, then the tasks averaged
+    assert summary.loc["iterative", "acc:pydocs-cloze"] == pytest.approx(0.46)
+    assert summary.loc["iterative", "acc:other"] == pytest.approx(0.67)
+    assert summary.loc["iterative", "accuracy"] == pytest.approx((0.46 + 0.67) / 2)
+    md, page = report_text(experiment_id, tmp_path / "out")
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert header.rstrip(" |").endswith("| Accuracy | other | pydocs-cloze")
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert rows["Iterative"].rstrip(" |").endswith("| 56.5% | 67.0% | 46.0%")
+    assert rows["Unpruned"].rstrip(" |").endswith("| 60.0% | 70.0% | 50.0%")
+    assert "![accuracy_vs_sparsity](accuracy_vs_sparsity.png)" in md and 'alt="accuracy_vs_sparsity"' in page
+    assert matplotlib.image.imread(tmp_path / "out" / "accuracy_vs_sparsity.png").shape[0] > 100
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.settings import build
@@ -120,6 +121,14 @@ def test_a_run_records_its_dataset_system_metrics_and_registered_model(mlflow_st
     assert version.run_id == run.info.run_id and version.source == f"runs:/{run.info.run_id}/model"
     assert float(version.tags["perplexity"]) == pytest.approx(result["perplexity"])
     assert float(version.tags["sparsity"]) == pytest.approx(result["sparsity"])
+    # the README's way back to the model: the registry's URI, downloaded, loaded by transformers
+    from transformers import AutoModelForCausalLM
+
+    local = mlflow.artifacts.download_artifacts("models:/tiny-sparse/1")
+    registered = AutoModelForCausalLM.from_pretrained(local)
+    saved = AutoModelForCausalLM.from_pretrained("trained")
+    for (name, a), (_, b) in zip(registered.state_dict().items(), saved.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_no_system_metrics_when_asked(mlflow_store, tiny_model_dir, monkeypatch):

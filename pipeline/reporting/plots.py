@@ -20,15 +20,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# One colour per pruning criterion, so `magnitude` (untrained) and `magnitude+ft` read as one family in
+# every figure; the recovery loss of a trained cell is its marker.
+COLORS = {"sparsegpt": "C0", "magnitude": "C1", "wanda": "C2", "iterative": "C3", "dense": "C4", "random": "C5"}
+MARKERS = {"ce": "o", "logits": "^", "squarehead": "D"}
+
+
+def method_style(method: str) -> dict:
+    """Colour and marker of a method label such as `sparsegpt+ft [logits]`."""
+    base, _, recovery = method.partition(" [")
+    return {"color": COLORS.get(base.removesuffix("+ft"), "C6"), "marker": MARKERS.get(recovery.rstrip("]") or "ce", "o")}
+
+
 def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     unstructured = summary[summary["pattern"] == "unstructured"]
     for method, group in unstructured[unstructured["kind"] != "dense"].groupby("method", sort=False):
         group = group.sort_values("sparsity")
         ax.errorbar(group["sparsity"] * 100, group["perplexity"], yerr=group["perplexity_std"].fillna(0),
-                    marker="o", capsize=3, label=method, linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
+                    capsize=3, label=method, **method_style(method),
+                    linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
     for _, row in summary[summary["pattern"] != "unstructured"].iterrows():
-        ax.scatter([row["sparsity"] * 100], [row["perplexity"]], marker="s", label=f"{row['method']} {row['pattern']}")
+        ax.scatter([row["sparsity"] * 100], [row["perplexity"]], marker="s", color=method_style(row["method"])["color"],
+                   label=f"{row['method']} {row['pattern']}")
     dense = summary[summary["kind"] == "dense"]
     if len(dense):
         ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
@@ -36,6 +50,25 @@ def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
            title="Perplexity vs sparsity (dashed: no training)")
     ax.legend(fontsize=8)
     return _save(fig, out / "perplexity_vs_sparsity.png")
+
+
+def accuracy_vs_sparsity(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """The mean zero-shot accuracy of each method against sparsity, when the cells ran tasks."""
+    if "accuracy" not in summary:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    unstructured = summary[summary["pattern"] == "unstructured"]
+    for method, group in unstructured[unstructured["kind"] != "dense"].groupby("method", sort=False):
+        group = group.sort_values("sparsity")
+        ax.plot(group["sparsity"] * 100, group["accuracy"] * 100, label=method, **method_style(method),
+                linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
+    dense = summary[summary["kind"] == "dense"]
+    if len(dense):
+        ax.axhline(dense["accuracy"].iloc[0] * 100, color="gray", linestyle=":", label="unpruned")
+    tasks = ", ".join(c.split(":", 1)[1] for c in summary.columns if c.startswith("acc:"))
+    ax.set(xlabel="sparsity (%)", ylabel="accuracy (%)", title=f"Zero-shot accuracy vs sparsity ({tasks})")
+    ax.legend(fontsize=8)
+    return [_save(fig, out / "accuracy_vs_sparsity.png")]
 
 
 def _curve(client: MlflowClient, run_ids: list) -> tuple[pd.Series, pd.Series, pd.Series]:
@@ -53,14 +86,15 @@ def budget_curves(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[
     paths = []
     for target, group in runs[runs["kind"] == "trained"].groupby("target_sparsity", sort=True):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for number, (method, cells) in enumerate(group.groupby("method", sort=False)):
+        for method, cells in group.groupby("method", sort=False):
             tokens, mean, std = _curve(client, list(cells["run_id"]))
-            ax.errorbar(tokens.values / 1e6, mean.values, yerr=std.values, marker="o", markersize=3, capsize=2, color=f"C{number}",
-                        label=method, linestyle=":" if method == "dense+ft" else "-")
+            ax.errorbar(tokens.values / 1e6, mean.values, yerr=std.values, markersize=3, capsize=2,
+                        label=method, **method_style(method), linestyle=":" if method == "dense+ft" else "-")
         untrained = summary[(summary["kind"] == "one-shot") & (summary["target_sparsity"] == target)
                             & (summary["pattern"] == "unstructured")]
         for _, row in untrained.iterrows():
-            ax.scatter([0], [row["perplexity"]], marker="x", s=40, label=f"{row['method']} (no training)")
+            ax.scatter([0], [row["perplexity"]], marker="x", s=40, color=method_style(row["method"])["color"],
+                       label=f"{row['method']} (no training)")
         if len(dense):
             ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
         ax.set(xlabel="training tokens (millions)", ylabel="perplexity (log scale)", yscale="log",

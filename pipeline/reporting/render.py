@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..tracking import tracked_run
 from ..tracking.store import experiment_id_named, use_tracking_store
 from .findings import findings, tokens_text
-from .plots import budget_curves, iterative_curves, perplexity_vs_sparsity
+from .plots import accuracy_vs_sparsity, budget_curves, iterative_curves, perplexity_vs_sparsity
 from .results import collect_runs, summarize
 
 NAMES = {"unpruned": "Unpruned", "sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "Magnitude",
@@ -58,7 +58,23 @@ def main_table(summary: pd.DataFrame) -> pd.DataFrame:
         "vs dense": ["-" if d else f"{v:+.1f}%" for d, v in zip(dense, summary["vs_dense_pct"])],
         "Train tokens": [tokens_text(t) for t in summary["train_tokens"]],
         "Time": ["-" if d else _duration(t) for d, t in zip(dense, summary["seconds"])],
+        **_accuracy_columns(summary),
     })
+
+
+def _accuracy_columns(summary: pd.DataFrame) -> dict:
+    """The mean zero-shot accuracy over tasks, then each task's, when the cells ran tasks."""
+    if "accuracy" not in summary:
+        return {}
+    columns = {"Accuracy": [_percent(v) for v in summary["accuracy"]]}
+    tasks = [c for c in summary.columns if c.startswith("acc:")]
+    if len(tasks) > 1:
+        columns.update({c.split(":", 1)[1]: [_percent(v) for v in summary[c]] for c in tasks})
+    return columns
+
+
+def _percent(value) -> str:
+    return "-" if pd.isna(value) else f"{100 * value:.1f}%"
 
 
 def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
@@ -74,6 +90,7 @@ def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
         "vs dense+ft": ([f"{100 * (p - control.iloc[0]) / control.iloc[0]:+.1f}%" for p in rows["perplexity"]]
                         if len(control) else ["-"] * len(rows)),
         "Train tokens": [tokens_text(t) for t in rows["train_tokens"]],
+        **_accuracy_columns(rows),
     })
 
 
@@ -106,7 +123,8 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     summary = summarize(runs)
     sentences = findings(summary)
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
-    overview = [perplexity_vs_sparsity(summary, out), *iterative_curves(runs, out)]
+    overview = [perplexity_vs_sparsity(summary, out), *accuracy_vs_sparsity(summary, out),
+                *iterative_curves(runs, out)]
     budgets = dict(zip(targets, budget_curves(runs, summary, out)))
     name = mlflow.get_experiment(experiment_id).name
     footer = (f"Measured on {_environment()}. Wall time of all cells: {_duration(runs['seconds'].sum())}. "

@@ -17,6 +17,7 @@ KIND_ORDER = {"dense": 0, "one-shot": 1, "trained": 2}
 
 
 def _row(run) -> dict:
+    """The run's numbers; `acc:<task>` for every zero-shot task it ran."""
     tags, metrics = run.data.tags, run.data.metrics
     kind = "trained" if tags["cell_kind"] == "iterative" else tags["cell_kind"]  # "iterative": runs before +ft cells
     if kind == "dense":
@@ -33,7 +34,9 @@ def _row(run) -> dict:
             "seed": int(seed) if seed else None, "sparsity": sparsity,
             "perplexity": ppl, "train_tokens": int(metrics.get("train_tokens", 0)),
             "train_flops": metrics.get("train_flops", 0.0),
-            "seconds": (run.info.end_time - run.info.start_time) / 1000.0, "run_id": run.info.run_id}
+            "seconds": (run.info.end_time - run.info.start_time) / 1000.0, "run_id": run.info.run_id,
+            **{f"acc:{key.split('/')[1]}": value for key, value in metrics.items()
+               if key.startswith("task/") and key.endswith("/acc")}}
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -48,8 +51,14 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
 
 def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
     """One row per finished cell run of the experiment (of the cells in `keys`, if given)."""
-    table = pd.DataFrame([_row(run) for run in finished_cell_runs(experiment_id, keys).values()], columns=RUN_COLUMNS)
+    rows = [_row(run) for run in finished_cell_runs(experiment_id, keys).values()]
+    tasks = sorted({key for row in rows for key in row if key.startswith("acc:")})
+    table = pd.DataFrame(rows, columns=RUN_COLUMNS + tasks)
     return table if table.empty else _ordered(table)
+
+
+def task_columns(table: pd.DataFrame) -> list:
+    return [column for column in table.columns if column.startswith("acc:")]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -61,7 +70,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     summary = grouped.agg(sparsity=("sparsity", "mean"), perplexity=("perplexity", "mean"),
                           perplexity_std=("perplexity", "std"), n=("perplexity", "size"),
                           train_tokens=("train_tokens", "mean"), train_flops=("train_flops", "mean"),
-                          seconds=("seconds", "mean")).reset_index()
+                          seconds=("seconds", "mean"),
+                          **{column: (column, "mean") for column in task_columns(runs)}).reset_index()
+    if task_columns(runs):
+        summary["accuracy"] = summary[task_columns(runs)].mean(axis=1)  # over tasks, as the papers average
     dense = summary.loc[summary["kind"] == "dense", "perplexity"]
     base = float(dense.iloc[0]) if len(dense) else math.nan
     summary["vs_dense_pct"] = change_pct(summary["perplexity"], base)
