@@ -1,4 +1,4 @@
-"""Loading causal LMs, and the one place that knows where a model keeps its decoder layers."""
+"""Loading and saving causal LMs: aliases, the hub (offline: one line), device, dtype and the window."""
 
 from __future__ import annotations
 

@@ -111,12 +111,17 @@ def final_model_dir(config: IterativeConfig) -> Path:
                                                            f"{config.schedule.target_sparsity:.2f}")
 
 
-def save_final_model(model, tokenizer, config: IterativeConfig) -> list:
-    """`pruned_models/<model>-iterative-<target>.pt` (a state dict), and a save_pretrained directory beside it."""
+def save_final_model(work, config: IterativeConfig, logger, history: list) -> list:
+    """`pruned_models/<model>-iterative-<target>.pt` (a state dict, as the user's script saved it) and a
+    save_pretrained directory beside it, read back; the directory is the run's `model` artifact (and a
+    registered version, if asked)."""
     stem = final_model_dir(config)
     state_file = stem.parent / f"{stem.name}.pt"  # not with_suffix: "0.90" would be taken for a suffix
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state_file)
-    save_model(model, tokenizer, stem)
+    atomic_torch_save({k: v.detach().cpu() for k, v in work.model.state_dict().items()}, state_file)
+    save_model(work.model, work.tokenizer, stem)
+    logger.log_model_dir(stem, config.registry.register_model,
+                         {"sparsity": history[-1]["sparsity"], "perplexity": history[-1]["ppl_after_train"],
+                          "method": config.prune.method, "schedule": config.schedule.schedule})
     return [state_file, stem]
 
 
@@ -233,6 +238,7 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
               f"(perplexity {history[-1]['ppl_after_train']:.2f})")
 
     final_lr = config.schedule.final_lr or config.train.lr
+
     def prune_to(sparsity: float) -> None:
         if not already_at(linears, sparsity, config.prune.scope):  # one-shot prunes once, dense never
             prune_model(work.model, replace(config.prune, sparsity=sparsity), windows, work.device)
@@ -256,12 +262,7 @@ def iterate(config: IterativeConfig, logger, checkpoint: dict | None = None,
                         f"intact: lower {option('lr')} (resuming may change it) and rerun with "
                         f"{option('resume')}") from None
 
-    model_paths = []
-    if config.save_model and is_main_process():
-        model_paths = save_final_model(work.model, work.tokenizer, config)
-        logger.log_model_dir(model_paths[1], config.registry.register_model,
-                             {"sparsity": history[-1]["sparsity"], "perplexity": history[-1]["ppl_after_train"],
-                              "method": config.prune.method, "schedule": config.schedule.schedule})
+    model_paths = save_final_model(work, config, logger, history) if config.save_model and is_main_process() else []
     logger.log_dict(_final_metrics(history))
     _print_summary(history, model_paths)
     return history
