@@ -291,5 +291,8 @@ def test_on_opt_tiny_sparsegpt_and_wanda_beat_magnitude():
             model, _ = load_model_and_tokenizer("opt-tiny")
             prune_model(model, PruneConfig(method=method, sparsity=0.5, pattern=pattern), windows)
             results[method] = perplexity(model, ids, seqlen).perplexity
-        assert results["sparsegpt"] < results["magnitude"], (pattern, results)
-        assert results["wanda"] < results["magnitude"], (pattern, results)
+        # Measured: SparseGPT 0.84x / 0.79x magnitude's perplexity, Wanda 0.92x at 50% but only 0.999x
+        # at 2:4 (README, "One-shot pruning on the embedded models").
+        assert results["sparsegpt"] < 0.9 * results["magnitude"], (pattern, results)
+        wanda_bar = 0.95 if pattern == "unstructured" else 1.0
+        assert results["wanda"] < wanda_bar * results["magnitude"], (pattern, results)

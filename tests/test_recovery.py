@@ -69,7 +69,7 @@ def test_objective_on_a_fixed_batch_equals_its_definition(tiny):
     assert float(parts["ce_loss"]) == pytest.approx(float(s.loss), rel=1e-6)
     assert float(parts["kd_loss"]) == pytest.approx(float(kl), rel=1e-5)
     assert float(parts["layer_loss"]) == pytest.approx(float(sum(layers) / len(layers)), rel=1e-5)
-    assert float(loss) == pytest.approx(0.7 * float(s.loss) + 0.3 * float(kl) + float(parts["layer_loss"]), rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * float(s.loss) + 0.3 * float(kl) + float(parts["layer_loss"]), rel=1e-5)
 
 
 def test_alpha_zero_trains_bit_identically_to_cross_entropy(tiny, blocks):
