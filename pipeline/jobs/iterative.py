@@ -157,8 +157,8 @@ class Rewind:
         self.iteration = config.rewind_iteration
         self.path = out / f"rewind-iteration-{self.iteration}.pt"  # iteration:K's weights, for resuming
         self.state = None
-        if self.iteration == 0:
-            self.state = {k: v.detach().cpu().clone() for k, v in start.state_dict().items()}
+        if self.iteration == 0:  # the starting model's own tensors: it is never trained, so no second copy
+            self.state = start.state_dict()
         elif self.iteration is not None and self.path.exists():
             self.state = torch.load(self.path, map_location="cpu", weights_only=True)
 
