@@ -15,9 +15,15 @@ Training, per process (DDP keeps a full replica on every GPU):
                                                    With --gradient-checkpointing: L * h * act_bytes plus one
                                                    layer's full set
     logits, their float32 copy and its gradient    V * (act_bytes + 8)  per token
-    with --distill, the teacher: its weights         P * param_bytes (FSDP: / N), and per token its logits and
-                                                   both models' float32 log-probabilities  V * (act_bytes + 8)
-                                                   (its forward keeps nothing for backward)
+    with --distill, the teacher: its weights         P * param_bytes (FSDP: / N), and per token its logits
+                                                   V * act_bytes (its forward keeps nothing for backward; the
+                                                   distillation loss goes through the logits in chunks and keeps
+                                                   one float32 gradient, where the plain loss keeps a float32
+                                                   copy and log-probabilities); with squarehead also
+                                                   (L + 1) * h * act_bytes of its hidden states and L * h * 4
+                                                   of float32 differences the layer term keeps for backward;
+                                                   and the loss's working set, five chunks of rows of float32
+                                                   logits (4 MiB each on CPU, 256 MiB on CUDA)
 SparseGPT on the device (the model stays in CPU memory; one decoder layer at a time moves over):
     one layer's weights + the calibration activations in and out (2 * n * seqlen * h * act_bytes)
     + a float32 Hessian per prunable matrix (its inputs squared) + the factorization's two copies of
@@ -27,6 +33,7 @@ SparseGPT on the device (the model stays in CPU memory; one decoder layer at a t
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing
 import os
 import threading
@@ -38,6 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfi
 
 from .architecture import decoder_layout, in_features, prunable_modules
 from .config import TrainConfig
+from .distillation import CHUNK_BYTES, LIVE_CHUNKS
 from .pruning.magnitude import magnitude_prune_layerwise
 from .pruning.masks import MaskKeeper, prunable_linears
 from .training import train_causal_lm
@@ -129,10 +137,17 @@ def training_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes:
     return parts
 
 
-def teacher_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes: int, processes: int = 1) -> int:
-    """What --distill adds: the frozen teacher's weights (sharded under FSDP) and the distillation's logits."""
+def teacher_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes: int, processes: int = 1,
+                  features: bool = False, device: str = "cuda") -> int:
+    """What --distill adds: the frozen teacher's weights (sharded under FSDP), its logits and the loss's
+    working set; with `features` (SquareHead) also its hidden states and the float32 differences the layer
+    term keeps for backward."""
     shape = shape_of(config)
-    return shape.params * param_bytes // processes + batch * seqlen * shape.vocab * (act_bytes + 8)
+    tokens, per_token = batch * seqlen, shape.vocab * act_bytes
+    if features:
+        per_token += (shape.layers + 1) * shape.hidden * act_bytes + shape.layers * shape.hidden * 4
+    working_set = LIVE_CHUNKS * min(CHUNK_BYTES[device], tokens * shape.vocab * 4)
+    return shape.params * param_bytes // processes + tokens * per_token + working_set
 
 
 def fsdp_state_bytes(config, processes: int, param_bytes: int) -> int:
@@ -193,25 +208,29 @@ def measuring_pool(fresh_process_per_task: bool = True):
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
 
 
-def _train_two_steps(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool) -> None:
+def _train_two_steps(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool,
+                     distill: str = "none") -> None:
     torch.manual_seed(0)
     blocks = torch.randint(0, config_dict["vocab_size"], (2 * batch, seqlen))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
+    teacher = copy.deepcopy(model) if distill != "none" else None
     linears = prunable_linears(model)
     magnitude_prune_layerwise(linears, 0.5)
     train_causal_lm(model, blocks, TrainConfig(lr=1e-5, batch_size=batch, max_steps=2, log_every=2,
-                                               gradient_checkpointing=gradient_checkpointing),
-                    mask_keeper=MaskKeeper(linears), show_progress=False)
+                                               gradient_checkpointing=gradient_checkpointing, distill=distill),
+                    mask_keeper=MaskKeeper(linears), teacher=teacher, show_progress=False)
 
 
-def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool) -> int:
-    """Runs in a fresh process: resident memory added by building a float32 model and training two steps."""
+def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool,
+                          distill: str = "none") -> int:
+    """Runs in a fresh process: resident memory added by building a float32 model (and its teacher) and
+    training two steps."""
     tiny = {**config_dict, "hidden_size": 8, "ffn_dim": 8, "intermediate_size": 8, "num_attention_heads": 1,
             "num_key_value_heads": 1, "num_hidden_layers": 1, "word_embed_proj_dim": 8, "vocab_size": 16}
-    _train_two_steps(tiny, 1, 8, gradient_checkpointing)  # imports and one-time state are not the model's
+    _train_two_steps(tiny, 1, 8, gradient_checkpointing, distill)  # imports and one-time state are not the model's
     before = rss()
     sampler = PeakRSS()
-    _train_two_steps(config_dict, batch, seqlen, gradient_checkpointing)
+    _train_two_steps(config_dict, batch, seqlen, gradient_checkpointing, distill)
     return sampler.stop() - before
 
 
@@ -219,7 +238,8 @@ def memory_table(measure: bool = True) -> str:
     """The README's memory table: the formula for published sizes, and formula vs measurement on small widths."""
     lines = ["| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
              "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
-             "| + teacher for --distill (fp32 weights, one sequence) | SparseGPT device peak (fp16, 128 x 2048) |",
+             "| + teacher for --distill logits / squarehead (fp32 weights, one sequence) "
+             "| SparseGPT device peak (fp16, 128 x 2048) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, config in published_configs().items():
         fp32 = training_bytes(config, 1, 2048, 4, 2)
@@ -228,20 +248,26 @@ def memory_table(measure: bool = True) -> str:
                      f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
                      f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
                      f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
-                     f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} GiB"
+                     f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} / "
+                     f"{teacher_bytes(config, 1, 2048, 4, 2, features=True) / GIB:.2f} GiB"
                      f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |")
     if not measure:
         return "\n".join(lines)
     lines += ["", "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
               "|---|---|---|---|"]
-    for hidden, checkpointing, family in ((128, False, "opt"), (256, False, "opt"), (512, False, "opt"),
-                                          (512, True, "opt"), (256, False, "llama"), (512, False, "llama")):
+    for hidden, checkpointing, family, distill in (
+            (128, False, "opt", "none"), (256, False, "opt", "none"), (512, False, "opt", "none"),
+            (512, True, "opt", "none"), (256, False, "opt", "logits"), (256, False, "llama", "none"),
+            (512, False, "llama", "none"), (512, False, "llama", "squarehead")):
         config = (opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256) if family == "opt" else
                   LlamaConfig(hidden_size=hidden, num_hidden_layers=2, intermediate_size=8 * hidden // 3,
                               num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, max_position_embeddings=256))
         predicted = training_bytes(config, 4, 256, 4, 4, checkpointing)["total"]
+        if distill != "none":
+            predicted += teacher_bytes(config, 4, 256, 4, 4, features=distill == "squarehead", device="cpu")
         with measuring_pool() as pool:
-            measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing))
-        label = f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
+            measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing, distill))
+        label = (f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
+                 f"{f', --distill {distill}' if distill != 'none' else ''}")
         lines.append(f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |")
     return "\n".join(lines)

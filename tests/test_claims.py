@@ -97,6 +97,11 @@ def test_memory_command_prints_the_formula_for_each_published_size(tmp_path):
     parts = training_bytes(config, 1, 2048, 4, 2)
     per_token = 12 * ((9 * 768 + 2 * 3072) * 2 + 2 * 768) + 50272 * (2 + 8)  # layers, then logits
     assert parts["activations"] + parts["logits"] == 2048 * per_token
+    # the teacher: float32 weights, bf16 logits and five 256 MiB chunks of the loss; SquareHead adds 13 hidden
+    # states and 12 float32 differences
+    teacher = (params * 4 + 2048 * 50272 * 2 + 5 * 256 * 2**20) / GIB
+    squarehead = teacher + 2048 * (13 * 768 * 2 + 12 * 768 * 4) / GIB
+    assert f"| {teacher:.2f} / {squarehead:.2f} GiB |" in rows["opt-125m"]
 
 
 def test_ptb_and_c4_are_read_as_the_reference_reads_them():

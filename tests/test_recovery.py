@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import PruneConfig, TrainConfig
-from pipeline.distillation import Distillation, kd_loss
+from pipeline.distillation import Distillation, distillation_loss, kd_loss, next_token_targets
 from pipeline.models import load_model_and_tokenizer
 from pipeline.pruning import prune_model
 from pipeline.pruning.magnitude import magnitude_prune_layerwise
@@ -49,6 +49,31 @@ def test_kd_loss_is_temperature_squared_kl_div():
                                                reduction="batchmean", log_target=True)
         assert kd_loss(student, teacher, temperature) == pytest.approx(float(expected), rel=1e-6)
     assert float(kd_loss(student, student, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_loss_and_its_gradient_equal_cross_entropy_plus_kl_div(temperature):
+    """The one-pass loss against autograd through F.cross_entropy and F.kl_div in float64, over logits wide
+    enough that the pass takes several chunks, the last one partial."""
+    generator = torch.Generator().manual_seed(0)
+    batch, vocabulary, alpha = torch.randint(0, 4096, (2, 300), generator=generator), 4096, 0.3
+    student = torch.randn(2, 300, vocabulary, generator=generator) * 3
+    teacher = torch.randn(2, 300, vocabulary, generator=generator) * 3
+    ours = student.clone().requires_grad_()
+    loss, ce, kd = distillation_loss(ours, teacher, next_token_targets(batch), alpha, temperature)
+    loss.backward()
+    reference = student.double().requires_grad_()
+    expected_ce = F.cross_entropy(reference[:, :-1].reshape(-1, vocabulary), batch[:, 1:].reshape(-1))
+    expected_kd = temperature ** 2 * F.kl_div(F.log_softmax(reference / temperature, -1).reshape(-1, vocabulary),
+                                              F.log_softmax(teacher.double() / temperature, -1).reshape(-1, vocabulary),
+                                              reduction="batchmean", log_target=True)
+    expected = (1 - alpha) * expected_ce + alpha * expected_kd
+    expected.backward()
+    assert float(ce) == pytest.approx(expected_ce.item(), rel=1e-6)
+    assert float(kd) == pytest.approx(expected_kd.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(ours.grad.double(), reference.grad, rtol=1e-4, atol=1e-9)
+    assert reference.grad.abs().max() > 1e-4  # a gradient worth comparing
 
 
 def test_objective_on_a_fixed_batch_equals_its_definition(tiny):
