@@ -1,4 +1,5 @@
-"""The Python entry point: `iterative_training_wrapper(config_dict) -> history`, with the user's config keys."""
+"""The Python entry point: `iterative_training_wrapper(config_dict) -> history`, with the keys of the original
+IMP script's config dict."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from .errors import ConfigError
 from .jobs.iterative import run_iterative
 from .settings import build, flatten
 
-# The user's config keys that are not the settings' own keys.
+# The original script's config keys that are not the settings' own keys.
 USER_KEYS = {"model_name": "model", "train_steps": "max_steps"}
 HUB_OPT = ("facebook/opt-125m", "facebook/opt-350m", "facebook/opt-1.3b", "facebook/opt-2.7b")
 
 
 def iterative_training_wrapper(config: dict, resume: bool = False) -> list:
-    """Runs iterative pruning from a config dict of the user's keys (model_name, target_sparsity,
+    """Runs iterative pruning from a config dict of the original script's keys (model_name, target_sparsity,
     prune_percentage, epochs_per_iteration, max_iterations, batch_size, lr, train_steps, seed, save_model);
     every other setting of `iterative` works too, under its flag's name with underscores.
 

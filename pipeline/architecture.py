@@ -29,8 +29,8 @@ PRUNABLE_TYPES = (nn.Linear, Conv1D)
 @dataclass(frozen=True)
 class DecoderLayout:
     layers: nn.ModuleList
-    layer_prefix: str     # qualified name of the layer list, e.g. "model.decoder.layers"
-    layer_types: tuple    # per layer: the kind of attention it gets a mask for (None: one kind)
+    layer_prefix: str  # qualified name of the layer list, e.g. "model.decoder.layers"
+    layer_types: tuple  # per layer: the kind of attention it gets a mask for (None: one kind)
 
     @property
     def layer_class(self) -> str:
@@ -39,12 +39,17 @@ class DecoderLayout:
 
 def decoder_layout(model: nn.Module) -> DecoderLayout:
     classes = set(getattr(model, "_no_split_modules", None) or ())
-    lists = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in classes]
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in classes
+    ]
     if len(lists) != 1:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ConfigError(f"model type '{model_type}' is not supported: its decoder layers could not be found (no "
-                          f"single list of the layer classes it declares, {sorted(classes) or 'none'})")
+        raise ConfigError(
+            f"model type '{model_type}' is not supported: its decoder layers could not be found (no "
+            f"single list of the layer classes it declares, {sorted(classes) or 'none'})"
+        )
     prefix, layers = lists[0]
     types = tuple(getattr(model.config, "layer_types", None) or ())
     return DecoderLayout(layers, prefix, types if len(types) == len(layers) else (None,) * len(layers))
@@ -54,8 +59,12 @@ def modules_outside_layers(model: nn.Module, layout: DecoderLayout) -> list[nn.M
     """The modules with parameters or buffers of their own outside the decoder layers: what the input passes
     through before layer 0 (and the final norm and lm_head, which are not run by the capture)."""
     inside = {id(m) for m in layout.layers.modules()}
-    return [m for m in model.modules() if id(m) not in inside and
-            (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))]
+    return [
+        m
+        for m in model.modules()
+        if id(m) not in inside
+        and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
+    ]
 
 
 def prunable_modules(model: nn.Module) -> dict:

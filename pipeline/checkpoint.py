@@ -69,8 +69,10 @@ def atomic_torch_save(obj, path: Path) -> None:
         cause = _os_error_behind(error)
         if cause is None:
             raise
-        raise UserError(f"could not write {path} ({cause.strerror or cause}); the previous checkpoint "
-                        f"is intact: free some space and resume with {option('resume')}") from None
+        raise UserError(
+            f"could not write {path} ({cause.strerror or cause}); the previous checkpoint "
+            f"is intact: free some space and resume with {option('resume')}"
+        ) from None
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -79,18 +81,32 @@ def atomic_torch_save(obj, path: Path) -> None:
     try:  # read back (its index and structure; mmap leaves the tensors on disk): nothing unreadable is "saved"
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise UserError(f"{path} was written but does not read back ({type(error).__name__}: {error}); the disk "
-                        "may be failing") from None
+        raise UserError(
+            f"{path} was written but does not read back ({type(error).__name__}: {error}); the disk may be failing"
+        ) from None
 
 
-def save_checkpoint(directory: Path, *, model_state: dict, masks: dict, iteration: int, history: list,
-                    config: dict, run_id: str | None) -> Path:
-    payload = {"format": FORMAT_VERSION, "iteration": iteration, "history": history, "config": config,
-               "run_id": run_id, "rng": rng_state(), "model": model_state,
-               "masks": {name: mask.to("cpu") for name, mask in masks.items()}}
+def save_checkpoint(
+    directory: Path, *, model_state: dict, masks: dict, iteration: int, history: list, config: dict, run_id: str | None
+) -> Path:
+    payload = {
+        "format": FORMAT_VERSION,
+        "iteration": iteration,
+        "history": history,
+        "config": config,
+        "run_id": run_id,
+        "rng": rng_state(),
+        "model": model_state,
+        "masks": {name: mask.to("cpu") for name, mask in masks.items()},
+    }
     path = Path(directory) / CHECKPOINT_NAME
     atomic_torch_save(payload, path)
     return path
+
+
+def has_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds a checkpoint (without reading it: at 7B that is tens of GB)."""
+    return (Path(directory) / CHECKPOINT_NAME).exists()
 
 
 def load_checkpoint(directory: Path) -> dict | None:
@@ -101,8 +117,9 @@ def load_checkpoint(directory: Path) -> dict | None:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"checkpoint {path} is damaged or truncated ({type(error).__name__}); "
-                        "delete it to start over") from None
+        raise UserError(
+            f"checkpoint {path} is damaged or truncated ({type(error).__name__}); delete it to start over"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} is not a checkpoint of this version of the pipeline; delete it to start over")
     return payload

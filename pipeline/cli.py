@@ -1,27 +1,113 @@
 """`python -m pipeline <command>`: the Click group, each command's flags generated from its config.
 
-A flag is a setting's key with dashes (`prune_method` -> `--prune-method`); its default, help and
-checks are the setting's (pipeline/config.py). Only flags given on the command line reach the config,
-so a preset (`compare --preset demo`) can change the rest. Every error a user can fix ends here as one
-line and an exit code: 2 for a wrong value (ConfigError, a usage error), 1 for anything else the user
-can fix (UserError, MLflow refusing a request), 130 for Ctrl-C and 143 for SIGTERM.
+The command table names each command's config and its job (pipeline/jobs/), imported only when the
+command runs: importing torch, transformers and mlflow takes 5-7 s on 2 cores, and `--help` or a bad
+flag value should answer at once. A flag is a setting's key with dashes (`prune_method` ->
+`--prune-method`); its default, help and checks are the setting's (pipeline/config.py), and an older
+spelling of a renamed flag still works. Only flags given on the command line reach the config, so a
+preset (`compare --preset demo`) can change the rest. Every error a user can fix ends here as one line
+and an exit code: 2 for a wrong value (ConfigError, a usage error), 1 for anything else the user can fix
+(UserError, MLflow refusing a request), 130 for Ctrl-C and 143 for SIGTERM.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import typing
+from dataclasses import dataclass
 
 import click
 from click.core import ParameterSource
 
-from .commands import bench, compare, evaluate, iterative, memory, pretrain, prune, report, sync, train
+from .config import (
+    BenchConfig,
+    CompareConfig,
+    EvaluateConfig,
+    IterativeConfig,
+    MemoryConfig,
+    PretrainConfig,
+    PruneRunConfig,
+    ReportConfig,
+    SyncConfig,
+    TrainRunConfig,
+)
 from .errors import ConfigError, Terminated, UserError, spell
 from .settings import Leaf, build, flatten
 
-COMMANDS = (evaluate.evaluate, prune.prune, train.train, iterative.iterative, compare.compare, report.report,
-            pretrain.pretrain, bench.bench, memory.memory, sync.sync)
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    config: type
+    job: str  # "module:function" under pipeline.jobs, imported when the command runs
+    help: str
+
+
+COMMANDS = (
+    Command(
+        "evaluate",
+        EvaluateConfig,
+        "evaluate:run_evaluate",
+        "Perplexity of a model on a dataset (windows as the SparseGPT reference cuts them), logged to MLflow.",
+    ),
+    Command(
+        "prune",
+        PruneRunConfig,
+        "prune:run_prune",
+        "One-shot pruning (magnitude, SparseGPT, Wanda, random): dense and pruned perplexity, saved model.",
+    ),
+    Command(
+        "train",
+        TrainRunConfig,
+        "train:run_train",
+        "Fine-tune a (pruned) model on a dataset; pruned weights stay exactly zero.",
+    ),
+    Command(
+        "iterative",
+        IterativeConfig,
+        "iterative:run_iterative",
+        "Iterative magnitude pruning with recovery training, checkpointed after every iteration (the main job).",
+    ),
+    Command(
+        "compare",
+        CompareConfig,
+        "compare:run_compare",
+        "The comparison grid: dense, one-shot SparseGPT/magnitude/Wanda, iterative and their equal-budget "
+        "controls at each sparsity, then the report; finished cells are reused.",
+    ),
+    Command(
+        "report",
+        ReportConfig,
+        "report:run_report",
+        "Markdown + self-contained HTML report of an experiment's comparison runs, from MLflow alone.",
+    ),
+    Command(
+        "pretrain",
+        PretrainConfig,
+        "pretrain:run_pretrain",
+        "Train an embedded model (opt-tiny, llama-tiny) from scratch on the pydocs corpus.",
+    ),
+    Command(
+        "bench",
+        BenchConfig,
+        "bench:run_bench",
+        "Speed and memory of the hot paths, side by side with their baselines, against targets.",
+    ),
+    Command(
+        "memory",
+        MemoryConfig,
+        "memory:run_memory",
+        "Peak memory per model size (training, SparseGPT, a teacher) from the formula, checked by measurement on CPU.",
+    ),
+    Command(
+        "sync",
+        SyncConfig,
+        "sync:run_sync",
+        "Replay tracking calls a run kept locally while the MLflow server was unreachable.",
+    ),
+)
 NONE_WORDS = ("", "none", "None", "null")  # how an MLproject parameter says "not set"
 
 
@@ -80,18 +166,23 @@ def _parameter(leaf: Leaf) -> click.Parameter:
     check, default = leaf.check, leaf.default
     if check.argument:
         return click.Argument([leaf.key], nargs=-1, type=leaf.item)
-    help = check.help + (f" [{'|'.join(map(str, check.choices))}]" if check.choices else "")
+    help = check.help_text + (f" [{'|'.join(map(str, check.choices))}]" if check.choices else "")
+    if leaf.aliases:
+        help += f" (older spelling: {', '.join(flag(alias) for alias in leaf.aliases)})"
+    names = [flag(leaf.key), *(flag(alias) for alias in leaf.aliases), leaf.key]  # the last: the parameter's name
     if leaf.base is bool:
-        names = [f"{flag(leaf.key)}/--no-{leaf.key.replace('_', '-')}"] if check.negatable else [flag(leaf.key)]
+        if check.negatable:
+            names[0] = f"{flag(leaf.key)}/--no-{leaf.key.replace('_', '-')}"
         return click.Option(names, is_flag=True, default=default, show_default=check.negatable, help=help)
     if leaf.base is list:
-        return click.Option([flag(leaf.key)], type=CommaList(leaf.item), default=",".join(map(str, default)),
-                            show_default=True, help=help)
+        return click.Option(
+            names, type=CommaList(leaf.item), default=",".join(map(str, default)), show_default=True, help=help
+        )
     if leaf.base in (int, float):
         kind = Number(leaf.base, leaf.optional)
     else:
         kind = OptionalText() if leaf.optional else click.STRING
-    return click.Option([flag(leaf.key)], type=kind, default=default, show_default=default is not None, help=help)
+    return click.Option(names, type=kind, default=default, show_default=default is not None, help=help)
 
 
 def spelling_for(config_class) -> typing.Callable[[str], str]:
@@ -104,29 +195,37 @@ def spelling_for(config_class) -> typing.Callable[[str], str]:
     return lambda name: names.get(name, flag(name))
 
 
-def make_command(function) -> click.Command:
-    """A click command whose flags are the settings of `function`'s config."""
-    config_class = typing.get_type_hints(function)["config"]
-    leaves = [leaf for leaf in flatten(config_class) if leaf.check.cli]
+def make_command(command: Command) -> click.Command:
+    """A click command whose flags are the settings of the command's config; its job runs with the config."""
+    leaves = [leaf for leaf in flatten(command.config) if leaf.check.cli]
 
     def callback(**given):
         context = click.get_current_context()
-        values = {key: value for key, value in given.items()
-                  if context.get_parameter_source(key) is not ParameterSource.DEFAULT}
+        values = {
+            key: value
+            for key, value in given.items()
+            if context.get_parameter_source(key) is not ParameterSource.DEFAULT
+        }
+        module, function = command.job.split(":")
         try:
-            function(build(config_class, values))
+            config = build(command.config, values)
+            job = getattr(importlib.import_module(f"pipeline.jobs.{module}"), function)  # after the checks: heavy
+            job(config)
         except (UserError, KeyboardInterrupt) as error:
-            error.spelling = spelling_for(config_class)
+            error.spelling = spelling_for(command.config)
             raise
 
-    return click.Command(function.__name__, callback=callback, params=[_parameter(leaf) for leaf in leaves],
-                         help=function.__doc__)
+    return click.Command(
+        command.name, callback=callback, params=[_parameter(leaf) for leaf in leaves], help=command.help
+    )
 
 
-cli = click.Group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-                  help="Iterative magnitude pruning vs one-shot pruning (SparseGPT, magnitude, Wanda) of causal LMs.")
-for _function in COMMANDS:
-    cli.add_command(make_command(_function))
+cli = click.Group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    help="Iterative magnitude pruning vs one-shot pruning (SparseGPT, magnitude, Wanda) of causal LMs.",
+)
+for _command in COMMANDS:
+    cli.add_command(make_command(_command))
 cli = click.version_option(package_name="llm-pruning-pipeline", message="%(version)s")(cli)
 
 
@@ -174,6 +273,9 @@ def main() -> None:
         if not isinstance(error, MlflowException):
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        click.echo(f"error: MLflow refused a request ({first[:300]}); completed iterations are in the "
-                   "output directory's checkpoint", err=True)
+        click.echo(
+            f"error: MLflow refused a request ({first[:300]}); completed iterations are in the "
+            "output directory's checkpoint",
+            err=True,
+        )
         sys.exit(1)

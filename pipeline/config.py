@@ -8,11 +8,14 @@ so `--help` and a bad flag value answer at once.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from .errors import ConfigError, option
+from .methods import CRITERION_NAMES, DEFAULT_GRID, GRID_METHODS, METHODS, Criterion, criterion
 from .settings import Settings, group, setting
 
 EMBEDDED_MODEL = "opt-tiny"
@@ -20,32 +23,135 @@ EMBEDDED_MODELS = ("opt-tiny", "llama-tiny")  # shipped in pipeline/assets: ever
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("test", "validation")
-PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda", "random")
-CALIBRATED_METHODS = ("sparsegpt", "wanda")  # these need calibration windows
-SEEDED_METHODS = (*CALIBRATED_METHODS, "random")  # the seed draws their windows, or random's mask
 # geometric and cubic prune step by step; one-shot prunes to the target at once and dense never prunes,
 # both then training as many iterations as geometric would: the equal-budget controls of `compare`
 SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
-DISTILL_MODES = ("none", "logits", "squarehead")
-RECOVERIES = ("ce", "logits", "squarehead")  # a grid's names for --distill none, logits, squarehead
-REWIND_HELP = ("after each pruning step, reset the surviving weights to their values at a point, then train: none; "
-               "dense (the starting model, as lottery-ticket studies of pretrained models do); iteration:K (after "
-               "iteration K's training: late rewinding, Frankle et al. 2020, Renda et al. 2020)")
-ONE_SHOT_METHODS = ("sparsegpt", "magnitude", "wanda", "random")  # the grid's untrained one-shot cells
-TRAINED_METHODS = ("iterative", "magnitude+ft", "sparsegpt+ft", "wanda+ft", "random+ft", "dense+ft")  # one budget
-GRID_METHODS = ONE_SHOT_METHODS + TRAINED_METHODS
+DISTILL_MODES = ("none", "logits", "squarehead")  # the recovery loss: cross-entropy alone, or with a teacher
+REWIND_HELP = (
+    "after each pruning step, reset the surviving weights to their values at a point, then train: none; "
+    "dense (the starting model, as lottery-ticket studies of pretrained models do); iteration:K (after "
+    "iteration K's training: late rewinding, Frankle et al. 2020, Renda et al. 2020)"
+)
 PRETRAIN_ARCHES = ("opt", "llama")
+DEFAULT_EXPERIMENT = "llm-pruning"
+DEFAULT_WINDOW = 2048  # the SparseGPT paper's window; Llama-3's 131072 positions are no window to evaluate
+
+
+# --- the rules of computed defaults (each declared with its setting below; `--help` prints the docstring) ---
+
+
+def default_window(data, model) -> int:
+    """the model's positions, at most 2048"""
+    return min(int(model.config.max_position_embeddings), DEFAULT_WINDOW)
+
+
+def default_experiment(tracking) -> str:
+    """llm-pruning"""
+    return DEFAULT_EXPERIMENT
+
+
+def default_sparsity(prune) -> float:
+    """0.5; an N:M pattern makes it N/M"""
+    return prune.n_m[0] / prune.n_m[1] if prune.n_m else 0.5
+
+
+def default_calibration_dataset(prune, model_name: str, dataset: str) -> str:
+    """c4 for hub models, as the reference; pydocs for the embedded models, the corpus they know; the
+    --dataset for a local directory, which may not know C4 either"""
+    if model_name in EMBEDDED_MODELS:
+        return "pydocs"
+    return dataset if os.path.isdir(model_name) else "c4"
+
+
+def default_eval_batch_size(evaluate, model, seqlen: int, device) -> int:
+    """as many windows as fit the memory"""
+    from .perplexity import windows_per_forward  # deferred: the settings import no torch
+
+    return windows_per_forward(seqlen, model.config.vocab_size, device)
+
+
+def default_final_lr(schedule, lr: float) -> float:
+    """--lr"""
+    return lr
+
+
+def model_stem(model: str) -> str:
+    return Path(model).name
+
+
+def default_pruned_dir(config) -> Path:
+    """pruned_models/<model>-<method>-<sparsity>"""
+    return Path("pruned_models") / f"{model_stem(config.model.model)}-{config.prune.label}"
+
+
+def default_trained_dir(config) -> Path:
+    """pruned_models/<model>-trained"""
+    return Path("pruned_models") / f"{model_stem(config.model.model)}-trained"
+
+
+def default_checkpoint_dir(config) -> Path:
+    """checkpoints/<model>-<dataset>-iterative-<method>-<scope>-<schedule>-<target>"""
+    dataset = config.data.dataset.replace("text:", "text-").replace("/", "_")
+    return Path("checkpoints") / (
+        f"{model_stem(config.model.model)}-{dataset}-iterative-{config.prune.method}-"
+        f"{config.prune.scope}-{config.schedule.schedule}-"
+        f"{config.schedule.target_sparsity:.2f}"
+    )
+
+
+def default_final_model_dir(config) -> Path:
+    """pruned_models/<model>-iterative-<target>"""
+    return Path("pruned_models") / f"{model_stem(config.model.model)}-iterative-{config.schedule.target_sparsity:.2f}"
+
+
+def default_train_seqlen(config):
+    """--seqlen"""
+    return config.data.seqlen
+
+
+def default_report_dir(config, experiment_name: str) -> Path:
+    """reports/<experiment>"""
+    return Path("reports") / experiment_name
+
+
+def default_pretrained_dir(config) -> Path:
+    """pretrained/<arch>-tiny"""
+    return Path("pretrained") / config.name
+
+
+def default_bench_dir(config) -> Path:
+    """reports/bench"""
+    return Path("reports") / "bench"
+
+
+def default_kv_heads(config) -> int:
+    """opt: the attention heads; llama: half of them"""
+    return config.num_heads if config.arch == "opt" else max(1, config.num_heads // 2)
+
+
+def default_ffn(config) -> int:
+    """4 x hidden for opt, 8/3 x hidden for llama, whose SwiGLU has three matrices: the same parameters"""
+    return 4 * config.hidden_size if config.arch == "opt" else 8 * config.hidden_size // 3
 
 
 # --- model and data ------------------------------------------------------------------------------
 
+
 @dataclass
 class ModelConfig(Settings):
-    model: str = setting(EMBEDDED_MODEL, "opt-tiny or llama-tiny (embedded), an alias (opt-125m ... opt-2.7b, "
-                         "llama-3.2-1b, qwen2.5-0.5b, ...: see the README), a hub id or a local directory")
-    dtype: str = setting("auto", "auto: float32 on CPU; on CUDA the checkpoint's dtype to evaluate and prune, "
-                         "float32 weights with bf16 autocast to train", choices=DTYPES, noun="dtype")
+    model: str = setting(
+        EMBEDDED_MODEL,
+        "opt-tiny or llama-tiny (embedded), an alias (opt-125m ... opt-2.7b, "
+        "llama-3.2-1b, qwen2.5-0.5b, ...: see the README), a hub id or a local directory",
+    )
+    dtype: str = setting(
+        "auto",
+        "auto: float32 on CPU; on CUDA the checkpoint's dtype to evaluate and prune, "
+        "float32 weights with bf16 autocast to train",
+        choices=DTYPES,
+        noun="dtype",
+    )
     device: str = setting("auto", "auto: CUDA when there is one", choices=DEVICES, noun="device")
     trust_remote_code: bool = setting(False, "allow a hub model's own Python code to run")
 
@@ -53,24 +159,31 @@ class ModelConfig(Settings):
 @dataclass
 class DataConfig(Settings):
     dataset: str = setting("pydocs", "wikitext2, ptb, c4, pydocs (embedded) or text:PATH")
-    seqlen: int | None = setting(None, "evaluation and calibration window (default: the model's positions, at "
-                                 "most 2048)", at_least=2)
+    seqlen: int | None = setting(None, "evaluation and calibration window", at_least=2, rule=default_window)
 
 
 @dataclass
 class TrackingConfig(Settings):
-    experiment: str | None = setting(None, "MLflow experiment (ignored under `mlflow run`)")
-    system_metrics: bool = setting(True, "record CPU, memory and GPU use in the run's System metrics (MLflow's "
-                                   "monitor: psutil, and nvidia-ml-py on CUDA)", negatable=True)
+    experiment: str | None = setting(None, "MLflow experiment (ignored under `mlflow run`)", rule=default_experiment)
+    system_metrics: bool = setting(
+        True,
+        "record CPU, memory and GPU use in the run's System metrics (MLflow's "
+        "monitor: psutil, and nvidia-ml-py on CUDA)",
+        negatable=True,
+    )
 
 
 @dataclass
 class RegistryConfig(Settings):
-    register_model: str | None = setting(None, "register the saved model in MLflow's Model Registry under this name, "
-                                         "its sparsity and perplexity as version tags")
+    register_model: str | None = setting(
+        None,
+        "register the saved model in MLflow's Model Registry under this name, "
+        "its sparsity and perplexity as version tags",
+    )
 
 
 # --- pruning -------------------------------------------------------------------------------------
+
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """None for unstructured, (N, M) for 'N:M' with 0 < N < M."""
@@ -84,32 +197,52 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 @dataclass
 class PruneConfig(Settings):
-    method: str = setting("magnitude", "pruning criterion; random: a uniformly random mask of the same size, the "
-                          "control that shows whether a criterion's choice carries information", choices=PRUNE_METHODS,
-                          noun="pruning method")
-    sparsity: float | None = setting(None, "fraction of zeros, in [0, 1) (default 0.5; an N:M pattern makes it N/M)",
-                                     at_least=0, below=1, hint="give the fraction of zeros, e.g. 0.5")
+    method: str = setting(
+        "magnitude",
+        "pruning criterion; random: a uniformly random mask of the same size, the "
+        "control that shows whether a criterion's choice carries information",
+        choices=CRITERION_NAMES,
+        noun="pruning method",
+    )
+    sparsity: float | None = setting(
+        None,
+        "fraction of zeros, in [0, 1)",
+        at_least=0,
+        below=1,
+        hint="give the fraction of zeros, e.g. 0.5",
+        rule=default_sparsity,
+    )
     pattern: str = setting("unstructured", "unstructured or N:M, e.g. 2:4")
-    scope: str = setting("layer", "magnitude: every matrix to the same sparsity, or one threshold over all",
-                         choices=("layer", "global"), noun="scope")
+    scope: str = setting(
+        "layer",
+        "magnitude: every matrix to the same sparsity, or one threshold over all",
+        choices=("layer", "global"),
+        noun="scope",
+    )
     include: str | None = setting(None, "regex: prune only matrices whose name matches")
     exclude: str | None = setting(None, "regex: never prune matrices whose name matches")
     nsamples: int = setting(128, "calibration windows (SparseGPT, Wanda)", at_least=1)
     blocksize: int = setting(128, "SparseGPT: columns per block", at_least=1)
     percdamp: float = setting(0.01, "SparseGPT: dampening, a fraction of the Hessian's mean diagonal", at_least=0)
-    calibration_dataset: str | None = setting(None, "default: c4 for hub models (as the reference), pydocs for "
-                                              "opt-tiny, the --dataset for a local directory")
+    calibration_dataset: str | None = setting(
+        None, "where SparseGPT and Wanda draw their calibration windows", rule=default_calibration_dataset
+    )
     calibration_batch_size: int = setting(8, "calibration windows per layer forward", at_least=1)
-    seed: int = setting(0, "the calibration draw (SparseGPT, Wanda; 0 draws the reference's windows) or the random "
-                        "mask")
+    seed: int = setting(
+        0,
+        "the pruning draw: SparseGPT's and Wanda's calibration windows (0 draws the reference's "
+        "windows), or the random mask",
+    )
 
     def check(self) -> None:
         self.n_m = parse_pattern(self.pattern)
         if self.n_m and self.sparsity is not None and not math.isclose(self.sparsity, self.n_m[0] / self.n_m[1]):
-            raise ConfigError(f"{option('sparsity')} {self.sparsity:g} and {option('pattern')} {self.pattern} disagree: "
-                              f"an N:M pattern prunes N of every M weights ({self.n_m[0] / self.n_m[1]:g}); give one "
-                              "of the two")
-        if self.scope == "global" and (self.method != "magnitude" or self.n_m):
+            raise ConfigError(
+                f"{option('sparsity')} {self.sparsity:g} and {option('pattern')} {self.pattern} disagree: "
+                f"an N:M pattern prunes N of every M weights ({self.n_m[0] / self.n_m[1]:g}); give one "
+                "of the two"
+            )
+        if self.scope == "global" and (not self.criterion.global_scope or self.n_m):
             raise ConfigError(f"{option('scope')} global is for unstructured magnitude pruning only")
         for name in ("include", "exclude"):
             regex = getattr(self, name)
@@ -120,19 +253,16 @@ class PruneConfig(Settings):
                     raise ConfigError(f"{option(name)} '{regex}' is not a valid regex: {error}") from None
 
     @property
-    def calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS
-
-    @property
-    def seeded(self) -> bool:
-        return self.method in SEEDED_METHODS
+    def criterion(self) -> Criterion:
+        """The pruning criterion's registry entry: whether it calibrates, whether it draws at random."""
+        return criterion(self.method)
 
     @property
     def fraction(self) -> float:
         """The fraction of zeros this prunes to."""
         if self.n_m:
             return self.n_m[0] / self.n_m[1]
-        return 0.5 if self.sparsity is None else self.sparsity
+        return self.resolved("sparsity")
 
     @property
     def label(self) -> str:
@@ -141,6 +271,7 @@ class PruneConfig(Settings):
 
 
 # --- training ------------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainConfig(Settings):
@@ -152,43 +283,66 @@ class TrainConfig(Settings):
     grad_accum: int = setting(1, "micro-batches per optimizer step", above=0)
     weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norms)", at_least=0)
     warmup_steps: int = setting(0, "linear warmup steps", at_least=0)
-    lr_schedule: str = setting("constant", "within each training run, after the warmup", choices=LR_SCHEDULES,
-                               noun="lr schedule")
+    lr_schedule: str = setting(
+        "constant", "within each training run, after the warmup", choices=LR_SCHEDULES, noun="lr schedule"
+    )
     min_lr_ratio: float = setting(0.1, "cosine: the last step's lr as a fraction of --lr", at_least=0, at_most=1)
     grad_clip: float = setting(1.0, "maximal gradient norm (0: no clipping)", at_least=0)
     gradient_checkpointing: bool = setting(False, "trade compute for activation memory")
-    autocast: str = setting("auto", "the training compute's precision, weights staying float32: auto (bf16 on CUDA, "
-                            "float32 on CPU), bf16 (also on CPU) or none", choices=("auto", "bf16", "none"),
-                            noun="autocast")
+    autocast: str = setting(
+        "auto",
+        "the training compute's precision, weights staying float32: auto (bf16 on CUDA, "
+        "float32 on CPU), bf16 (also on CPU) or none",
+        choices=("auto", "bf16", "none"),
+        noun="autocast",
+    )
     log_every: int = setting(10, "steps between train_loss points in MLflow", at_least=1)
-    distill: str = setting("none", "recovery loss: none (cross-entropy); logits (+ distillation of a frozen "
-                           "teacher's logits: the dense model); squarehead (+ its decoder layers' outputs, Kurtic et "
-                           "al. 2023)", choices=DISTILL_MODES, noun="distillation")
-    distill_alpha: float = setting(0.5, "the logits term's weight: (1 - alpha) CE + alpha T^2 KL(teacher || student)",
-                                   at_least=0, at_most=1)
+    distill: str = setting(
+        "none",
+        "recovery loss: none (cross-entropy); logits (+ distillation of a frozen "
+        "teacher's logits: the dense model); squarehead (+ its decoder layers' outputs, Kurtic et "
+        "al. 2023)",
+        choices=DISTILL_MODES,
+        noun="distillation",
+    )
+    distill_alpha: float = setting(
+        0.5, "the logits term's weight: (1 - alpha) CE + alpha T^2 KL(teacher || student)", at_least=0, at_most=1
+    )
     distill_temperature: float = setting(2.0, "the softmax temperature T of the logits term", above=0)
 
 
 @dataclass
 class ScheduleConfig(Settings):
-    target_sparsity: float = setting(0.9, "fraction of zeros to reach", above=0, below=1,
-                                     hint="give the fraction of zeros to reach, e.g. 0.9")
-    prune_percentage: float = setting(0.1, "fraction of the remaining non-zeros pruned per iteration", above=0,
-                                      below=1, hint="give the fraction of the remaining weights pruned per "
-                                      "iteration, e.g. 0.1")
+    target_sparsity: float = setting(
+        0.9, "fraction of zeros to reach", above=0, below=1, hint="give the fraction of zeros to reach, e.g. 0.9"
+    )
+    prune_percentage: float = setting(
+        0.1,
+        "fraction of the remaining non-zeros pruned per iteration",
+        above=0,
+        below=1,
+        hint="give the fraction of the remaining weights pruned per iteration, e.g. 0.1",
+    )
     max_iterations: int = setting(25, "safety cap", above=0)
-    schedule: str = setting("geometric", "sparsity after each iteration: geometric (--prune-percentage of the "
-                            "remaining weights) or cubic (Zhu & Gupta); one-shot (the target at once) and dense "
-                            "(never pruned) train as many iterations as geometric would", choices=SPARSITY_SCHEDULES,
-                            noun="schedule")
-    final_lr: float | None = setting(None, "last iteration's lr (default: --lr); geometric in between", above=0)
+    schedule: str = setting(
+        "geometric",
+        "sparsity after each iteration: geometric (--prune-percentage of the "
+        "remaining weights) or cubic (Zhu & Gupta); one-shot (the target at once) and dense "
+        "(never pruned) train as many iterations as geometric would",
+        choices=SPARSITY_SCHEDULES,
+        noun="schedule",
+    )
+    final_lr: float | None = setting(None, "last iteration's lr; geometric in between", above=0, rule=default_final_lr)
 
 
 @dataclass
 class TasksConfig(Settings):
-    tasks: list[str] = setting([], "comma-separated zero-shot tasks of lm-evaluation-harness: names (pydocs-cloze "
-                               "runs offline; piqa, arc_easy, ... need their data from the hub) or directories of "
-                               "task YAMLs")
+    tasks: list[str] = setting(
+        [],
+        "comma-separated zero-shot tasks of lm-evaluation-harness: names (pydocs-cloze "
+        "runs offline; piqa, arc_easy, ... need their data from the hub) or directories of "
+        "task YAMLs",
+    )
     num_fewshot: int | None = setting(None, "examples in each task's prompt (default: the task's own)", at_least=0)
     limit: int | None = setting(None, "at most this many examples per task (default: all)", at_least=1)
     tasks_batch_size: int = setting(8, "examples per forward for the tasks", at_least=1)
@@ -196,16 +350,20 @@ class TasksConfig(Settings):
 
 # --- one config per command ----------------------------------------------------------------------
 
+
 def refuse_float16_training(model: ModelConfig) -> None:
     if model.dtype == "float16":
-        raise ConfigError(f"{option('dtype')} float16 cannot train: AdamW's small updates vanish in float16 weights "
-                          f"and the loss becomes nan at any lr; use {option('dtype')} auto (float32 weights, bf16 "
-                          "autocast on CUDA) or float32")
+        raise ConfigError(
+            f"{option('dtype')} float16 cannot train: AdamW's small updates vanish in float16 weights "
+            f"and the loss becomes nan at any lr; use {option('dtype')} auto (float32 weights, bf16 "
+            "autocast on CUDA) or float32"
+        )
 
 
 @dataclass
 class RunConfig(Settings):
     """What every command that loads a model has: the model, the data and the MLflow experiment."""
+
     model: ModelConfig = group(ModelConfig)
     data: DataConfig = group(DataConfig)
     tracking: TrackingConfig = group(TrackingConfig)
@@ -215,15 +373,22 @@ class RunConfig(Settings):
 class EvaluateConfig(RunConfig):
     tasks: TasksConfig = group(TasksConfig)
     split: str = setting("test", "split to evaluate", choices=SPLITS, noun="split")
-    batch_size: int | None = setting(None, "windows per forward (default: by memory)", at_least=1)
+    eval_batch_size: int | None = setting(
+        None, "windows per forward", at_least=1, rule=default_eval_batch_size, aliases=("batch_size",)
+    )
 
 
 @dataclass
 class PruneRunConfig(RunConfig):
-    prune: PruneConfig = group(PruneConfig, defaults={"method": "sparsegpt"})
+    prune: PruneConfig = group(
+        PruneConfig,
+        defaults={"method": "sparsegpt"},
+        rename={"method": "prune_method", "seed": "prune_seed"},
+        aliases={"prune_method": ("method",), "prune_seed": ("seed",)},
+    )
     tasks: TasksConfig = group(TasksConfig)
     registry: RegistryConfig = group(RegistryConfig)
-    output_dir: str | None = setting(None, "default pruned_models/<model>-<method>-<sparsity>")
+    output_dir: str | None = setting(None, "where the pruned model goes", rule=default_pruned_dir)
 
 
 @dataclass
@@ -231,9 +396,12 @@ class TrainRunConfig(RunConfig):
     train: TrainConfig = group(TrainConfig)
     tasks: TasksConfig = group(TasksConfig)
     registry: RegistryConfig = group(RegistryConfig)
-    output_dir: str | None = setting(None, "default pruned_models/<model>-trained")
-    teacher: str | None = setting(None, "the model --distill learns from (default: the model as loaded; give the "
-                                  "dense one when training a pruned model)")
+    output_dir: str | None = setting(None, "where the trained model goes", rule=default_trained_dir)
+    teacher: str | None = setting(
+        None,
+        "the model --distill learns from (default: the model as loaded; give the "
+        "dense one when training a pruned model)",
+    )
 
     def check(self) -> None:
         refuse_float16_training(self.model)
@@ -243,26 +411,36 @@ class TrainRunConfig(RunConfig):
 class IterativeConfig(RunConfig):
     schedule: ScheduleConfig = group(ScheduleConfig)
     train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3})
-    prune: PruneConfig = group(PruneConfig, rename={"method": "prune_method", "seed": "prune_seed"},
-                               exclude=("sparsity", "pattern"))
+    prune: PruneConfig = group(
+        PruneConfig, rename={"method": "prune_method", "seed": "prune_seed"}, exclude=("sparsity", "pattern")
+    )
     tasks: TasksConfig = group(TasksConfig, rename={"tasks": "eval_tasks"})
     registry: RegistryConfig = group(RegistryConfig)
-    eval_tasks_every: int = setting(1, "run --eval-tasks on the dense model and after every N-th iteration and the "
-                                    "last; 0: after the last only", at_least=0)
-    train_seqlen: int | None = setting(None, "training window (default: --seqlen)", at_least=2)
-    eval_split: str = setting("test", "split evaluated after each pruning and each training step", choices=SPLITS,
-                              noun="split")
-    output_dir: str | None = setting(None, "checkpoint directory (default under checkpoints/)")
+    eval_tasks_every: int = setting(
+        1,
+        "run --eval-tasks on the dense model and after every N-th iteration and the last; 0: after the last only",
+        at_least=0,
+    )
+    train_seqlen: int | None = setting(None, "training window", at_least=2, rule=default_train_seqlen)
+    eval_split: str = setting(
+        "test", "split evaluated after each pruning and each training step", choices=SPLITS, noun="split"
+    )
+    output_dir: str | None = setting(None, "checkpoint directory", rule=default_checkpoint_dir)
     resume: bool = setting(False, "continue from the last completed iteration in --output-dir")
     save_model: bool = setting(True, "save the final model", negatable=True)
     rewind: str = setting("none", REWIND_HELP)
-    model_dir: str | None = setting(None, "where the final model goes: a save_pretrained directory, and a state "
-                                    "dict beside it as <dir>.pt (default pruned_models/<model>-iterative-<target>)")
+    model_dir: str | None = setting(
+        None,
+        "where the final model goes: a save_pretrained directory, and a state dict beside it as <dir>.pt",
+        rule=default_final_model_dir,
+    )
 
     def check(self) -> None:
         refuse_float16_training(self.model)
         if not re.fullmatch(r"none|dense|iteration:\d+", self.rewind):
-            raise ConfigError(f"{option('rewind')} '{self.rewind}' is not none, dense or iteration:K (e.g. iteration:1)")
+            raise ConfigError(
+                f"{option('rewind')} '{self.rewind}' is not none, dense or iteration:K (e.g. iteration:1)"
+            )
 
     @property
     def rewind_iteration(self) -> int | None:
@@ -272,85 +450,133 @@ class IterativeConfig(RunConfig):
 
 @dataclass
 class GridConfig(Settings):
-    sparsities: list[float] = setting([0.5, 0.9], "comma-separated target sparsities", above=0, below=1,
-                                      min_items=1, hint="give fractions of zeros, e.g. 0.5,0.9")
-    methods: list[str] = setting(["sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", "sparsegpt+ft",
-                                  "dense+ft"],
-                                 "comma-separated methods: one-shot sparsegpt, magnitude, wanda (untrained); "
-                                 "iterative; X+ft = one-shot X then the iterative cell's training budget; dense+ft = "
-                                 "the unpruned model trained as long", choices=GRID_METHODS, min_items=1, noun="method",
-                                 hint="give at least one, e.g. sparsegpt,iterative")
-    seeds: list[int] = setting([0], "comma-separated seeds: each repeats every stochastic cell (calibration draw, "
-                               "data order); 0 draws the reference's calibration windows", min_items=1,
-                               hint="give at least one, e.g. 0,1,2")
-    patterns: list[str] = setting([], "comma-separated N:M patterns: the one-shot methods also prune to each, "
-                                  "e.g. 2:4 (untrained)")
-    recoveries: list[str] = setting(["ce"], "comma-separated recovery losses of the trained cells, each a cell of its "
-                                    "own: ce (cross-entropy), logits, squarehead (see --distill)",
-                                    choices=RECOVERIES, min_items=1, noun="recovery", hint="give at least one, e.g. ce")
+    sparsities: list[float] = setting(
+        [0.5, 0.9],
+        "comma-separated target sparsities",
+        above=0,
+        below=1,
+        min_items=1,
+        hint="give fractions of zeros, e.g. 0.5,0.9",
+    )
+    methods: list[str] = setting(
+        list(DEFAULT_GRID),
+        "comma-separated methods: one-shot sparsegpt, magnitude, wanda (untrained); "
+        "iterative; X+ft = one-shot X then the iterative cell's training budget; dense+ft = "
+        "the unpruned model trained as long",
+        choices=GRID_METHODS,
+        min_items=1,
+        noun="method",
+        hint="give at least one, e.g. sparsegpt,iterative",
+    )
+    seeds: list[int] = setting(
+        [0],
+        "comma-separated seeds: each repeats every stochastic cell (calibration draw, "
+        "data order); 0 draws the reference's calibration windows",
+        min_items=1,
+        hint="give at least one, e.g. 0,1,2",
+    )
+    patterns: list[str] = setting(
+        [], "comma-separated N:M patterns: the one-shot methods also prune to each, e.g. 2:4 (untrained)"
+    )
+    distill: list[str] = setting(
+        ["none"],
+        "comma-separated recovery losses of the trained cells, each a cell of its "
+        "own: none (cross-entropy), logits (+ the dense model's logits), squarehead (+ its "
+        "layers' outputs)",
+        choices=DISTILL_MODES,
+        min_items=1,
+        noun="distillation",
+        hint="give at least one, e.g. none",
+        aliases=("recoveries",),
+        value_aliases={"ce": "none"},
+    )
     force: bool = setting(False, "rerun cells that already have a finished run")
-    output_dir: str | None = setting(None, "default reports/<experiment>")
+    output_dir: str | None = setting(None, "where the grid's tables and report go", rule=default_report_dir)
     report: bool = setting(True, "write the report when the grid is done", negatable=True)
 
 
 @dataclass
 class CompareConfig(RunConfig):
     # `mlflow run .` (the MLproject's main entry point) runs `compare --preset demo`
-    PRESETS: ClassVar[dict] = {"demo": {"prune_percentage": 0.3, "epochs_per_iteration": 1, "max_steps": 40,
-                                        "batch_size": 16, "lr": 1e-3, "tasks": ["pydocs-cloze"],
-                                        "tasks_batch_size": 16}}
+    PRESETS: ClassVar[dict] = {
+        "demo": {
+            "prune_percentage": 0.3,
+            "epochs_per_iteration": 1,
+            "max_steps": 40,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "tasks": ["pydocs-cloze"],
+            "tasks_batch_size": 16,
+        }
+    }
 
     grid: GridConfig = group(GridConfig)
     schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
-    train: TrainConfig = group(TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3},
-                               exclude=("seed", "distill"))
-    prune: PruneConfig = group(PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude",
-                                                     "seed"))
+    train: TrainConfig = group(
+        TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3}, exclude=("seed", "distill")
+    )
+    prune: PruneConfig = group(
+        PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude", "seed")
+    )
     tasks: TasksConfig = group(TasksConfig)
-    preset: str | None = setting(None, "settings a preset changes unless given: demo = the MLproject's main "
-                                 "entry point", choices=tuple(PRESETS), noun="preset")
+    preset: str | None = setting(
+        None,
+        "settings a preset changes unless given: demo = the MLproject's main entry point",
+        choices=tuple(PRESETS),
+        noun="preset",
+    )
 
     def check(self) -> None:
         for pattern in self.grid.patterns:
             if parse_pattern(pattern) is None:
                 raise ConfigError(f"{option('patterns')} takes N:M patterns, not {pattern}")
-        if set(self.grid.methods) & set(TRAINED_METHODS):
+        if any(METHODS[name].kind == "trained" for name in self.grid.methods):
             refuse_float16_training(self.model)
         if self.schedule.schedule not in ("geometric", "cubic"):
-            raise ConfigError(f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "
-                              "prune step by step: use geometric or cubic (the +ft cells are the one-shot ones)")
+            raise ConfigError(
+                f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "
+                "prune step by step: use geometric or cubic (the +ft cells are the one-shot ones)"
+            )
 
 
 @dataclass
 class ReportConfig(Settings):
     experiment: str | None = setting(None, "MLflow experiment to report on (default: the one the report run goes to)")
-    output_dir: str | None = setting(None, "default reports/<experiment>")
+    output_dir: str | None = setting(None, "where the report goes", rule=default_report_dir)
 
 
 @dataclass
 class SyncConfig(Settings):
-    paths: list[str] = setting([], "journal files, or directories to search (default: the current directory)",
-                               argument=True)
+    paths: list[str] = setting(
+        [], "journal files, or directories to search (default: the current directory)", argument=True
+    )
     tracking_uri: str | None = setting(None, "default: MLFLOW_TRACKING_URI, else the store the run started in")
 
 
 @dataclass
 class MemoryConfig(Settings):
-    measure: bool = setting(True, "also train small random OPT and Llama models on the CPU and compare their peak memory with the "
-                            "formula", negatable=True)
+    measure: bool = setting(
+        True,
+        "also train small random OPT and Llama models on the CPU and compare their peak memory with the formula",
+        negatable=True,
+    )
 
 
 @dataclass
 class PretrainConfig(Settings):
-    arch: str = setting("opt", "opt: OPTForCausalLM (learned positions, LayerNorm, ReLU MLP); llama: LlamaForCausalLM "
-                        "(RoPE, RMSNorm, SwiGLU MLP, grouped-query attention)", choices=PRETRAIN_ARCHES, noun="arch")
+    arch: str = setting(
+        "opt",
+        "opt: OPTForCausalLM (learned positions, LayerNorm, ReLU MLP); llama: LlamaForCausalLM "
+        "(RoPE, RMSNorm, SwiGLU MLP, grouped-query attention)",
+        choices=PRETRAIN_ARCHES,
+        noun="arch",
+    )
     vocab_size: int = setting(4096, "byte-level BPE vocabulary", at_least=300)
     hidden_size: int = setting(192, "model width", at_least=8)
     num_layers: int = setting(4, "decoder layers", at_least=1)
     num_heads: int = setting(4, "attention heads", at_least=1)
-    num_kv_heads: int | None = setting(None, "llama: key/value heads (default: half the attention heads)", at_least=1)
-    ffn_dim: int | None = setting(None, "MLP width (default: 4 x hidden for opt, 8/3 x hidden for llama, whose "
-                                  "SwiGLU has three matrices: the same parameters)", at_least=8)
+    num_kv_heads: int | None = setting(None, "key/value heads", at_least=1, rule=default_kv_heads)
+    ffn_dim: int | None = setting(None, "MLP width", at_least=8, rule=default_ffn)
     max_positions: int = setting(256, "positions, which is also the training window", at_least=8)
     lr: float = setting(3e-3, "peak learning rate (cosine decay)", above=0)
     warmup_steps: int = setting(50, "linear warmup steps", at_least=0)
@@ -358,39 +584,37 @@ class PretrainConfig(Settings):
     batch_size: int = setting(16, "sequences per optimizer step", at_least=1)
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
     seed: int = setting(0, "initialization and data order")
-    output_dir: str | None = setting(None, "where the model, its tokenizer and its card go (default "
-                                     "pretrained/<arch>-tiny)")
+    output_dir: str | None = setting(
+        None, "where the model, its tokenizer and its card go", rule=default_pretrained_dir
+    )
     tracking: TrackingConfig = group(TrackingConfig)
 
     def check(self) -> None:
-        kv = self.num_kv_heads or self.num_heads
+        kv = self.resolved("num_kv_heads")
         if self.hidden_size % self.num_heads or self.num_heads % kv:
-            raise ConfigError(f"{option('hidden_size')} {self.hidden_size}, {option('num_heads')} {self.num_heads} and "
-                              f"{option('num_kv_heads')} {kv} do not divide: the heads must split the width and the "
-                              "key/value heads the heads")
+            raise ConfigError(
+                f"{option('hidden_size')} {self.hidden_size}, {option('num_heads')} {self.num_heads} and "
+                f"{option('num_kv_heads')} {kv} do not divide: the heads must split the width and the "
+                "key/value heads the heads"
+            )
 
     @property
     def name(self) -> str:
         return f"{self.arch}-tiny"
 
-    @property
-    def ffn(self) -> int:
-        return self.ffn_dim or (4 * self.hidden_size if self.arch == "opt" else 8 * self.hidden_size // 3)
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or (self.num_heads if self.arch == "opt" else max(1, self.num_heads // 2))
-
 
 @dataclass
 class BenchConfig(RunConfig):
+    # MLflow's system-metrics monitor samples in a thread of its own, which would compete with what is timed
+    tracking: TrackingConfig = group(TrackingConfig, defaults={"system_metrics": False})
     batch_size: int = setting(16, "sequences per training step (the demo's: 16 x 256 tokens on opt-tiny)", at_least=1)
     quick: bool = setting(False, "a smoke run in seconds: tiny sizes, figures not meaningful")
-    output_dir: str | None = setting(None, "default reports/bench")
+    output_dir: str | None = setting(None, "where the tables go", rule=default_bench_dir)
     steps: int = setting(10, "training steps per timed run (a, b)", at_least=1, cli=False)
     repeats: int = setting(5, "timed runs per variant, alternated; the median counts", at_least=1, cli=False)
-    eval_windows: int | None = setting(None, "cap on evaluation windows (c); default the whole test split",
-                                       at_least=1, cli=False)
+    eval_windows: int | None = setting(
+        None, "cap on evaluation windows (c); default the whole test split", at_least=1, cli=False
+    )
     calibration_samples: int = setting(32, "SparseGPT calibration windows (d)", at_least=1, cli=False)
     logged_steps: int = setting(2000, "simulated training steps of metrics (e)", at_least=1, cli=False)
     imp_steps: int = setting(40, "training steps per IMP iteration (f), the demo's --max-steps", at_least=1, cli=False)

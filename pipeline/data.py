@@ -11,7 +11,7 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
@@ -34,13 +34,13 @@ C4_TRAINING_DOCUMENTS = 20000  # recovery training reads this prefix of the 356k
 @dataclass
 class Corpus:
     name: str
-    train_text: str                    # one token stream: calibration windows and training blocks
-    eval_texts: dict                   # split -> text, tokenized once as a whole
+    train_text: str  # one token stream: calibration windows and training blocks
+    eval_texts: dict  # split -> text, tokenized once as a whole
     eval_max_windows: int | None = None
     train_documents: list | None = None  # c4 only: calibration draws whole documents, as the reference
     tags: dict = field(default_factory=dict)
-    source_type: str = "local"           # where it comes from, for MLflow's dataset records: hugging_face,
-    source: str = ""                     # code (pydocs) or local (text:PATH)
+    source_type: str = "local"  # where it comes from, for MLflow's dataset records: hugging_face,
+    source: str = ""  # code (pydocs) or local (text:PATH)
 
     @cached_property
     def digest(self) -> str:
@@ -50,20 +50,31 @@ class Corpus:
         return h.hexdigest()
 
     def describe(self) -> dict:
-        return {"dataset": self.name, "corpus_digest": self.digest[:16],
-                "corpus_bytes": len(self.train_text.encode("utf-8"))
-                + sum(len(t.encode("utf-8")) for t in self.eval_texts.values()), **self.tags}
+        return {
+            "dataset": self.name,
+            "corpus_digest": self.digest[:16],
+            "corpus_bytes": len(self.train_text.encode("utf-8"))
+            + sum(len(t.encode("utf-8")) for t in self.eval_texts.values()),
+            **self.tags,
+        }
 
     def dataset_input(self, split: str, tokens: int, context: str) -> dict:
-        """What MLflow records of a dataset a run read (MLflowLogger.log_input's fields)."""
+        """What MLflow records of a dataset a run read (MLflowTracker.log_input's fields)."""
         part = hashlib.sha256(f"{self.digest}:{context}:{split}".encode()).hexdigest()[:16]  # one dataset per use
-        return {"name": self.name, "digest": part, "source_type": self.source_type, "source": self.source or self.name,
-                "context": context, "profile": {"split": split, "tokens": tokens, "corpus_digest": self.digest[:16]}}
+        return {
+            "name": self.name,
+            "digest": part,
+            "source_type": self.source_type,
+            "source": self.source or self.name,
+            "context": context,
+            "profile": {"split": split, "tokens": tokens, "corpus_digest": self.digest[:16]},
+        }
 
     def eval_text(self, split: str) -> str:
         if split not in self.eval_texts:
-            raise ConfigError(f"dataset {self.name} has no '{split}' split; "
-                              f"use one of {', '.join(sorted(self.eval_texts))}")
+            raise ConfigError(
+                f"dataset {self.name} has no '{split}' split; use one of {', '.join(sorted(self.eval_texts))}"
+            )
         return self.eval_texts[split]
 
 
@@ -74,41 +85,70 @@ def _hub_dataset(loader_name: str, *args, **kwargs):
             return load_dataset(*args, **kwargs)
         except Exception as error:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-    where = (f"is not in the local HF datasets cache and the hub could not be reached ({unreachable})"
-             if unreachable else f"could not be loaded ({detail})")
-    raise UserError(f"dataset '{loader_name}' {where}; use {option('dataset')} pydocs or {option('dataset')} "
-                    "text:PATH, or fill the HF datasets cache on a machine with network access")
+    where = (
+        f"is not in the local HF datasets cache and the hub could not be reached ({unreachable})"
+        if unreachable
+        else f"could not be loaded ({detail})"
+    )
+    raise UserError(
+        f"dataset '{loader_name}' {where}; use {option('dataset')} pydocs or {option('dataset')} "
+        "text:PATH, or fill the HF datasets cache on a machine with network access"
+    )
 
 
 def wikitext2_corpus(train: list, validation: list, test: list) -> Corpus:
     """WikiText-2 as the reference reads it: evaluation lines joined with blank lines ("\\n\\n")."""
-    return Corpus("wikitext2", " ".join(train), {"validation": "\n\n".join(validation), "test": "\n\n".join(test)},
-                  source_type="hugging_face", source="wikitext/wikitext-2-raw-v1")
+    return Corpus(
+        "wikitext2",
+        " ".join(train),
+        {"validation": "\n\n".join(validation), "test": "\n\n".join(test)},
+        source_type="hugging_face",
+        source="wikitext/wikitext-2-raw-v1",
+    )
 
 
 def ptb_corpus(train: list, validation: list, test: list) -> Corpus:
     """PTB as the reference reads it: sentences joined with single spaces."""
-    return Corpus("ptb", " ".join(train), {"validation": " ".join(validation), "test": " ".join(test)},
-                  source_type="hugging_face", source="ptb_text_only/penn_treebank")
+    return Corpus(
+        "ptb",
+        " ".join(train),
+        {"validation": " ".join(validation), "test": " ".join(test)},
+        source_type="hugging_face",
+        source="ptb_text_only/penn_treebank",
+    )
 
 
 def c4_corpus(train_documents: list, validation_documents: list) -> Corpus:
     """C4 as the reference reads it: the first 1100 validation documents joined with spaces, evaluated on
     their first 256 windows; calibration draws whole train documents (see calibration_windows)."""
     eval_text = " ".join(validation_documents[:C4_EVAL_DOCUMENTS])
-    return Corpus("c4", " ".join(train_documents[:C4_TRAINING_DOCUMENTS]), {"validation": eval_text, "test": eval_text},
-                  eval_max_windows=C4_EVAL_WINDOWS, train_documents=list(train_documents), source_type="hugging_face",
-                  source=f"allenai/c4:{C4_TRAIN_SHARD},{C4_VALIDATION_SHARD}")
+    return Corpus(
+        "c4",
+        " ".join(train_documents[:C4_TRAINING_DOCUMENTS]),
+        {"validation": eval_text, "test": eval_text},
+        eval_max_windows=C4_EVAL_WINDOWS,
+        train_documents=list(train_documents),
+        source_type="hugging_face",
+        source=f"allenai/c4:{C4_TRAIN_SHARD},{C4_VALIDATION_SHARD}",
+    )
 
 
 def _wikitext2() -> Corpus:
-    return wikitext2_corpus(*(_hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=s)["text"]
-                              for s in ("train", "validation", "test")))
+    return wikitext2_corpus(
+        *(
+            _hub_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", split=s)["text"]
+            for s in ("train", "validation", "test")
+        )
+    )
 
 
 def _ptb() -> Corpus:
-    return ptb_corpus(*(_hub_dataset("ptb", "ptb_text_only", "penn_treebank", split=s)["sentence"]
-                        for s in ("train", "validation", "test")))
+    return ptb_corpus(
+        *(
+            _hub_dataset("ptb", "ptb_text_only", "penn_treebank", split=s)["sentence"]
+            for s in ("train", "validation", "test")
+        )
+    )
 
 
 def _c4() -> Corpus:
@@ -119,9 +159,14 @@ def _c4() -> Corpus:
 
 def _pydocs() -> Corpus:
     splits = build_pydocs_splits()
-    return Corpus("pydocs", splits["train"], {"validation": splits["validation"], "test": splits["test"]},
-                  tags={"corpus_python": python_version()}, source_type="code",
-                  source=f"the standard library documentation of Python {python_version()}")
+    return Corpus(
+        "pydocs",
+        splits["train"],
+        {"validation": splits["validation"], "test": splits["test"]},
+        tags={"corpus_python": python_version()},
+        source_type="code",
+        source=f"the standard library documentation of Python {python_version()}",
+    )
 
 
 def _read_utf8(path: Path) -> str:
@@ -130,8 +175,7 @@ def _read_utf8(path: Path) -> str:
     except FileNotFoundError:
         raise ConfigError(f"text file {path} does not exist") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); convert it with "
-                          "`iconv -t utf-8`") from None
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}); convert it with `iconv -t utf-8`") from None
     if not text.strip():
         raise ConfigError(f"{path} is empty: give it some text")
     return text
@@ -141,12 +185,15 @@ def _text_path(path: str) -> Corpus:
     root = Path(path).expanduser()
     if root.is_dir():
         if not (root / "train.txt").exists() or not (root / "test.txt").exists():
-            raise ConfigError(f"directory {root} must hold train.txt and test.txt "
-                              "(validation.txt is optional)")
+            raise ConfigError(f"directory {root} must hold train.txt and test.txt (validation.txt is optional)")
         test = _read_utf8(root / "test.txt")
         validation = _read_utf8(root / "validation.txt") if (root / "validation.txt").exists() else test
-        return Corpus(f"text:{path}", _read_utf8(root / "train.txt"),
-                      {"validation": validation, "test": test}, source=str(root.resolve()))
+        return Corpus(
+            f"text:{path}",
+            _read_utf8(root / "train.txt"),
+            {"validation": validation, "test": test},
+            source=str(root.resolve()),
+        )
     if not root.exists():
         raise ConfigError(f"{option('dataset')} text:{path}: no such file or directory")
     text = _read_utf8(root)
@@ -155,7 +202,7 @@ def _text_path(path: str) -> Corpus:
 
 def load_corpus(name: str) -> Corpus:
     if name.startswith("text:"):
-        return _text_path(name[len("text:"):])
+        return _text_path(name[len("text:") :])
     loaders = {"wikitext2": _wikitext2, "ptb": _ptb, "c4": _c4, "pydocs": _pydocs}
     if name not in loaders:
         raise ConfigError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
@@ -164,18 +211,21 @@ def load_corpus(name: str) -> Corpus:
 
 # --- tokenization, cached on disk ---------------------------------------------------------------
 
+
 def cache_dir() -> Path:
     """Where tokenized streams and dense perplexities are kept: PIPELINE_CACHE_DIR, else ~/.cache/pipeline."""
     path = Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "pipeline")
     return _usable_cache_dir(path)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _usable_cache_dir(path: Path) -> Path:
     error = write_error(path)
     if error:
-        raise UserError(f"the cache directory {path} (PIPELINE_CACHE_DIR, default ~/.cache/pipeline) cannot be "
-                        f"written ({error.strerror or error}): point PIPELINE_CACHE_DIR at a writable directory")
+        raise UserError(
+            f"the cache directory {path} (PIPELINE_CACHE_DIR, default ~/.cache/pipeline) cannot be "
+            f"written ({error.strerror or error}): point PIPELINE_CACHE_DIR at a writable directory"
+        )
     return path
 
 
@@ -214,8 +264,10 @@ def eval_tokens(corpus: Corpus, tokenizer, split: str, seqlen: int) -> torch.Ten
     """The split's token stream (C4: its first 256 windows, as the reference); at least one whole window."""
     ids = tokenize_stream(tokenizer, corpus.eval_text(split))
     if ids.numel() < seqlen:
-        raise ConfigError(f"the {split} split of {corpus.name} has {ids.numel()} tokens, fewer than one window of "
-                          f"{seqlen}; use more text or a smaller {option('seqlen')}")
+        raise ConfigError(
+            f"the {split} split of {corpus.name} has {ids.numel()} tokens, fewer than one window of "
+            f"{seqlen}; use more text or a smaller {option('seqlen')}"
+        )
     if corpus.eval_max_windows is not None:
         ids = ids[: corpus.eval_max_windows * seqlen]
     return ids
@@ -226,8 +278,10 @@ def training_blocks(corpus: Corpus, tokenizer, seqlen: int) -> torch.Tensor:
     ids = tokenize_stream(tokenizer, corpus.train_text)
     n_blocks = ids.numel() // seqlen
     if n_blocks == 0:
-        raise ConfigError(f"the train split of {corpus.name} has {ids.numel()} tokens, fewer than one "
-                          f"window of {seqlen}; use more text or a smaller {option('seqlen')}")
+        raise ConfigError(
+            f"the train split of {corpus.name} has {ids.numel()} tokens, fewer than one "
+            f"window of {seqlen}; use more text or a smaller {option('seqlen')}"
+        )
     return ids[: n_blocks * seqlen].view(n_blocks, seqlen)
 
 
@@ -243,13 +297,15 @@ def calibration_windows(corpus: Corpus, tokenizer, nsamples: int, seqlen: int, s
                 if ids.numel() > seqlen:
                     break
             start = random.randint(0, ids.numel() - seqlen - 1)
-            windows.append(ids[start:start + seqlen])
+            windows.append(ids[start : start + seqlen])
         return torch.stack(windows)
     ids = tokenize_stream(tokenizer, corpus.train_text)
     if ids.numel() <= seqlen + 1:
-        raise ConfigError(f"the train split of {corpus.name} has {ids.numel()} tokens, too few for "
-                          f"calibration windows of {seqlen}; use a smaller {option('seqlen')}")
+        raise ConfigError(
+            f"the train split of {corpus.name} has {ids.numel()} tokens, too few for "
+            f"calibration windows of {seqlen}; use a smaller {option('seqlen')}"
+        )
     for _ in range(nsamples):
         start = random.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start:start + seqlen])
+        windows.append(ids[start : start + seqlen])
     return torch.stack(windows)

@@ -18,8 +18,11 @@ def _model_identity(source: str) -> str:
     path = Path(source)
     if not path.is_dir():
         return source
-    stamps = sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in path.iterdir()
-                    if f.suffix in (".safetensors", ".bin", ".json"))
+    stamps = sorted(
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in path.iterdir()
+        if f.suffix in (".safetensors", ".bin", ".json")
+    )
     return f"{path.resolve()}|{'|'.join(stamps)}"
 
 
@@ -52,8 +55,9 @@ def remember_dense_perplexity(key: str, value: float) -> None:
 
 def dense_perplexity(work: Workload, split: str) -> tuple[float, bool]:
     """(the unpruned model's perplexity, whether it came from the cache): call before pruning."""
-    key = dense_key(resolve_model_source(work.model_config.model), work.corpus.digest, split, work.seqlen,
-                    work.model_config.dtype)
+    key = dense_key(
+        resolve_model_source(work.model_config.model), work.corpus.digest, split, work.seqlen, work.model_config.dtype
+    )
     cached = from_main(cached_dense_perplexity(key) if is_main_process() else None)  # every process evaluates, or none
     if cached is not None:
         return cached, True

@@ -18,7 +18,6 @@ from torch import nn
 
 from .config import TrainConfig
 
-
 # Rows of [tokens, vocabulary] float32 worked on at once: on a CPU a chunk that stays in the caches (over the
 # whole batch's logits at once the losses make a dozen passes through memory: measured on opt-tiny, 16 x 256
 # tokens, the model's own cross-entropy plus the KL took 0.24 s of a 0.72 s step, this one pass 0.17 s);
@@ -69,13 +68,21 @@ class _DistillationLoss(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float64, device=student.device)
         for start in range(0, n, rows):
             chunk = slice(start, start + rows)
-            chunk_kl, chunk_ce = _losses_of_rows(s_rows[chunk], t_rows[chunk], targets[chunk], counted[chunk],
-                                                 gradient[chunk], temperature, kd_scale, ce_scale)
+            chunk_kl, chunk_ce = _losses_of_rows(
+                s_rows[chunk],
+                t_rows[chunk],
+                targets[chunk],
+                counted[chunk],
+                gradient[chunk],
+                temperature,
+                kd_scale,
+                ce_scale,
+            )
             kl += chunk_kl
             ce += chunk_ce
         ctx.save_for_backward(gradient)
         ctx.shape, ctx.dtype = student.shape, student.dtype
-        ce, kd = (ce / m).float(), (kl * (temperature ** 2 / n)).float()
+        ce, kd = (ce / m).float(), (kl * (temperature**2 / n)).float()
         ctx.mark_non_differentiable(ce, kd)
         return (1 - alpha) * ce + alpha * kd, ce, kd
 
@@ -90,8 +97,9 @@ def next_token_targets(batch: torch.Tensor) -> torch.Tensor:
     return F.pad(batch[:, 1:], (0, 1), value=IGNORED)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      alpha: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, alpha: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """((1 - alpha) CE + alpha T^2 KL(teacher || student), CE, T^2 KL), float32; CE over the counted
     targets, KL over every token."""
     return _DistillationLoss.apply(student_logits, teacher_logits.detach(), targets, alpha, temperature)
@@ -105,8 +113,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def layer_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     """SquareHead's feature term: per decoder layer and sequence ||h_s - h_t||^2 / ||h_t||^2, averaged."""
-    terms = [(s.float() - t.float()).pow(2).sum(dim=(1, 2)) / t.float().pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
-             for s, t in zip(student_hidden, teacher_hidden)]
+    terms = [
+        (s.float() - t.float()).pow(2).sum(dim=(1, 2)) / t.float().pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
+        for s, t in zip(student_hidden, teacher_hidden)
+    ]
     return torch.stack(terms).mean()
 
 
@@ -133,8 +143,9 @@ class Distillation:
             loss, ce = student.loss, student.loss.detach()
             kd = kd_loss(student.logits.detach(), teacher.logits, self.temperature)
         else:
-            loss, ce, kd = distillation_loss(student.logits, teacher.logits, next_token_targets(batch),
-                                             self.alpha, self.temperature)
+            loss, ce, kd = distillation_loss(
+                student.logits, teacher.logits, next_token_targets(batch), self.alpha, self.temperature
+            )
         parts = {"ce_loss": ce, "kd_loss": kd}
         if self.features:  # hidden_states[0] is the embeddings' output; then one per decoder layer
             layers = layer_loss(student.hidden_states[1:], teacher.hidden_states[1:])

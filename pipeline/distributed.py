@@ -9,12 +9,17 @@ simply the main one.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, broadcast, broadcast_object_list,
-                               fsdp2_prepare_model, gather_object)
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast,
+    broadcast_object_list,
+    fsdp2_prepare_model,
+    gather_object,
+)
 from torch.distributed.tensor import DTensor
 
 from .errors import ConfigError, option
@@ -41,12 +46,6 @@ def num_processes() -> int:
 
 def is_main_process() -> bool:
     return not launched() or _state().is_main_process
-
-
-def silence_other_processes() -> None:
-    """Only the main process prints (summaries, progress); the others keep stderr for their errors."""
-    if not is_main_process():
-        sys.stdout = open(os.devnull, "w")
 
 
 def from_main(value):
@@ -107,12 +106,16 @@ def check_launch(batch_size: int) -> None:
     wrapped module's parameters into one, and the masks address them by name), and the global batch
     must split evenly over the processes."""
     if fsdp_requested() and os.environ.get("FSDP_VERSION") != "2":
-        raise ConfigError("FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
-                          "(or fsdp_version: 2 in the accelerate config)")
+        raise ConfigError(
+            "FSDP needs version 2 here: launch with --use_fsdp --fsdp_version 2 "
+            "(or fsdp_version: 2 in the accelerate config)"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world:
-        raise ConfigError(f"{option('batch_size')} {batch_size} is the global batch and must split evenly over "
-                          f"the {world} processes: use a multiple of {world}")
+        raise ConfigError(
+            f"{option('batch_size')} {batch_size} is the global batch and must split evenly over "
+            f"the {world} processes: use a multiple of {world}"
+        )
 
 
 def shard_frozen(accelerator, module: torch.nn.Module) -> torch.nn.Module:

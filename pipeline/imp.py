@@ -1,47 +1,112 @@
-"""The iterative magnitude pruning loop (Han et al. 2015; the user's recipe in the README):
+"""One iterative magnitude pruning run (Han et al. 2015), as `ImpRun`:
 
-    for k in 1..n:  prune to targets[k]  ->  ppl_after_prune  ->  train  ->  ppl_after_train
+    for k in 1..n:  prune to targets[k] -> evaluate -> [rewind] -> train -> evaluate -> checkpoint
 
-`run_iteration` is the loop's body and returns the iteration's record; `run_imp` is the loop. What must
-happen after an iteration (a checkpoint, tracking, timing) is the caller's, passed in as a callback,
-so the loop knows nothing of files or MLflow.
+Each phase is a method that skips itself when there is nothing to do: a pruning step that changes no
+weight (the one-shot schedule after its first iteration, the dense one always) prunes nothing and is
+not evaluated again; without a rewind point nothing is rewound. The run's state (the model, its
+prunable matrices, the history so far, the rewind point) lives on the object. What an iteration
+records goes to `tracker`, the run's metric interface (an MLflow run, or `NullTracker`).
+
+The checkpoint after every iteration holds the weights, masks, history, RNG states, settings and the
+tracked run's id, written atomically: a run created from it continues after its last completed
+iteration, logging no step twice.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .distributed import sync_from_main
-from .pruning.masks import sparsity_of
-from .training import train_keeping_masks
+from .checkpoint import atomic_torch_save, restore_rng_state, save_checkpoint
+from .config import IterativeConfig, ScheduleConfig, TrainConfig
+from .distributed import is_main_process, sync_from_main
+from .errors import UserError, option
+from .pruning import prune_model
+from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of
+from .schedules import learning_rate_for, sparsity_schedule
+from .settings import flat_values
+from .training import NonFiniteLoss, TrainResult, steps_per_epoch, train_keeping_masks
+from .workload import Inputs, load_workload
+from .zeroshot import log_tasks
 
 # One point per iteration of each (step = iteration; step 0 is the unpruned model). The train_* budget is
 # cumulative: tokens that went into optimizer steps (all processes), optimizer steps, and their FLOPs.
-ITERATION_METRICS = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss",
-                     "iteration_seconds", "train_seconds", "lr", "train_tokens", "train_steps", "train_flops")
+ITERATION_METRICS = (
+    "sparsity",
+    "ppl_after_prune",
+    "ppl_after_train",
+    "recovery_pct",
+    "train_loss",
+    "iteration_seconds",
+    "train_seconds",
+    "lr",
+    "train_tokens",
+    "train_steps",
+    "train_flops",
+)
+STEP_METRIC_NAMES = {"loss": "train_step_loss", "lr": "train_lr"}  # the loss's parts keep their own names
 
 
-@dataclass
-class ImpPlan:
-    targets: list                                  # the sparsity each iteration prunes to
-    prune_to: Callable[[float], None]              # prunes the model to a sparsity; a zero stays a zero
-    evaluate: Callable[[], float]                  # perplexity of the model as it is now
-    train_config: Callable[[int], TrainConfig]     # iteration k's recovery training
-    teacher: nn.Module | None = None               # the frozen model a distilling recovery learns from
-    before_training: Callable[[int], None] | None = None  # e.g. rewinding the surviving weights
+def planned_schedule(schedule: ScheduleConfig) -> tuple[list, int]:
+    """(per-iteration sparsity targets after the max_iterations cap, uncapped iteration count)."""
+    full = sparsity_schedule(schedule.schedule, schedule.target_sparsity, schedule.prune_percentage)
+    return full[: schedule.max_iterations], len(full)
+
+
+def recovery_pct(ppl_after_prune: float, ppl_after_train: float) -> float:
+    """(ppl_after_prune - ppl_after_train) / ppl_after_prune, in percent: 32.45 -> 28.67 is 11.7%."""
+    return 100.0 * (ppl_after_prune - ppl_after_train) / ppl_after_prune
 
 
 def dense_record(sparsity: float, perplexity: float, seconds: float) -> dict:
     """Iteration 0: the unpruned model, as the history's first entry."""
-    return {"iteration": 0, "sparsity": sparsity, "ppl_after_prune": perplexity, "ppl_after_train": perplexity,
-            "recovery_pct": 0.0, "train_loss": float("nan"), "iteration_seconds": seconds, "train_seconds": 0.0,
-            "lr": 0.0, "train_tokens": 0, "train_steps": 0, "train_flops": 0.0}
+    return {
+        "iteration": 0,
+        "sparsity": sparsity,
+        "ppl_after_prune": perplexity,
+        "ppl_after_train": perplexity,
+        "recovery_pct": 0.0,
+        "train_loss": float("nan"),
+        "iteration_seconds": seconds,
+        "train_seconds": 0.0,
+        "lr": 0.0,
+        "train_tokens": 0,
+        "train_steps": 0,
+        "train_flops": 0.0,
+    }
+
+
+def iteration_record(
+    k: int,
+    sparsity: float,
+    ppl_pruned: float,
+    ppl_trained: float,
+    trained: TrainResult,
+    lr: float,
+    seconds: float,
+    previous: dict,
+) -> dict:
+    return {
+        "iteration": k,
+        "sparsity": sparsity,
+        "ppl_after_prune": ppl_pruned,
+        "ppl_after_train": ppl_trained,
+        "recovery_pct": recovery_pct(ppl_pruned, ppl_trained),
+        "train_loss": trained.final_loss,
+        "iteration_seconds": seconds,
+        "train_seconds": trained.seconds,
+        "lr": lr,
+        "train_tokens": previous["train_tokens"] + trained.tokens,
+        "train_steps": previous["train_steps"] + trained.steps,
+        "train_flops": previous["train_flops"] + trained.flops,
+    }
 
 
 @torch.no_grad()
@@ -54,49 +119,260 @@ def rewind_weights(model: nn.Module, linears: dict, state: dict) -> None:
         module.weight.mul_(masks[name])
 
 
-def recovery_pct(ppl_after_prune: float, ppl_after_train: float) -> float:
-    """(ppl_after_prune - ppl_after_train) / ppl_after_prune, in percent: 32.45 -> 28.67 is 11.7%."""
-    return 100.0 * (ppl_after_prune - ppl_after_train) / ppl_after_prune
+def log_iteration(tracker, entry: dict) -> None:
+    """The iteration's metrics at step = iteration, and the perplexity against the training tokens so far
+    (`ppl_at_tokens`, from the first pruning step at 0 tokens on), so the UI overlays runs of one budget
+    (iterative, one-shot + training, dense + training) on one axis."""
+    tracker.log_dict({key: entry[key] for key in ITERATION_METRICS if key in entry}, step=entry["iteration"])
+    if entry["iteration"] == 1:
+        tracker.log_dict({"ppl_at_tokens": entry["ppl_after_prune"]}, step=0)
+    if entry["iteration"] >= 1:
+        tracker.log_dict({"ppl_at_tokens": entry["ppl_after_train"]}, step=int(entry["train_tokens"]))
 
 
-def run_iteration(k: int, model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan, previous: dict,
-                  on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Prune to targets[k-1], evaluate, train with the mask kept, evaluate; returns the iteration's record.
-    A pruning step that changes nothing (one-shot's later iterations, dense) is not evaluated again."""
-    started = time.perf_counter()
-    before = sparsity_of(linears)
-    plan.prune_to(plan.targets[k - 1])
-    sync_from_main(model)  # every process holds the main one's mask, whatever its own calibration gave
-    sparsity = sparsity_of(linears)
-    ppl_pruned = plan.evaluate() if sparsity != before else previous["ppl_after_train"]
-    print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {ppl_pruned:.2f}")
-    if plan.before_training is not None:
-        plan.before_training(k)
-    config = plan.train_config(k)
-    result = train_keeping_masks(model, linears, blocks, config, teacher=plan.teacher, desc=f"Iteration {k}",
-                                 on_log=on_step)
-    ppl_trained = plan.evaluate()
-    return {"iteration": k, "sparsity": sparsity, "ppl_after_prune": ppl_pruned, "ppl_after_train": ppl_trained,
-            "recovery_pct": recovery_pct(ppl_pruned, ppl_trained), "train_loss": result.final_loss,
-            "iteration_seconds": time.perf_counter() - started, "train_seconds": result.seconds,
-            "lr": config.lr, "train_tokens": previous["train_tokens"] + result.tokens,
-            "train_steps": previous["train_steps"] + result.steps,
-            "train_flops": previous["train_flops"] + result.flops}
+class ImpRun:
+    """One IMP run over a loaded model: `ImpRun.create(...)` loads (or restores) it, `run()` runs the
+    iterations its history does not hold yet."""
 
+    def __init__(self, config: IterativeConfig, work, tracker, out: Path, history: list | None = None):
+        self.config, self.work, self.tracker, self.out = config, work, tracker, Path(out)
+        self.model = work.model
+        self.targets, self.uncapped = planned_schedule(config.schedule)
+        self.blocks = work.training_blocks(config.resolved("train_seqlen"))
+        self.linears = prunable_linears(self.model, config.prune.include, config.prune.exclude)
+        self.windows, calibration = work.calibration(config.prune)
+        work.record_inputs(
+            tracker, evaluation=config.eval_split, training=self.blocks, calibration=(self.windows, calibration)
+        )
+        # the starting model: the teacher a distilling recovery learns from, and the `dense` rewind point
+        needs_start = config.train.distill != "none" or config.rewind_iteration == 0
+        self.start = copy.deepcopy(self.model) if needs_start else None
+        self.rewind_state = self._saved_rewind_point()
+        self.history = history or []
+        self.steps_per_iteration = steps_per_epoch(self.blocks.shape[0], config.train) * config.train.epochs
+        self.already_logged = max(tracker.logged_steps("train_step_loss"), default=0)  # a resumed run's steps
 
-def run_imp(model: nn.Module, linears: dict, blocks: torch.Tensor, plan: ImpPlan, history: list,
-            on_iteration: Callable[[dict], None], on_step: Callable[[int], Callable] | None = None) -> list:
-    """Runs the iterations the history (entry 0: the unpruned model) does not hold yet, calling
-    `on_iteration(record)` after each and `on_step(k)(step, metrics)` as iteration k trains."""
-    n = len(plan.targets)
-    for k in range(len(history), n + 1):
-        print(f"\n{'=' * 20} Iteration {k}/{n} {'=' * 20}")
-        record = run_iteration(k, model, linears, blocks, plan, history[-1], on_step(k) if on_step else None)
-        history.append(record)
-        on_iteration(record)
-        done = [h["iteration_seconds"] for h in history[1:]]
-        remaining = (n - k) * sum(done) / len(done)
-        print(f"Iteration {k}: perplexity {record['ppl_after_prune']:.2f} -> {record['ppl_after_train']:.2f} after "
-              f"training (recovery {record['recovery_pct']:.1f}%), {record['iteration_seconds']:.0f}s; "
-              f"about {remaining / 60:.1f} min left")
-    return history
+    @classmethod
+    def create(
+        cls, config: IterativeConfig, tracker, out: Path, checkpoint: dict | None = None, inputs: Inputs | None = None
+    ) -> ImpRun:
+        """Loads the model (the checkpoint's weights, RNG states and history, when continuing one)."""
+        imp = cls(config, load_workload(config.model, config.data, inputs, training=True), tracker, out)
+        tracker.set_tags(imp.work.corpus.describe())
+        if checkpoint is not None:
+            imp.restore(checkpoint)
+        return imp
+
+    # --- the algorithm ------------------------------------------------------------------------------
+
+    def run(self, on_iteration: Callable[[dict], None] | None = None) -> list:
+        """Runs the iterations the history does not hold yet; returns the history (entry 0: the unpruned
+        model). `on_iteration(entry)` runs once an iteration is checkpointed and logged."""
+        self.announce()
+        if not self.history:
+            self.history.append(self.evaluate_dense())
+            self.checkpoint(on_iteration)
+        n = len(self.targets)
+        for k in range(len(self.history), n + 1):
+            print(f"\n{'=' * 20} Iteration {k}/{n} {'=' * 20}")
+            started = time.perf_counter()
+            before = sparsity_of(self.linears)
+            sparsity = self.prune(k)
+            ppl_pruned = self.evaluate() if sparsity != before else self.history[-1]["ppl_after_train"]
+            print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {ppl_pruned:.2f}")
+            self.rewind(k)
+            trained = self.train(k)
+            ppl_trained = self.evaluate()
+            self.history.append(
+                iteration_record(
+                    k,
+                    sparsity,
+                    ppl_pruned,
+                    ppl_trained,
+                    trained,
+                    self.lr(k),
+                    time.perf_counter() - started,
+                    self.history[-1],
+                )
+            )
+            self.checkpoint(on_iteration)
+            self.report_progress()
+        return self.history
+
+    # --- the phases ---------------------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        return self.work.evaluate(self.config.eval_split).perplexity
+
+    def evaluate_dense(self) -> dict:
+        started = time.perf_counter()
+        record = dense_record(sparsity_of(self.linears), self.evaluate(), time.perf_counter() - started)
+        print(f"Iteration 0 (unpruned): perplexity {record['ppl_after_train']:.2f}")
+        return record
+
+    def prune(self, k: int) -> float:
+        """Prunes to the schedule's k-th target (a zero stays a zero); returns the sparsity reached."""
+        target = self.targets[k - 1]
+        if not already_at(self.linears, target, self.config.prune.scope):  # one-shot prunes once, dense never
+            prune_model(self.model, replace(self.config.prune, sparsity=target), self.windows, self.work.device)
+        sync_from_main(self.model)  # every process holds the main one's mask, whatever its own calibration gave
+        return sparsity_of(self.linears)
+
+    def rewind(self, k: int) -> None:
+        """Survivors back to the rewind point (`--rewind`), once the run is past it."""
+        point = self.config.rewind_iteration
+        if self.rewind_state is None or k <= point:
+            return
+        rewind_weights(self.model, self.linears, self.rewind_state)
+        print(f"Rewound the surviving weights to {'the dense model' if point == 0 else f'iteration {point}'}")
+
+    def lr(self, k: int) -> float:
+        """Iteration k's learning rate: from --lr at the first to --final-lr at the last, geometrically."""
+        train = self.config.train
+        return learning_rate_for(k, len(self.targets), train.lr, self.config.schedule.resolved("final_lr", train.lr))
+
+    def train_config(self, k: int) -> TrainConfig:
+        # each iteration its own data order, reproducible from --seed alone
+        return replace(self.config.train, lr=self.lr(k), seed=self.config.train.seed + 1000 * k)
+
+    def train(self, k: int) -> TrainResult:
+        """Recovery training with the mask kept; a non-finite loss stops the run with the last checkpoint
+        intact."""
+        try:
+            return train_keeping_masks(
+                self.model,
+                self.linears,
+                self.blocks,
+                self.train_config(k),
+                teacher=self.start if self.config.train.distill != "none" else None,
+                desc=f"Iteration {k}",
+                on_log=self.step_logger(k),
+            )
+        except NonFiniteLoss as fault:
+            raise UserError(
+                f"iteration {k} stopped: the training loss became {fault.loss} at step {fault.step} "
+                f"(lr {self.lr(k):g}); the checkpoint of iteration {k - 1} in {self.out} is intact: "
+                f"lower {option('lr')} (resuming may change it) and rerun with {option('resume')}"
+            ) from None
+
+    def checkpoint(self, on_iteration: Callable[[dict], None] | None = None) -> None:
+        """After an iteration: the rewind point (if this is it), the checkpoint, the metrics, the zero-shot
+        tasks when due."""
+        entry = self.history[-1]
+        k = entry["iteration"]
+        self.remember_rewind_point(k)
+        if is_main_process():
+            save_checkpoint(
+                self.out,
+                model_state=self.model.state_dict(),
+                masks=model_masks(self.linears),
+                iteration=k,
+                history=self.history,
+                config=flat_values(self.config),
+                run_id=self.tracker.run_id,
+            )
+        log_iteration(self.tracker, entry)
+        if self.tasks_due(k):
+            log_tasks(
+                self.tracker,
+                self.model,
+                self.work.tokenizer,
+                self.config.tasks,
+                step=k,
+                artifact=f"lm_eval/iteration-{k}.json",
+            )
+        self.tracker.flush()
+        if on_iteration is not None:
+            on_iteration(entry)
+
+    # --- what the phases need -----------------------------------------------------------------------
+
+    def step_logger(self, k: int) -> Callable[[int, dict], None]:
+        """Logs iteration k's training steps at global step numbers, none twice after a resume."""
+        offset = (k - 1) * self.steps_per_iteration
+
+        def log_step(step: int, metrics: dict) -> None:
+            if offset + step > self.already_logged:
+                self.tracker.log_dict(
+                    {STEP_METRIC_NAMES.get(key, key): value for key, value in metrics.items()}, step=offset + step
+                )
+
+        return log_step
+
+    def tasks_due(self, k: int) -> bool:
+        every = self.config.eval_tasks_every
+        return (
+            bool(self.config.tasks.tasks)
+            and is_main_process()
+            and (k == len(self.targets) or (every and k % every == 0))
+        )
+
+    @property
+    def rewind_path(self) -> Path:
+        return self.out / f"rewind-iteration-{self.config.rewind_iteration}.pt"  # iteration:K's, for resuming
+
+    def _saved_rewind_point(self) -> dict | None:
+        point = self.config.rewind_iteration
+        if point == 0:  # the starting model's own tensors: it is never trained, so no second copy
+            return self.start.state_dict()
+        if point is not None and self.rewind_path.exists():
+            return torch.load(self.rewind_path, map_location="cpu", weights_only=True)
+        return None
+
+    def remember_rewind_point(self, k: int) -> None:
+        if self.config.rewind_iteration and k == self.config.rewind_iteration:
+            self.rewind_state = {key: v.detach().cpu().clone() for key, v in self.model.state_dict().items()}
+            if is_main_process():
+                atomic_torch_save(self.rewind_state, self.rewind_path)
+
+    def restore(self, checkpoint: dict) -> None:
+        """The checkpoint's weights, RNG states and history; what a kill kept out of the tracked run is
+        logged now."""
+        self.model.load_state_dict(checkpoint["model"])
+        for name, mask in checkpoint["masks"].items():
+            if not torch.equal(self.linears[name].weight.detach().cpu() != 0, mask):
+                raise UserError(
+                    f"checkpoint in {self.out} is inconsistent: the mask of {name} does not match "
+                    "its weights; delete it to start over"
+                )
+        restore_rng_state(checkpoint["rng"])
+        self.history = checkpoint["history"]
+        logged = self.tracker.logged_steps("ppl_after_train")
+        for entry in self.history:
+            if entry["iteration"] not in logged:
+                log_iteration(self.tracker, entry)
+        self.tracker.flush()
+        print(
+            f"Resuming after iteration {checkpoint['iteration']} at {self.history[-1]['sparsity']:.2%} sparsity "
+            f"(perplexity {self.history[-1]['ppl_after_train']:.2f})"
+        )
+
+    def announce(self) -> None:
+        schedule, n = self.config.schedule, len(self.targets)
+        if n < self.uncapped:
+            print(
+                f"note: the cap of {schedule.max_iterations} iterations stops the run after {n} of the "
+                f"{self.uncapped} iterations needed: it will reach {self.targets[-1]:.2%} sparsity, not "
+                f"{schedule.target_sparsity:.2%}"
+            )
+        if schedule.schedule in ("geometric", "cubic"):
+            print(
+                f"{schedule.schedule} schedule: {n} iterations to {self.targets[-1]:.2%} sparsity "
+                f"(pruning {schedule.prune_percentage:.0%} of the remaining weights per iteration)"
+            )
+        else:
+            pruned = f"pruned to {self.targets[-1]:.2%} at once" if self.targets[-1] else "never pruned"
+            print(
+                f"{schedule.schedule} schedule: {pruned}, then {n} iterations of training (as many as pruning "
+                f"{schedule.prune_percentage:.0%} of the remaining weights per iteration would take)"
+            )
+
+    def report_progress(self) -> None:
+        record, n = self.history[-1], len(self.targets)
+        done = [h["iteration_seconds"] for h in self.history[1:]]
+        remaining = (n - record["iteration"]) * sum(done) / len(done)
+        print(
+            f"Iteration {record['iteration']}: perplexity {record['ppl_after_prune']:.2f} -> "
+            f"{record['ppl_after_train']:.2f} after training (recovery {record['recovery_pct']:.1f}%), "
+            f"{record['iteration_seconds']:.0f}s; about {remaining / 60:.1f} min left"
+        )

@@ -32,13 +32,28 @@ class LocalMlflowServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self, timeout: float = 90.0) -> "LocalMlflowServer":
+    def start(self, timeout: float = 90.0) -> LocalMlflowServer:
         log = open(self.root / "server.log", "ab")
         self.process = subprocess.Popen(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -59,7 +74,7 @@ class LocalMlflowServer:
             self.process.wait(timeout=30)
         self.process = None
 
-    def __enter__(self) -> "LocalMlflowServer":
+    def __enter__(self) -> LocalMlflowServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -51,45 +51,82 @@ from .pruning.masks import MaskKeeper, prunable_linears
 from .training import train_causal_lm
 
 # name: (hidden, layers, ffn, heads, word_embed_proj_dim) of the published OPT checkpoints
-OPT_SIZES = {"opt-125m": (768, 12, 3072, 12, 768), "opt-350m": (1024, 24, 4096, 16, 512),
-             "opt-1.3b": (2048, 24, 8192, 32, 2048), "opt-2.7b": (2560, 32, 10240, 32, 2560)}
-GIB = 2 ** 30
+OPT_SIZES = {
+    "opt-125m": (768, 12, 3072, 12, 768),
+    "opt-350m": (1024, 24, 4096, 16, 512),
+    "opt-1.3b": (2048, 24, 8192, 32, 2048),
+    "opt-2.7b": (2560, 32, 10240, 32, 2560),
+}
+GIB = 2**30
 
 
-def opt_config(hidden: int, layers: int, ffn: int, heads: int, proj: int | None = None, vocab: int = 50272,
-               positions: int = 2048):
-    return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
-                     word_embed_proj_dim=proj or hidden, vocab_size=vocab, max_position_embeddings=positions)
+def opt_config(
+    hidden: int, layers: int, ffn: int, heads: int, proj: int | None = None, vocab: int = 50272, positions: int = 2048
+):
+    return OPTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        word_embed_proj_dim=proj or hidden,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+    )
 
 
 def published_configs() -> dict:
     """The README's table: the OPT sizes, and Llama-3.2-1B, Qwen2.5-0.5B and Llama-2-7B from their published
     config.json values (tied embeddings for the first two, an untied head for Llama-2)."""
-    configs = {name: opt_config(h, layers, ffn, heads, proj) for name, (h, layers, ffn, heads, proj) in OPT_SIZES.items()}
-    configs["llama-3.2-1b"] = LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                                          num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                                          vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True)
-    configs["qwen2.5-0.5b"] = Qwen2Config(hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-                                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                          max_position_embeddings=32768, tie_word_embeddings=True)
-    configs["llama-2-7b"] = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
-                                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                        max_position_embeddings=4096, tie_word_embeddings=False)
+    configs = {
+        name: opt_config(h, layers, ffn, heads, proj) for name, (h, layers, ffn, heads, proj) in OPT_SIZES.items()
+    }
+    configs["llama-3.2-1b"] = LlamaConfig(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    )
+    configs["qwen2.5-0.5b"] = Qwen2Config(
+        hidden_size=896,
+        num_hidden_layers=24,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    )
+    configs["llama-2-7b"] = LlamaConfig(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     return configs
 
 
 @dataclass(frozen=True)
 class Shape:
     """What the formula needs, read from a model built on the meta device."""
-    params: int          # all parameters, a tied head counted once
-    prunable: int        # weights of the prunable matrices
+
+    params: int  # all parameters, a tied head counted once
+    prunable: int  # weights of the prunable matrices
     layers: int
     hidden: int
-    kv: int              # width of k and v: kv heads x head dim (GQA)
+    kv: int  # width of k and v: kv heads x head dim (GQA)
     ffn: int
-    gated: bool          # gate and up projections (SwiGLU)
+    gated: bool  # gate and up projections (SwiGLU)
     dropout: bool
-    layer_params: int    # one decoder layer
+    layer_params: int  # one decoder layer
     layer_inputs: tuple  # the input width of each prunable matrix of a layer: a Hessian each
     vocab: int
 
@@ -104,15 +141,26 @@ def shape_of(config) -> Shape:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    ffn = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
-           or getattr(config, "n_inner", None) or 4 * h)
+    ffn = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "ffn_dim", None)
+        or getattr(config, "n_inner", None)
+        or 4 * h
+    )
     dropout = any((getattr(config, key, 0.0) or 0.0) > 0 for key in ("dropout", "attention_dropout", "resid_pdrop"))
-    return Shape(params=sum(p.numel() for p in model.parameters()),
-                 prunable=sum(m.weight.numel() for m in prunable_linears(model).values()),
-                 layers=config.num_hidden_layers, hidden=h, kv=kv, ffn=ffn,
-                 gated=any("gate" in name for name in first), dropout=dropout,
-                 layer_params=sum(p.numel() for p in layer.parameters()),
-                 layer_inputs=tuple(in_features(m) for m in first.values()), vocab=config.vocab_size)
+    return Shape(
+        params=sum(p.numel() for p in model.parameters()),
+        prunable=sum(m.weight.numel() for m in prunable_linears(model).values()),
+        layers=config.num_hidden_layers,
+        hidden=h,
+        kv=kv,
+        ffn=ffn,
+        gated=any("gate" in name for name in first),
+        dropout=dropout,
+        layer_params=sum(p.numel() for p in layer.parameters()),
+        layer_inputs=tuple(in_features(m) for m in first.values()),
+        vocab=config.vocab_size,
+    )
 
 
 def parameter_counts(config) -> tuple[int, int]:
@@ -121,24 +169,38 @@ def parameter_counts(config) -> tuple[int, int]:
     return shape.params, shape.prunable
 
 
-def training_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes: int,
-                   gradient_checkpointing: bool = False) -> dict:
+def training_bytes(
+    config, batch: int, seqlen: int, param_bytes: int, act_bytes: int, gradient_checkpointing: bool = False
+) -> dict:
     shape = shape_of(config)
     h, tokens = shape.hidden, batch * seqlen
-    per_layer = ((7 * h + 2 * shape.kv + (4 if shape.gated else 2) * shape.ffn) * act_bytes
-                 + (2 * h if shape.dropout else 0))
+    per_layer = (7 * h + 2 * shape.kv + (4 if shape.gated else 2) * shape.ffn) * act_bytes + (
+        2 * h if shape.dropout else 0
+    )
     if gradient_checkpointing:
         activations = tokens * (shape.layers * h * act_bytes + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
-    parts = {"states": 4 * shape.params * param_bytes, "masks": shape.prunable * param_bytes,
-             "activations": activations, "logits": tokens * shape.vocab * (act_bytes + 8)}
+    parts = {
+        "states": 4 * shape.params * param_bytes,
+        "masks": shape.prunable * param_bytes,
+        "activations": activations,
+        "logits": tokens * shape.vocab * (act_bytes + 8),
+    }
     parts["total"] = sum(parts.values())
     return parts
 
 
-def teacher_bytes(config, batch: int, seqlen: int, param_bytes: int, act_bytes: int, processes: int = 1,
-                  features: bool = False, device: str = "cuda") -> int:
+def teacher_bytes(
+    config,
+    batch: int,
+    seqlen: int,
+    param_bytes: int,
+    act_bytes: int,
+    processes: int = 1,
+    features: bool = False,
+    device: str = "cuda",
+) -> int:
     """What --distill adds: the frozen teacher's weights (sharded under FSDP), its logits and the loss's
     working set; with `features` (SquareHead) also its hidden states and the float32 differences the layer
     term keeps for backward."""
@@ -154,16 +216,16 @@ def fsdp_state_bytes(config, processes: int, param_bytes: int) -> int:
     """Weights, gradients, AdamW moments and masks held by one of `processes` FSDP processes."""
     shape = shape_of(config)
     root = shape.params - shape.layers * shape.layer_params
-    return ((4 * shape.params + shape.prunable) * param_bytes // processes
-            + 2 * (root + shape.layer_params) * param_bytes)
+    return (4 * shape.params + shape.prunable) * param_bytes // processes + 2 * (
+        root + shape.layer_params
+    ) * param_bytes
 
 
 def sparsegpt_device_bytes(config, nsamples: int, seqlen: int, act_bytes: int) -> int:
     shape = shape_of(config)
     hessians = sum(width * width for width in shape.layer_inputs) * 4
     factorization = 2 * max(shape.layer_inputs) ** 2 * 4
-    return (shape.layer_params * act_bytes + 2 * nsamples * seqlen * shape.hidden * act_bytes + hessians
-            + factorization)
+    return shape.layer_params * act_bytes + 2 * nsamples * seqlen * shape.hidden * act_bytes + hessians + factorization
 
 
 def rss() -> int:
@@ -199,7 +261,9 @@ def measuring_pool(fresh_process_per_task: bool = True):
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the workers' C library at their start
     try:
-        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1 if fresh_process_per_task else None) as pool:
+        with multiprocessing.get_context("spawn").Pool(
+            1, maxtasksperchild=1 if fresh_process_per_task else None
+        ) as pool:
             yield pool
     finally:
         if previous is None:
@@ -208,25 +272,48 @@ def measuring_pool(fresh_process_per_task: bool = True):
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
 
 
-def _train_two_steps(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool,
-                     distill: str = "none") -> None:
+def _train_two_steps(
+    config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool, distill: str = "none"
+) -> None:
     torch.manual_seed(0)
     blocks = torch.randint(0, config_dict["vocab_size"], (2 * batch, seqlen))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_dict))
     teacher = copy.deepcopy(model) if distill != "none" else None
     linears = prunable_linears(model)
     magnitude_prune_layerwise(linears, 0.5)
-    train_causal_lm(model, blocks, TrainConfig(lr=1e-5, batch_size=batch, max_steps=2, log_every=2,
-                                               gradient_checkpointing=gradient_checkpointing, distill=distill),
-                    mask_keeper=MaskKeeper(linears), teacher=teacher, show_progress=False)
+    train_causal_lm(
+        model,
+        blocks,
+        TrainConfig(
+            lr=1e-5,
+            batch_size=batch,
+            max_steps=2,
+            log_every=2,
+            gradient_checkpointing=gradient_checkpointing,
+            distill=distill,
+        ),
+        mask_keeper=MaskKeeper(linears),
+        teacher=teacher,
+        show_progress=False,
+    )
 
 
-def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool,
-                          distill: str = "none") -> int:
+def measure_training_peak(
+    config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool, distill: str = "none"
+) -> int:
     """Runs in a fresh process: resident memory added by building a float32 model (and its teacher) and
     training two steps."""
-    tiny = {**config_dict, "hidden_size": 8, "ffn_dim": 8, "intermediate_size": 8, "num_attention_heads": 1,
-            "num_key_value_heads": 1, "num_hidden_layers": 1, "word_embed_proj_dim": 8, "vocab_size": 16}
+    tiny = {
+        **config_dict,
+        "hidden_size": 8,
+        "ffn_dim": 8,
+        "intermediate_size": 8,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+        "num_hidden_layers": 1,
+        "word_embed_proj_dim": 8,
+        "vocab_size": 16,
+    }
     _train_two_steps(tiny, 1, 8, gradient_checkpointing, distill)  # imports and one-time state are not the model's
     before = rss()
     sampler = PeakRSS()
@@ -236,38 +323,65 @@ def measure_training_peak(config_dict: dict, batch: int, seqlen: int, gradient_c
 
 def memory_table(measure: bool = True) -> str:
     """The README's memory table: the formula for published sizes, and formula vs measurement on small widths."""
-    lines = ["| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
-             "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
-             "| + teacher for --distill logits / squarehead (fp32 weights, one sequence) "
-             "| SparseGPT device peak (fp16, 128 x 2048) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
+        "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
+        "| + teacher for --distill logits / squarehead (fp32 weights, one sequence) "
+        "| SparseGPT device peak (fp16, 128 x 2048) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, config in published_configs().items():
         fp32 = training_bytes(config, 1, 2048, 4, 2)
         checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
-        lines.append(f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
-                     f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
-                     f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
-                     f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
-                     f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} / "
-                     f"{teacher_bytes(config, 1, 2048, 4, 2, features=True) / GIB:.2f} GiB"
-                     f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |")
+        lines.append(
+            f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
+            f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
+            f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
+            f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
+            f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} / "
+            f"{teacher_bytes(config, 1, 2048, 4, 2, features=True) / GIB:.2f} GiB"
+            f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |"
+        )
     if not measure:
         return "\n".join(lines)
-    lines += ["", "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
+        "|---|---|---|---|",
+    ]
     for hidden, checkpointing, family, distill in (
-            (128, False, "opt", "none"), (256, False, "opt", "none"), (512, False, "opt", "none"),
-            (512, True, "opt", "none"), (256, False, "opt", "logits"), (256, False, "llama", "none"),
-            (512, False, "llama", "none"), (512, False, "llama", "squarehead")):
-        config = (opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256) if family == "opt" else
-                  LlamaConfig(hidden_size=hidden, num_hidden_layers=2, intermediate_size=8 * hidden // 3,
-                              num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, max_position_embeddings=256))
+        (128, False, "opt", "none"),
+        (256, False, "opt", "none"),
+        (512, False, "opt", "none"),
+        (512, True, "opt", "none"),
+        (256, False, "opt", "logits"),
+        (256, False, "llama", "none"),
+        (512, False, "llama", "none"),
+        (512, False, "llama", "squarehead"),
+    ):
+        config = (
+            opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256)
+            if family == "opt"
+            else LlamaConfig(
+                hidden_size=hidden,
+                num_hidden_layers=2,
+                intermediate_size=8 * hidden // 3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=4096,
+                max_position_embeddings=256,
+            )
+        )
         predicted = training_bytes(config, 4, 256, 4, 4, checkpointing)["total"]
         if distill != "none":
             predicted += teacher_bytes(config, 4, 256, 4, 4, features=distill == "squarehead", device="cpu")
         with measuring_pool() as pool:
             measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing, distill))
-        label = (f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
-                 f"{f', --distill {distill}' if distill != 'none' else ''}")
-        lines.append(f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |")
+        label = (
+            f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
+            f"{f', --distill {distill}' if distill != 'none' else ''}"
+        )
+        lines.append(
+            f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |"
+        )
     return "\n".join(lines)

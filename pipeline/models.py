@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .config import EMBEDDED_MODELS
+from .config import EMBEDDED_MODELS, default_window
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable
 
@@ -39,23 +38,28 @@ def resolve_model_source(name: str) -> str:
     """Alias, embedded model, local directory or hub id -> what `from_pretrained` takes."""
     if name in EMBEDDED_MODELS:
         if not (ASSETS / name / "config.json").exists():
-            raise UserError(f"the embedded model is missing from {ASSETS / name}; reinstall the package or run "
-                            f"`python -m pipeline pretrain --arch {name.split('-')[0]}`")
+            raise UserError(
+                f"the embedded model is missing from {ASSETS / name}; reinstall the package or run "
+                f"`python -m pipeline pretrain --arch {name.split('-')[0]}`"
+            )
         return str(ASSETS / name)
     if name in HUB_ALIASES:
         return HUB_ALIASES[name]
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
-            raise ConfigError(f"{name} is a directory but holds no config.json: "
-                              "save the model there with save_pretrained()")
+            raise ConfigError(
+                f"{name} is a directory but holds no config.json: save the model there with save_pretrained()"
+            )
         return name
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
     if looks_like_path:
         raise ConfigError(f"model directory {name} does not exist")
     if "/" not in name:
         known = ", ".join([*EMBEDDED_MODELS, *HUB_ALIASES])
-        raise ConfigError(f"unknown model '{name}': use one of {known}, a hub id (org/name) "
-                          "or a local directory saved with save_pretrained()")
+        raise ConfigError(
+            f"unknown model '{name}': use one of {known}, a hub id (org/name) "
+            "or a local directory saved with save_pretrained()"
+        )
     return name
 
 
@@ -64,8 +68,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option('device')} cuda was asked for but no CUDA device is available; "
-                          f"use {option('device')} cpu")
+        raise ConfigError(
+            f"{option('device')} cuda was asked for but no CUDA device is available; use {option('device')} cpu"
+        )
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)
@@ -89,20 +94,25 @@ def _hub_unreachable(name: str, source: str, reason: str) -> UserError:
         f"model '{name}' ({source}) is not in the local Hugging Face cache and the hub could not be "
         f"reached ({reason}); pass a local directory saved with save_pretrained(), "
         f"fill the HF cache on a machine with network access, or use {option('model')} opt-tiny "
-        "(HF_HUB_OFFLINE=1 makes this fail fast)")
+        "(HF_HUB_OFFLINE=1 makes this fail fast)"
+    )
 
 
 def _refusal(name: str, source: str, error: Exception) -> UserError | None:
     """What transformers or torch refused to load, said in one line (None: not a refusal)."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text:
-        return UserError(f"refused to load model '{name}': a pickled checkpoint in {source} holds Python objects "
-                         "besides tensors, which would run code as they load, so it was not loaded; use weights "
-                         "saved as safetensors (save_pretrained's default), or convert these where you trust "
-                         "their source")
+        return UserError(
+            f"refused to load model '{name}': a pickled checkpoint in {source} holds Python objects "
+            "besides tensors, which would run code as they load, so it was not loaded; use weights "
+            "saved as safetensors (save_pretrained's default), or convert these where you trust "
+            "their source"
+        )
     if isinstance(error, ValueError) and "custom code" in text:
-        return ConfigError(f"model '{name}' brings its own Python code ({source} asks for it to be run), which "
-                           f"was not run: pass {option('trust_remote_code')} if you trust that code")
+        return ConfigError(
+            f"model '{name}' brings its own Python code ({source} asks for it to be run), which "
+            f"was not run: pass {option('trust_remote_code')} if you trust that code"
+        )
     return None
 
 
@@ -117,8 +127,7 @@ def _loading(name: str, source: str):
             raise
         except OSError as error:  # transformers reports "offline" and "not found" alike as OSError
             if os.path.isdir(source):
-                raise UserError(f"could not load the model in {source}: "
-                                f"{str(error).splitlines()[0]}") from None
+                raise UserError(f"could not load the model in {source}: {str(error).splitlines()[0]}") from None
             if unreachable:
                 raise _hub_unreachable(name, source, unreachable) from None
             if "not a valid model identifier" in str(error):
@@ -149,25 +158,20 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               keep_on_cpu: bool = False) -> nn.Module:
+def load_model(
+    name: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False, keep_on_cpu: bool = False
+) -> nn.Module:
     """The model in eval mode on `device`, in the dtype chosen for that device; with keep_on_cpu it stays in
     host memory (SparseGPT moves one layer at a time to the device). Failures are one UserError line."""
     source = resolve_model_source(name)
     torch_device = resolve_device(device)
     with _loading(name, source):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device),
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype, torch_device), trust_remote_code=trust_remote_code
+        )
     if not keep_on_cpu:
         model.to(torch_device)
     return model.eval()
-
-
-def load_model_and_tokenizer(name: str, dtype: str = "auto", device: str = "cpu",
-                             trust_remote_code: bool = False, keep_on_cpu: bool = False):
-    """(load_model(...), load_tokenizer(...))."""
-    return (load_model(name, dtype, device, trust_remote_code, keep_on_cpu),
-            load_tokenizer(name, trust_remote_code))
 
 
 def verify_saved_model(model: nn.Module, directory: Path) -> None:
@@ -181,9 +185,11 @@ def verify_saved_model(model: nn.Module, directory: Path) -> None:
     kept = {state[k].data_ptr() for k in saved if k in state}
     missing = [k for k, tensor in state.items() if k not in saved and tensor.data_ptr() not in kept]
     if not saved or wrong or missing:
-        raise UserError(f"the model saved to {directory} does not read back ({'no weights' if not saved else ''}"
-                        f"{'wrong shapes: ' + ', '.join(wrong[:3]) if wrong else ''}"
-                        f"{' missing: ' + ', '.join(missing[:3]) if missing else ''}); it is not usable")
+        raise UserError(
+            f"the model saved to {directory} does not read back ({'no weights' if not saved else ''}"
+            f"{'wrong shapes: ' + ', '.join(wrong[:3]) if wrong else ''}"
+            f"{' missing: ' + ', '.join(missing[:3]) if missing else ''}); it is not usable"
+        )
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
@@ -196,9 +202,6 @@ def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
     return directory
 
 
-DEFAULT_WINDOW = 2048  # the SparseGPT paper's window; Llama-3's 131072 positions are no window to evaluate
-
-
 def max_positions(model: nn.Module) -> int:
     return int(model.config.max_position_embeddings)
 
@@ -208,7 +211,7 @@ def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
     error."""
     limit = max_positions(model)
     if seqlen is None:
-        return min(limit, DEFAULT_WINDOW)
+        return default_window(None, model)
     if seqlen > limit:
         raise ConfigError(f"{option('seqlen')} {seqlen} is above the model's {limit} positions; use at most {limit}")
     return seqlen

@@ -41,8 +41,10 @@ def check_writable_dir(path: Path, setting: str = "output_dir") -> Path:
     for parent in [path, *path.parents]:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{option(setting)} {path}: {parent} is a file, not a directory; give a directory "
-                                  "(it is created if missing)")
+                raise ConfigError(
+                    f"{option(setting)} {path}: {parent} is a file, not a directory; give a directory "
+                    "(it is created if missing)"
+                )
             break
         missing.append(parent)
     error = write_error(path)
@@ -50,8 +52,9 @@ def check_writable_dir(path: Path, setting: str = "output_dir") -> Path:
         with contextlib.suppress(OSError):
             created.rmdir()
     if error:
-        raise ConfigError(f"{option(setting)} {path} cannot be written ({error.strerror or error}): give a "
-                          "directory you can write to")
+        raise ConfigError(
+            f"{option(setting)} {path} cannot be written ({error.strerror or error}): give a directory you can write to"
+        )
     return path
 
 
@@ -75,15 +78,22 @@ def owned_output_dir(path: Path, setting: str = "output_dir"):
     except BlockingIOError:
         owner = _owner_of(handle)
         handle.close()
-        raise UserError(f"{path} belongs to a run that is still going (pid {owner.get('pid', '?')} on "
-                        f"{owner.get('host', '?')}, started {owner.get('started', '?')}): wait for it to end, or give "
-                        f"another {option(setting)}") from None
+        raise UserError(
+            f"{path} belongs to a run that is still going (pid {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}, started {owner.get('started', '?')}): wait for it to end, or give "
+            f"another {option(setting)}"
+        ) from None
     previous = _owner_of(handle)
     if previous.get("pid") is not None:
-        print(f"note: {path} was held by pid {previous['pid']} on {previous.get('host', '?')}, which is no longer "
-              "running (killed?); this run takes it over")
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        print(
+            f"note: {path} was held by pid {previous['pid']} on {previous.get('host', '?')}, which is no longer "
+            "running (killed?); this run takes it over"
+        )
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps(me))

@@ -31,9 +31,13 @@ class PerplexityResult:
     tokens: int
     seconds: float
 
-    def metrics(self, prefix: str = "") -> dict:
-        return {f"{prefix}perplexity": self.perplexity, f"{prefix}eval_tokens": self.tokens,
-                f"{prefix}eval_windows": self.windows, f"{prefix}eval_seconds": self.seconds}
+    def metrics(self) -> dict:
+        return {
+            "perplexity": self.perplexity,
+            "eval_tokens": self.tokens,
+            "eval_windows": self.windows,
+            "eval_seconds": self.seconds,
+        }
 
 
 def change_pct(perplexity: float, baseline: float) -> float:
@@ -58,27 +62,35 @@ def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_si
     was_training = model.training
     model.eval()
     nlls = []
-    mine = torch.arange(n_windows)[process_index()::num_processes()]
+    mine = torch.arange(n_windows)[process_index() :: num_processes()]
     with torch.inference_mode():
         for start in range(0, len(mine), batch_size):
-            batch = windows[mine[start:start + batch_size]].to(device)
+            batch = windows[mine[start : start + batch_size]].to(device)
             logits = model(batch, use_cache=False).logits[:, :-1, :]
-            token_nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                        batch[:, 1:].reshape(-1), reduction="none")
+            token_nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            )
             nlls.append(token_nll.view(batch.shape[0], -1).mean(dim=1).double().cpu())
     model.train(was_training)
     return gather_window_nlls(mine, torch.cat(nlls) if nlls else torch.empty(0, dtype=torch.float64), n_windows)
 
 
-def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> PerplexityResult:
+def perplexity(
+    model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None
+) -> PerplexityResult:
     started = time.perf_counter()
     nlls = window_nlls(model, input_ids, seqlen, batch_size)
-    return PerplexityResult(perplexity=math.exp(nlls.mean().item()), windows=nlls.numel(),
-                            tokens=nlls.numel() * seqlen, seconds=time.perf_counter() - started)
+    return PerplexityResult(
+        perplexity=math.exp(nlls.mean().item()),
+        windows=nlls.numel(),
+        tokens=nlls.numel() * seqlen,
+        seconds=time.perf_counter() - started,
+    )
 
 
-def evaluate_on(model: nn.Module, tokenizer, corpus: Corpus, split: str, seqlen: int, device,
-                batch_size: int | None = None) -> PerplexityResult:
+def evaluate_on(
+    model: nn.Module, tokenizer, corpus: Corpus, split: str, seqlen: int, device, batch_size: int | None = None
+) -> PerplexityResult:
     """Perplexity of `split`, with the whole model on `device` for the evaluation and back where it was after."""
     home = next(model.parameters()).device
     model.to(device)

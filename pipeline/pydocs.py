@@ -15,12 +15,23 @@ import sys
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 # Directories that hold tests, third-party code or GUI demos rather than library documentation.
-SKIPPED_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages",
-                "__pycache__", "lib2to3", "turtledemo", "ensurepip", "venv", "config"}
+SKIPPED_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "venv",
+    "config",
+}
 SPLIT_PERCENT = {"train": 90, "validation": 5, "test": 5}
 
 
@@ -30,8 +41,7 @@ def _docstrings_of_source(source: str) -> list[str]:
     except (SyntaxError, ValueError):
         return []
     docs = []
-    nodes = [tree] + [n for n in ast.walk(tree)
-                      if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
     for node in nodes:
         doc = ast.get_docstring(node, clean=True)
         if doc and len(doc.split()) >= 4:  # one-word docstrings ("Return x.") teach little

@@ -7,6 +7,11 @@ which may rename, leave out or re-default the group's settings for that job. `fl
 leaf under its flat key (`lr`, `prune_method`): the CLI makes a flag of each key (`--lr`), the Python
 API takes the keys, MLflow records them as params. A config checks its values when it is built, so a
 bad value fails before any work, with a ConfigError naming the setting; floats must be finite.
+
+A default that depends on something else (the model's positions, another setting) is a `rule`: a
+function declared with the setting, whose docstring `--help` prints and which `config.resolved(name)`
+applies, so the rule is written once. The setting's own value stays unset (None) in the config and in
+the run's params: the rule's result is the resolved value, logged where it matters.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
-from functools import lru_cache
+from functools import cache
 
 from .errors import ConfigError, option, spell
 
@@ -29,18 +34,29 @@ class Check:
     above: float | None = None
     at_most: float | None = None
     below: float | None = None
-    hint: str | None = None   # appended to a range error: what a good value looks like
-    noun: str | None = None   # "pruning method" in "unknown pruning method 'x'"
-    cli: bool = True          # False: set from Python only, no flag
-    negatable: bool = False   # a bool flag with a --no- form
-    argument: bool = False    # a positional argument on the command line
-    min_items: int = 0        # lists: at least this many values
+    hint: str | None = None  # appended to a range error: what a good value looks like
+    noun: str | None = None  # "pruning method" in "unknown pruning method 'x'"
+    cli: bool = True  # False: set from Python only, no flag
+    negatable: bool = False  # a bool flag with a --no- form
+    argument: bool = False  # a positional argument on the command line
+    min_items: int = 0  # lists: at least this many values
+    rule: typing.Callable | None = None  # computes the default from the config (and context); its docstring says how
+    aliases: tuple = ()  # older spellings of the flag that still work
+    value_aliases: dict | None = None  # older spellings of values: {"ce": "none"}
+
+    @property
+    def help_text(self) -> str:
+        """The help, with the default's rule when there is one."""
+        return self.help + (f" (default: {self.rule.__doc__.strip()})" if self.rule else "")
 
 
 def setting(default, help: str, **checks):
-    """A leaf setting: its default, its help text and the checks its values must pass."""
+    """A leaf setting: its default (or, with `rule`, None and the function that computes it), its help text
+    and the checks its values must pass."""
     if "choices" in checks and checks["choices"] is not None:
         checks["choices"] = tuple(checks["choices"])
+    for name in ("aliases",):
+        checks[name] = tuple(checks.get(name, ()))
     metadata = {"check": Check(help, **checks)}
     if isinstance(default, list):
         items = list(default)
@@ -54,16 +70,18 @@ class Group:
     rename: dict
     exclude: tuple
     defaults: dict
+    aliases: dict
 
 
-def group(cls, *, rename: dict | None = None, exclude=(), defaults: dict | None = None):
+def group(cls, *, rename: dict | None = None, exclude=(), defaults: dict | None = None, aliases: dict | None = None):
     """A nested config. `rename` gives a setting another key here (`method` -> `prune_method`),
-    `exclude` keeps settings out of this job's flags, `defaults` changes defaults for this job."""
-    spec = Group(cls, dict(rename or {}), tuple(exclude), dict(defaults or {}))
+    `exclude` keeps settings out of this job's flags, `defaults` changes defaults for this job,
+    `aliases` keeps older spellings of a key working ({"prune_method": ("method",)})."""
+    spec = Group(cls, dict(rename or {}), tuple(exclude), dict(defaults or {}), dict(aliases or {}))
     return field(default_factory=lambda: cls(**spec.defaults), metadata={"group": spec})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -82,8 +100,9 @@ def kind_of(hint) -> tuple[type, bool, type | None]:
 def _range_error(name: str, value, check: Check) -> str | None:
     low = (check.at_least, False) if check.at_least is not None else (check.above, True)
     high = (check.at_most, False) if check.at_most is not None else (check.below, True)
-    fine = ((low[0] is None or (value > low[0] if low[1] else value >= low[0]))
-            and (high[0] is None or (value < high[0] if high[1] else value <= high[0])))
+    fine = (low[0] is None or (value > low[0] if low[1] else value >= low[0])) and (
+        high[0] is None or (value < high[0] if high[1] else value <= high[0])
+    )
     if fine:
         return None
     if low[0] is not None and high[0] is not None:
@@ -103,8 +122,11 @@ def _scalar(name: str, base: type, value, check: Check):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and not value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())
+        ):
             raise ConfigError(f"{name} must be a whole number, got {value!r}")
         value = int(value)
     elif base is float:
@@ -115,6 +137,8 @@ def _scalar(name: str, base: type, value, check: Check):
             raise ConfigError(f"{name} must be a finite number, got {value}")
     elif base is str and not isinstance(value, str):
         raise ConfigError(f"{name} must be text, got {value!r}")
+    if check.value_aliases and value in check.value_aliases:
+        value = check.value_aliases[value]
     if check.choices is not None and value not in check.choices:
         raise ConfigError(f"unknown {check.noun or name} '{value}': use one of {', '.join(map(str, check.choices))}")
     if base in (int, float):
@@ -157,20 +181,32 @@ class Settings:
     def check(self) -> None:
         """Rules between settings; raises ConfigError."""
 
+    def resolved(self, name: str, *context):
+        """The setting's value, or when it is unset the value its rule computes from this config (and
+        `context`, e.g. the model whose positions bound the window)."""
+        value = getattr(self, name)
+        if value is None:
+            rule = next(f for f in fields(self) if f.name == name).metadata["check"].rule
+            if rule is not None:
+                return rule(self, *context)
+        return value
+
 
 # --- flat keys: what the CLI, the Python API and MLflow params see --------------------------------
 
+
 @dataclass(frozen=True)
 class Leaf:
-    key: str          # flat key: `--key-with-dashes` on the command line
-    path: tuple       # attribute path into the nested config, e.g. ("prune", "method")
-    name: str         # the field's name in its own config
+    key: str  # flat key: `--key-with-dashes` on the command line
+    path: tuple  # attribute path into the nested config, e.g. ("prune", "method")
+    name: str  # the field's name in its own config
     owner: type
     check: Check
     base: type
     optional: bool
     item: type | None
     default: object
+    aliases: tuple = ()  # older flag keys of this setting
 
 
 def _field_default(f: dataclasses.Field):
@@ -181,30 +217,44 @@ def _field_default(f: dataclasses.Field):
     return MISSING
 
 
-def _walk(cls, path: tuple, rename: dict, exclude: tuple, defaults: dict):
+def _walk(cls, path: tuple, rename: dict, exclude: tuple, defaults: dict, aliases: dict):
     for f in fields(cls):
         if f.name in exclude:
             continue
         if "group" in f.metadata:
             spec = f.metadata["group"]
-            yield from _walk(spec.cls, path + (f.name,), spec.rename, spec.exclude, spec.defaults)
+            yield from _walk(spec.cls, path + (f.name,), spec.rename, spec.exclude, spec.defaults, spec.aliases)
         elif "check" in f.metadata:
             base, optional, item = kind_of(_hints(cls)[f.name])
             default = defaults[f.name] if f.name in defaults else _field_default(f)
-            yield Leaf(rename.get(f.name, f.name), path + (f.name,), f.name, cls, f.metadata["check"], base,
-                       optional, item, default)
+            key, check = rename.get(f.name, f.name), f.metadata["check"]
+            yield Leaf(
+                key,
+                path + (f.name,),
+                f.name,
+                cls,
+                check,
+                base,
+                optional,
+                item,
+                default,
+                check.aliases + tuple(aliases.get(key, ())),
+            )
 
 
-@lru_cache(maxsize=None)
+@cache
 def flatten(cls) -> tuple[Leaf, ...]:
     """Every leaf setting of a config class, in declaration order; two leaves never share a key."""
-    leaves = tuple(_walk(cls, (), {}, (), {}))
+    leaves = tuple(_walk(cls, (), {}, (), {}, {}))
     seen = {}
     for leaf in leaves:
-        if leaf.key in seen:
-            raise TypeError(f"{cls.__name__}: settings {'.'.join(seen[leaf.key])} and {'.'.join(leaf.path)} "
-                            f"both have the key '{leaf.key}'")
-        seen[leaf.key] = leaf.path
+        for key in (leaf.key, *leaf.aliases):
+            if key in seen:
+                raise TypeError(
+                    f"{cls.__name__}: settings {'.'.join(seen[key])} and {'.'.join(leaf.path)} "
+                    f"both have the key '{key}'"
+                )
+            seen[key] = leaf.path
     return leaves
 
 
@@ -231,6 +281,11 @@ def build(cls, values: dict):
     if values.get("preset") in presets:  # a preset's values, unless given
         values = {**presets[values["preset"]], **values}
     leaves = {leaf.key: leaf for leaf in flatten(cls)}
+    older = {alias: leaf.key for leaf in leaves.values() for alias in leaf.aliases}  # older spellings still work
+    both = sorted(key for key in values if key in older and older[key] in values)
+    if both:
+        raise ConfigError(f"{', '.join(both)} and {', '.join(older[key] for key in both)} are one setting: give one")
+    values = {older.get(key, key): value for key, value in values.items()}
     unknown = sorted(set(values) - set(leaves))
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(unknown)}; known ones are {', '.join(sorted(leaves))}")

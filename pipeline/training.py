@@ -20,8 +20,8 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,8 +29,15 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .distillation import Distillation, cross_entropy
-from .distributed import (check_launch, copy_full_weights, local_numel, shard_frozen, shards_parameters,
-                          sync_from_main, training_accelerator)
+from .distributed import (
+    check_launch,
+    copy_full_weights,
+    local_numel,
+    shard_frozen,
+    shards_parameters,
+    sync_from_main,
+    training_accelerator,
+)
 from .pruning.masks import MaskKeeper
 
 
@@ -38,11 +45,11 @@ from .pruning.masks import MaskKeeper
 class TrainResult:
     epoch_losses: list = field(default_factory=list)
     steps: int = 0
-    tokens: int = 0                # tokens that went into optimizer steps, summed over the processes
-    flops: float = 0.0             # tokens * training_flops_per_token
+    tokens: int = 0  # tokens that went into optimizer steps, summed over the processes
+    flops: float = 0.0  # tokens * training_flops_per_token
     seconds: float = 0.0
-    parallelism: str = "NO"        # Accelerate's distributed type: NO, MULTI_GPU / MULTI_CPU (DDP), FSDP
-    held_parameters: int = 0       # parameter elements this process held while training (its shards under FSDP)
+    parallelism: str = "NO"  # Accelerate's distributed type: NO, MULTI_GPU / MULTI_CPU (DDP), FSDP
+    held_parameters: int = 0  # parameter elements this process held while training (its shards under FSDP)
     teacher_held_parameters: int = 0  # the same, of the distillation teacher
 
     @property
@@ -86,8 +93,10 @@ def adamw(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
 
 
 def _module_to_train(model: nn.Module, sharded: bool) -> nn.Module:
@@ -95,7 +104,7 @@ def _module_to_train(model: nn.Module, sharded: bool) -> nn.Module:
     if not sharded:
         return model
     sync_from_main(model)  # FSDP2, unlike DDP, shards each process's own weights
-    model.to("cpu")        # the device holds only the shards while training
+    model.to("cpu")  # the device holds only the shards while training
     return copy.deepcopy(model)
 
 
@@ -115,115 +124,189 @@ def _teacher_on(teacher: nn.Module, accelerator, sharded: bool, device: torch.de
     return shard_frozen(accelerator, copy.deepcopy(teacher).to("cpu").requires_grad_(False))
 
 
-def train_causal_lm(model: nn.Module, blocks: torch.Tensor, config: TrainConfig, *, mask_keeper=None,
-                    teacher: nn.Module | None = None, desc: str = "Training",
-                    on_log: Callable[[int, dict], None] | None = None, show_progress: bool = True) -> TrainResult:
+class _Trainer:
+    """What the loop trains with, prepared by Accelerate: the (wrapped) model, AdamW, the mask keeper and the
+    objective, on this process's device; and the steps of one optimizer step, each a method."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, mask_keeper, teacher: nn.Module | None):
+        check_launch(config.batch_size)
+        self.model, self.config = model, config
+        self.home = next(model.parameters()).device
+        self.use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.home.type == "cuda")
+        self.accelerator = training_accelerator(cpu=self.home.type == "cpu")
+        self.sharded = shards_parameters(self.accelerator)
+        self.trained = _module_to_train(model, self.sharded)
+        if config.gradient_checkpointing:
+            _set_gradient_checkpointing(self.trained, True)
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.trained, adamw(self.trained, config))
+        self.keeper = None
+        if mask_keeper is not None:
+            # Read now, when every process holds the main process's weights (DDP copied them when it
+            # wrapped the model; under FSDP sync_from_main did), so all keep one mask. The FSDP keeper
+            # reads the sharded weights of the copy.
+            mask_keeper.refresh()
+            self.keeper = mask_keeper.over(self.trained) if self.sharded else mask_keeper
+        self.device = next(self.wrapped.parameters()).device
+        self.objective = cross_entropy
+        if config.distill != "none":
+            if teacher is None:
+                raise ValueError(f"--distill {config.distill} needs a teacher model")
+            self.objective = Distillation(_teacher_on(teacher, self.accelerator, self.sharded, self.device), config)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.share = config.batch_size // self.world  # each process's part of the global batch
+
+    def result(self) -> TrainResult:
+        teacher = self.objective.teacher if isinstance(self.objective, Distillation) else None
+        return TrainResult(
+            parallelism=self.accelerator.distributed_type.value,
+            held_parameters=sum(local_numel(p) for p in self.trained.parameters()),
+            teacher_held_parameters=sum(local_numel(p) for p in teacher.parameters()) if teacher else 0,
+        )
+
+    def micro_batch(self, blocks: torch.Tensor, order: torch.Tensor, index: int) -> torch.Tensor:
+        """The index-th micro-batch of the epoch's order: this process's share of its sequences."""
+        first = (index * self.config.batch_size) % blocks.shape[0]
+        chosen = order[first : first + self.config.batch_size][self.rank * self.share : (self.rank + 1) * self.share]
+        return blocks[chosen].to(self.device, non_blocking=True)
+
+    def forward_backward(self, batch: torch.Tensor, last: bool) -> tuple[torch.Tensor, dict]:
+        # gradients are averaged across processes once per optimizer step, not per micro-batch
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                loss, parts = self.objective(self.wrapped, batch)
+            self.accelerator.backward(loss / self.config.grad_accum)
+        return loss.detach(), parts
+
+    def optimizer_step(self, lr: float) -> None:
+        """AdamW at `lr`, the pruned weights kept at zero: their gradients zeroed before the step (no
+        moments build up) and the weights re-zeroed after it (weight decay and momentum would revive them)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.keeper is not None:
+            self.keeper.zero_pruned_grads()
+        if self.config.grad_clip:
+            self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.keeper is not None:
+            self.keeper.zero_pruned_weights()
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over the processes, read to the host (a device sync)."""
+        return self.accelerator.reduce(value, "mean").item()
+
+    def finish(self) -> None:
+        """The trained weights in the plain model (gathered from the shards under FSDP), the wrappers freed."""
+        if self.sharded:
+            copy_full_weights(self.trained, self.model)
+            self.model.to(self.home)
+        if self.config.gradient_checkpointing:
+            _set_gradient_checkpointing(self.trained, False)
+        del self.wrapped, self.trained, self.keeper, self.objective
+        self.accelerator.free_memory()  # drops the DDP/FSDP wrapper; `model` itself holds the trained weights
+        self.model.eval()
+
+
+def train_causal_lm(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    config: TrainConfig,
+    *,
+    mask_keeper=None,
+    teacher: nn.Module | None = None,
+    desc: str = "Training",
+    on_log: Callable[[int, dict], None] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
     """Trains `model` in place on `blocks` [n, seqlen], with `config.distill`'s objective (`teacher` frozen);
     `on_log(global_step, {"loss", "lr", and the loss's parts})` every log_every steps."""
-    check_launch(config.batch_size)
-    home = next(model.parameters()).device
-    use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and home.type == "cuda")
-    accelerator = training_accelerator(cpu=home.type == "cpu")
-    sharded = shards_parameters(accelerator)
-    trained = _module_to_train(model, sharded)
-    if config.gradient_checkpointing:
-        _set_gradient_checkpointing(trained, True)
-    wrapped, optimizer = accelerator.prepare(trained, adamw(trained, config))
-    keeper = None
-    if mask_keeper is not None:
-        # Read now, when every process holds the main process's weights (DDP copied them when it
-        # wrapped the model; under FSDP sync_from_main did), so all keep one mask. The FSDP keeper
-        # reads the sharded weights of the copy.
-        mask_keeper.refresh()
-        keeper = mask_keeper.over(trained) if sharded else mask_keeper
-    device = next(wrapped.parameters()).device
-    objective = cross_entropy
-    if config.distill != "none":
-        if teacher is None:
-            raise ValueError(f"--distill {config.distill} needs a teacher model")
-        objective = Distillation(_teacher_on(teacher, accelerator, sharded, device), config)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    trainer = _Trainer(model, config, mask_keeper, teacher)
+    result = trainer.result()
     per_epoch = steps_per_epoch(blocks.shape[0], config)
-    total_steps = per_epoch * config.epochs
-    micro = config.batch_size
-    share = micro // world
-    show_progress = show_progress and accelerator.is_main_process
-    result = TrainResult(parallelism=accelerator.distributed_type.value,
-                         held_parameters=sum(local_numel(p) for p in trained.parameters()),
-                         teacher_held_parameters=sum(local_numel(p) for p in objective.teacher.parameters())
-                         if isinstance(objective, Distillation) else 0)
-    started = time.perf_counter()
-    trained.train()
-    step = 0
+    show_progress = show_progress and trainer.accelerator.is_main_process
+    started, step = time.perf_counter(), 0
+    trainer.trained.train()
     for epoch in range(config.epochs):
+        # each epoch its own order, drawn from the seed alone: a resumed or relaunched run sees the same data
         order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(config.seed + epoch))
-        bar = tqdm(range(per_epoch), desc=f"{desc}, Epoch {epoch + 1}/{config.epochs}",
-                   disable=not show_progress, dynamic_ncols=True)
-        epoch_loss_sum = torch.zeros((), device=device)
-        window, steps_in_window = {}, 0  # the loss and its parts, summed since the last log
+        epoch_loss = torch.zeros((), device=trainer.device)  # summed on the device: no sync per step
+        window = LossWindow()
+        bar = tqdm(
+            range(per_epoch),
+            desc=f"{desc}, Epoch {epoch + 1}/{config.epochs}",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
         for step_in_epoch in bar:
-            lr = lr_at(step, total_steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(step, per_epoch * config.epochs, config)
             for accum in range(config.grad_accum):
-                first = ((step_in_epoch * config.grad_accum + accum) * micro) % blocks.shape[0]
-                index = order[first:first + micro][rank * share:(rank + 1) * share]
-                batch = blocks[index].to(device, non_blocking=True)
-                last = accum == config.grad_accum - 1
-                # gradients are averaged across processes once per optimizer step, not per micro-batch
-                with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        loss, parts = objective(wrapped, batch)
-                    accelerator.backward(loss / config.grad_accum)
-                for key, value in {"loss": loss.detach(), **parts}.items():
-                    window[key] = window.get(key, 0.0) + value / config.grad_accum
-                epoch_loss_sum += loss.detach() / config.grad_accum
-                result.tokens += batch.numel() * world
-            if keeper is not None:
-                keeper.zero_pruned_grads()
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if keeper is not None:
-                keeper.zero_pruned_weights()
-            steps_in_window += 1
+                batch = trainer.micro_batch(blocks, order, step_in_epoch * config.grad_accum + accum)
+                loss, parts = trainer.forward_backward(batch, last=accum == config.grad_accum - 1)
+                window.add({"loss": loss, **parts}, config.grad_accum)
+                epoch_loss += loss / config.grad_accum
+                result.tokens += batch.numel() * trainer.world
+            trainer.optimizer_step(lr)
             step += 1
-            # Reading the loss forces a device sync, so it happens only every log_every steps.
+            # reading the loss forces a device sync, so it happens only every log_every steps
             if step % config.log_every == 0 or step_in_epoch == per_epoch - 1:
-                running = {key: accelerator.reduce(value, "mean").item() / steps_in_window
-                           for key, value in window.items()}
-                window, steps_in_window = {}, 0
+                running = window.take(trainer.mean)
                 if not math.isfinite(running["loss"]):
                     raise NonFiniteLoss(step, running["loss"])
                 bar.set_postfix(loss=f"{running['loss']:.4f}")
                 if on_log is not None:
                     on_log(step, {**running, "lr": lr})
         bar.close()
-        result.epoch_losses.append(accelerator.reduce(epoch_loss_sum, "mean").item() / per_epoch)
+        result.epoch_losses.append(trainer.mean(epoch_loss) / per_epoch)
         if show_progress:
             tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
-    result.steps = step
-    result.seconds = time.perf_counter() - started
+    result.steps, result.seconds = step, time.perf_counter() - started
     result.flops = result.tokens * training_flops_per_token(model, blocks.shape[1])
-    if sharded:
-        copy_full_weights(trained, model)
-        model.to(home)
-    if config.gradient_checkpointing:
-        _set_gradient_checkpointing(trained, False)
-    del wrapped, trained, keeper, objective
-    accelerator.free_memory()  # drops the DDP/FSDP wrapper; `model` itself holds the trained weights
-    model.eval()
+    trainer.finish()
     return result
 
 
-def train_keeping_masks(model: nn.Module, linears: dict, blocks: torch.Tensor, config: TrainConfig, *,
-                        teacher: nn.Module | None = None, desc: str = "Training",
-                        on_log: Callable[[int, dict], None] | None = None, show_progress: bool = True) -> TrainResult:
+class LossWindow:
+    """The loss and its parts summed over the steps since the last log, on the device."""
+
+    def __init__(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, values: dict, grad_accum: int) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value / grad_accum
+        self.steps += 1 / grad_accum
+
+    def take(self, mean: Callable[[torch.Tensor], float]) -> dict:
+        """Each sum's mean per optimizer step (and over the processes); the window starts again."""
+        steps = round(self.steps)
+        running = {key: mean(value) / steps for key, value in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return running
+
+
+def train_keeping_masks(
+    model: nn.Module,
+    linears: dict,
+    blocks: torch.Tensor,
+    config: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    desc: str = "Training",
+    on_log: Callable[[int, dict], None] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
     """Recovery training: every pruned weight of `linears` stays exactly zero, which is checked after."""
     keeper = MaskKeeper(linears)
-    result = train_causal_lm(model, blocks, config, mask_keeper=keeper, teacher=teacher, desc=desc, on_log=on_log,
-                             show_progress=show_progress)
+    result = train_causal_lm(
+        model,
+        blocks,
+        config,
+        mask_keeper=keeper,
+        teacher=teacher,
+        desc=desc,
+        on_log=on_log,
+        show_progress=show_progress,
+    )
     changed = keeper.changed_matrices()
     if changed:
         raise RuntimeError(f"the mask changed during training in {changed[:3]}: a bug, please report it")

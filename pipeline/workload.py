@@ -3,41 +3,37 @@ plus the calibration windows of SparseGPT and Wanda; and what of these can be ch
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import EMBEDDED_MODELS, DataConfig, ModelConfig, PruneConfig
+from .config import DataConfig, ModelConfig, PruneConfig
 from .data import Corpus, cache_dir, calibration_windows, eval_tokens, load_corpus, training_blocks
 from .models import load_model, load_tokenizer, model_skeleton, resolve_device, resolve_seqlen, training_dtype
 from .perplexity import PerplexityResult, evaluate_on
 from .pruning import check_prunable
 
 
-def calibration_dataset_for(model_name: str, dataset: str, explicit: str | None = None) -> str:
-    """Hub models calibrate on C4, as the reference; the embedded models on pydocs, the corpus they know;
-    a local directory on the evaluation dataset's train split (it may not know C4 either)."""
-    if explicit:
-        return explicit
-    if model_name in EMBEDDED_MODELS:
-        return "pydocs"
-    return dataset if os.path.isdir(model_name) else "c4"
-
-
 @dataclass
 class Inputs:
     """What was checked before a run opened: the model's structure (meta device, no weights), its
     tokenizer and the corpus."""
+
     skeleton: nn.Module
     tokenizer: object
     corpus: Corpus
 
 
-def check_inputs(model: ModelConfig, data: DataConfig, *, eval_split: str | None = "test",
-                 train_seqlen: int | None = None, training: bool = False,
-                 prune: PruneConfig | None = None) -> Inputs:
+def check_inputs(
+    model: ModelConfig,
+    data: DataConfig,
+    *,
+    eval_split: str | None = "test",
+    train_seqlen: int | None = None,
+    training: bool = False,
+    prune: PruneConfig | None = None,
+) -> Inputs:
     """Everything that fails on bad input, checked without loading weights: the cache, the model's source
     and structure, the window(s), what `prune` would prune, and that each split holds a whole window."""
     cache_dir()
@@ -68,37 +64,49 @@ class Workload:
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> PerplexityResult:
         return evaluate_on(self.model, self.tokenizer, self.corpus, split, self.seqlen, self.device, batch_size)
 
-    def record_inputs(self, logger, evaluation: str | None = None, training: torch.Tensor | None = None,
-                      calibration: tuple | None = None) -> None:
+    def record_inputs(
+        self,
+        tracker,
+        evaluation: str | None = None,
+        training: torch.Tensor | None = None,
+        calibration: tuple | None = None,
+    ) -> None:
         """The datasets the run reads, in MLflow's Datasets: an evaluation split, training blocks, and
         (windows, corpus) of a calibration draw."""
         if evaluation:
             tokens = eval_tokens(self.corpus, self.tokenizer, evaluation, self.seqlen).numel()
-            logger.log_input(**self.corpus.dataset_input(evaluation, tokens, "evaluation"))
+            tracker.log_input(**self.corpus.dataset_input(evaluation, tokens, "evaluation"))
         if training is not None:
-            logger.log_input(**self.corpus.dataset_input("train", training.numel(), "training"))
+            tracker.log_input(**self.corpus.dataset_input("train", training.numel(), "training"))
         if calibration is not None and calibration[0] is not None:
             windows, corpus = calibration
-            logger.log_input(**corpus.dataset_input("train", windows.numel(), "calibration"))
+            tracker.log_input(**corpus.dataset_input("train", windows.numel(), "calibration"))
 
     def training_blocks(self, seqlen: int | None = None) -> torch.Tensor:
         return training_blocks(self.corpus, self.tokenizer, resolve_seqlen(self.model, seqlen or self.seqlen))
 
     def calibration(self, prune: PruneConfig) -> tuple[torch.Tensor | None, Corpus | None]:
         """(windows, the corpus they come from) for a calibrated method; (None, None) for magnitude."""
-        if not prune.calibrated:
+        if not prune.criterion.calibrates:
             return None, None
-        name = calibration_dataset_for(self.model_config.model, self.data_config.dataset, prune.calibration_dataset)
+        name = prune.resolved("calibration_dataset", self.model_config.model, self.data_config.dataset)
         corpus = self.corpus if name == self.data_config.dataset else load_corpus(name)
         return calibration_windows(corpus, self.tokenizer, prune.nsamples, self.seqlen, prune.seed), corpus
 
 
-def load_workload(model: ModelConfig, data: DataConfig, inputs: Inputs | None = None, *, training: bool = False,
-                  keep_on_cpu: bool = False) -> Workload:
+def load_workload(
+    model: ModelConfig,
+    data: DataConfig,
+    inputs: Inputs | None = None,
+    *,
+    training: bool = False,
+    keep_on_cpu: bool = False,
+) -> Workload:
     """`training`: float32 weights under `--dtype auto` (see models.training_dtype); `keep_on_cpu`: the
     model stays in host memory (SparseGPT moves one layer at a time to the device)."""
     inputs = inputs or check_inputs(model, data, eval_split=None)
     dtype = training_dtype(model.dtype) if training else model.dtype
     lm = load_model(model.model, dtype, model.device, model.trust_remote_code, keep_on_cpu)
-    return Workload(lm, inputs.tokenizer, inputs.corpus, resolve_seqlen(lm, data.seqlen), resolve_device(model.device),
-                    model, data)
+    return Workload(
+        lm, inputs.tokenizer, inputs.corpus, resolve_seqlen(lm, data.seqlen), resolve_device(model.device), model, data
+    )

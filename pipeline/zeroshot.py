@@ -14,10 +14,9 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from .config import TasksConfig
+from .config import TasksConfig, default_window
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable, quieted
-from .models import DEFAULT_WINDOW, max_positions
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # pydocs-cloze
 INSTALL = "pip install 'lm-eval[hf]==0.4.13' (it comes with `pip install -e .`)"
@@ -28,7 +27,9 @@ def _harness():
         import lm_eval  # deferred: a zero-shot-free run should not need, nor wait for, the harness
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError(f"zero-shot tasks need EleutherAI's lm-evaluation-harness, which is not installed: {INSTALL}")
+        raise UserError(
+            f"zero-shot tasks need EleutherAI's lm-evaluation-harness, which is not installed: {INSTALL}"
+        ) from None
     return lm_eval, TaskManager
 
 
@@ -80,17 +81,20 @@ def check_tasks(config: TasksConfig) -> None:
     manager = _manager(tuple(paths))
     unknown = sorted(set(names) - set(manager.all_tasks))
     if unknown:
-        raise ConfigError(f"unknown {option('tasks')} {', '.join(unknown)}: `lm_eval ls tasks` lists the harness's, and "
-                          "pydocs-cloze runs offline")
+        raise ConfigError(
+            f"unknown {option('tasks')} {', '.join(unknown)}: `lm_eval ls tasks` lists the harness's, and "
+            "pydocs-cloze runs offline"
+        )
     with quieted("lm_eval"), offline_when_unreachable() as unreachable:
         try:
             manager.load(names)  # builds each task, which downloads (or finds cached) its data
         except Exception as error:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
             detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             where = f"the hub could not be reached ({unreachable})" if unreachable else detail
-            raise UserError(f"the data of {option('tasks')} {', '.join(names)} could not be loaded: {where}; "
-                            "pydocs-cloze runs offline, the harness's own tasks need their datasets in the HF cache") \
-                from None
+            raise UserError(
+                f"the data of {option('tasks')} {', '.join(names)} could not be loaded: {where}; "
+                "pydocs-cloze runs offline, the harness's own tasks need their datasets in the HF cache"
+            ) from None
 
 
 def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int | None = None) -> dict:
@@ -101,11 +105,21 @@ def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int 
     names, paths = resolve_tasks(config.tasks)
     was_training = model.training
     with quieted("lm_eval"), offline_when_unreachable():
-        wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.tasks_batch_size,
-                       max_length=max_length or min(max_positions(model), DEFAULT_WINDOW))
-        results = lm_eval.simple_evaluate(model=wrapper, tasks=names, num_fewshot=config.num_fewshot,
-                                          limit=config.limit, task_manager=_manager(tuple(paths)),
-                                          log_samples=False, verbosity="ERROR")
+        wrapper = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=config.tasks_batch_size,
+            max_length=max_length or default_window(None, model),
+        )
+        results = lm_eval.simple_evaluate(
+            model=wrapper,
+            tasks=names,
+            num_fewshot=config.num_fewshot,
+            limit=config.limit,
+            task_manager=_manager(tuple(paths)),
+            log_samples=False,
+            verbosity="ERROR",
+        )
     model.train(was_training)
     return {key: results[key] for key in ("results", "n-shot", "n-samples", "config", "versions") if key in results}
 
@@ -123,19 +137,14 @@ def task_metrics(results: dict) -> dict:
     return metrics
 
 
-def mean_accuracy(metrics: dict) -> float | None:
-    """The mean over tasks of `acc` (the papers' figure), or None without tasks."""
-    values = [value for key, value in metrics.items() if key.startswith("task/") and key.endswith("/acc")]
-    return sum(values) / len(values) if values else None
-
-
-def log_tasks(logger, model: nn.Module, tokenizer, config: TasksConfig, step: int = 0,
-              artifact: str = "lm_eval_results.json") -> dict:
+def log_tasks(
+    tracker, model: nn.Module, tokenizer, config: TasksConfig, step: int = 0, artifact: str = "lm_eval_results.json"
+) -> dict:
     """Runs the tasks, logs their metrics at `step` and the harness's results as a JSON artifact."""
     results = run_tasks(model, tokenizer, config)
     metrics = task_metrics(results)
-    logger.log_dict(metrics, step=step)
-    logger.log_text(json.dumps(results, indent=2, default=str), artifact)
+    tracker.log_dict(metrics, step=step)
+    tracker.log_text(json.dumps(results, indent=2, default=str), artifact)
     for task in results["results"]:
         shown = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith(f"task/{task}/") and "stderr" not in k}
         print(f"{task}: " + ", ".join(f"{name} {value:.4f}" for name, value in sorted(shown.items())))

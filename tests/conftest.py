@@ -56,14 +56,22 @@ def corpus_dir(tmp_path_factory) -> Path:
     return root
 
 
-def make_tiny_opt(directory: Path, text: str, *, hidden=64, layers=2, ffn=128, heads=2, positions=128,
-                  vocab=400, seed=0) -> Path:
+def make_tiny_opt(
+    directory: Path, text: str, *, hidden=64, layers=2, ffn=128, heads=2, positions=128, vocab=400, seed=0
+) -> Path:
     """A randomly initialised OPT with a BPE tokenizer trained on `text`, saved with save_pretrained."""
     from pipeline.pretrain import PretrainConfig, build_model, train_tokenizer
 
     tokenizer = train_tokenizer(text, vocab)
-    config = PretrainConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                            ffn_dim=ffn, max_positions=positions, seed=seed)
+    config = PretrainConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        ffn_dim=ffn,
+        max_positions=positions,
+        seed=seed,
+    )
     model = build_model(config, tokenizer)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -74,7 +82,6 @@ def make_tiny_opt(directory: Path, text: str, *, hidden=64, layers=2, ffn=128, h
 def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")
     return make_tiny_opt(tmp_path_factory.mktemp("tiny-opt"), text)
-
 
 
 @pytest.fixture(scope="session")

@@ -8,20 +8,50 @@ import subprocess
 import sys
 from pathlib import Path
 
-PER_ITERATION = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss",
-                 "iteration_seconds")
+PER_ITERATION = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct", "train_loss", "iteration_seconds")
 
 
 # 3 iterations: 20%, 36%, 48.8% (= 1 - 0.8^3)
 def run_iterative_cli(workdir: Path, model_dir, corpus_dir, *extra, env=None, unset=(), **popen):
-    args = [sys.executable, "-m", "pipeline", "iterative", "--model", str(model_dir), "--dataset",
-            f"text:{corpus_dir}", "--target-sparsity", "0.488", "--prune-percentage", "0.2",
-            "--epochs-per-iteration", "1", "--max-steps", "6", "--batch-size", "4", "--lr", "2e-3",
-            "--seqlen", "64", "--device", "cpu", "--experiment", "imp", "--log-every", "2",
-            "--prune-method", "sparsegpt", "--nsamples", "8", *extra]  # SparseGPT: kills can land in pruning
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "iterative",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        f"text:{corpus_dir}",
+        "--target-sparsity",
+        "0.488",
+        "--prune-percentage",
+        "0.2",
+        "--epochs-per-iteration",
+        "1",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--seqlen",
+        "64",
+        "--device",
+        "cpu",
+        "--experiment",
+        "imp",
+        "--log-every",
+        "2",
+        "--prune-method",
+        "sparsegpt",
+        "--nsamples",
+        "8",
+        *extra,
+    ]  # SparseGPT: kills can land in pruning
     full_env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
-    return subprocess.Popen(args, cwd=workdir, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+    return subprocess.Popen(
+        args, cwd=workdir, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def finished_output(process) -> str:

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import torch
+from loading import load_model_and_tokenizer
 
 from pipeline.data import eval_tokens, load_corpus, training_blocks
 from pipeline.distributed import process_index
-from pipeline.models import load_model_and_tokenizer
 from pipeline.perplexity import perplexity
 from pipeline.pruning.magnitude import magnitude_prune_layerwise
 from pipeline.pruning.masks import MaskKeeper, model_masks, prunable_linears, sparsity_of
@@ -29,16 +29,32 @@ def train_and_record(model_dir: str, corpus_dir: str, out: Path, distill: str = 
     blocks = training_blocks(corpus, tokenizer, 64)
     keeper = MaskKeeper(linears)
     teacher, _ = load_model_and_tokenizer(model_dir)  # the dense model, the same on every rank
-    result = train_causal_lm(model, blocks, TrainConfig(lr=2e-3, batch_size=4, max_steps=6, log_every=2,
-                                                        distill=distill),
-                             mask_keeper=keeper, teacher=teacher, show_progress=False)
+    result = train_causal_lm(
+        model,
+        blocks,
+        TrainConfig(lr=2e-3, batch_size=4, max_steps=6, log_every=2, distill=distill),
+        mask_keeper=keeper,
+        teacher=teacher,
+        show_progress=False,
+    )
     ppl = perplexity(model, eval_tokens(corpus, tokenizer, "test", 64), 64).perplexity
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"masks": model_masks(linears), "state": model.state_dict(), "losses": result.epoch_losses,
-                "tokens": result.tokens, "sparsity": sparsity_of(linears), "perplexity": ppl,
-                "changed": keeper.changed_matrices(), "parallelism": result.parallelism,
-                "held_parameters": result.held_parameters, "teacher_held_parameters": result.teacher_held_parameters,
-                "parameters": sum(p.numel() for p in model.parameters())}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "masks": model_masks(linears),
+            "state": model.state_dict(),
+            "losses": result.epoch_losses,
+            "tokens": result.tokens,
+            "sparsity": sparsity_of(linears),
+            "perplexity": ppl,
+            "changed": keeper.changed_matrices(),
+            "parallelism": result.parallelism,
+            "held_parameters": result.held_parameters,
+            "teacher_held_parameters": result.teacher_held_parameters,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        out / f"rank{rank}.pt",
+    )
 
 
 if __name__ == "__main__":

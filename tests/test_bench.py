@@ -11,13 +11,24 @@ import pytest
 def test_bench_quick_runs_and_reports_every_target(mlflow_store, tmp_path, tiny_model_dir, corpus_dir):
     import mlflow
 
-    from pipeline.bench import TARGETS, run_bench_job
+    from pipeline.bench import TARGETS
     from pipeline.config import BenchConfig
+    from pipeline.jobs.bench import run_bench
     from pipeline.settings import build
 
-    results = run_bench_job(build(BenchConfig, dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", quick=True,
-                                                    device="cpu", output_dir=str(tmp_path / "bench"),
-                                                    experiment="bench-test")))
+    results = run_bench(
+        build(
+            BenchConfig,
+            dict(
+                model=str(tiny_model_dir),
+                dataset=f"text:{corpus_dir}",
+                quick=True,
+                device="cpu",
+                output_dir=str(tmp_path / "bench"),
+                experiment="bench-test",
+            ),
+        )
+    )
     for key, _, _, _ in TARGETS:
         assert math.isfinite(results[key]) and results[key] > 0, key
     # The batched evaluation and the reference one-window loop are two computations of one number.

@@ -1,4 +1,4 @@
-"""Each remaining claim of the README, tested as it is stated (issue 18)."""
+"""Each remaining claim of the README, tested as it is stated."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import pytest
 import torch
 from imp_jobs import final_perplexity, finished_output, run_iterative_cli
 
-from pipeline.settings import build
 
-
-def test_nan_loss_through_the_cli_then_resume_with_a_lower_lr(tmp_path, tiny_model_dir, corpus_dir,
-                                                              reference_iterative_run):
+def test_nan_loss_through_the_cli_then_resume_with_a_lower_lr(
+    tmp_path, tiny_model_dir, corpus_dir, reference_iterative_run
+):
     from pipeline.checkpoint import load_checkpoint
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -31,9 +30,25 @@ def test_nan_loss_through_the_cli_then_resume_with_a_lower_lr(tmp_path, tiny_mod
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assert mlflow.search_runs(experiment_names=["imp"]).iloc[0]["status"] == "FAILED"
     # --lr, --final-lr, --max-iterations and --device may change on resume; the rest may not
-    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--resume",
-                                                "--lr", "2e-3", "--final-lr", "2e-3", "--max-iterations", "25",
-                                                "--device", "cpu", env=env))
+    resumed = finished_output(
+        run_iterative_cli(
+            tmp_path,
+            tiny_model_dir,
+            corpus_dir,
+            "--output-dir",
+            "run",
+            "--resume",
+            "--lr",
+            "2e-3",
+            "--final-lr",
+            "2e-3",
+            "--max-iterations",
+            "25",
+            "--device",
+            "cpu",
+            env=env,
+        )
+    )
     assert "Resuming after iteration 0" in resumed
     assert final_perplexity(resumed) == final_perplexity(reference_iterative_run)  # the reference's lr: its result
     runs = mlflow.search_runs(experiment_names=["imp"])
@@ -48,23 +63,43 @@ def test_a_corrupt_checkpoint_is_not_touched(tmp_path):
     (tmp_path / "run").mkdir()
     damaged = b"PK\x03\x04" + bytes(range(256)) * 4
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(damaged)
-    result = subprocess.run([sys.executable, "-m", "pipeline", "iterative", "--output-dir", "run", "--resume"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "iterative", "--output-dir", "run", "--resume"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    )
     assert result.returncode == 1 and "damaged or truncated" in result.stderr
     assert (tmp_path / "run" / CHECKPOINT_NAME).read_bytes() == damaged
 
 
 def test_cubic_global_final_lr_and_include_in_a_real_run(mlflow_store, tiny_model_dir, corpus_dir):
+    from loading import load_model_and_tokenizer
+
     from pipeline.api import iterative_training_wrapper
-    from pipeline.models import load_model_and_tokenizer
     from pipeline.pruning.masks import prunable_linears
 
-    history = iterative_training_wrapper({
-        "model_name": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.5,
-        "prune_percentage": 0.3, "epochs_per_iteration": 1, "batch_size": 4, "lr": 1e-3, "final_lr": 1e-4,
-        "train_steps": 2, "seqlen": 64, "schedule": "cubic", "scope": "global", "include": r"fc[12]",
-        "experiment": "flags", "model_dir": "final"})
+    history = iterative_training_wrapper(
+        {
+            "model_name": str(tiny_model_dir),
+            "dataset": f"text:{corpus_dir}",
+            "target_sparsity": 0.5,
+            "prune_percentage": 0.3,
+            "epochs_per_iteration": 1,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "final_lr": 1e-4,
+            "train_steps": 2,
+            "seqlen": 64,
+            "schedule": "cubic",
+            "scope": "global",
+            "include": r"fc[12]",
+            "experiment": "flags",
+            "model_dir": "final",
+        }
+    )
     cubic = [0.5 + (0.0 - 0.5) * (1 - t / 2) ** 3 for t in (1, 2)]  # Zhu & Gupta with T = 2
     assert [h["sparsity"] for h in history[1:]] == pytest.approx(cubic, abs=1e-4)
     assert [h["lr"] for h in history[1:]] == pytest.approx([1e-3, 1e-4])  # geometric from --lr to --final-lr
@@ -83,12 +118,19 @@ def test_memory_command_prints_the_formula_for_each_published_size(tmp_path):
 
     from pipeline.memory import GIB, training_bytes
 
-    result = subprocess.run([sys.executable, "-m", "pipeline", "memory", "--no-measure"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "memory", "--no-measure"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     assert {"opt-125m", "opt-1.3b", "llama-3.2-1b", "qwen2.5-0.5b", "llama-2-7b"} <= set(rows)
-    assert "| 125 M |" in rows["opt-125m"] and "| 1236 M |" in rows["llama-3.2-1b"] and "| 6738 M |" in rows["llama-2-7b"]
+    assert (
+        "| 125 M |" in rows["opt-125m"] and "| 1236 M |" in rows["llama-3.2-1b"] and "| 6738 M |" in rows["llama-2-7b"]
+    )
     # OPT-125m by hand: 125.24 M parameters, 84.93 M of them in the decoder layers' matrices (12 x 7.08 M)
     params, prunable = 125_239_296, 12 * (4 * 768 * 768 + 2 * 768 * 3072)
     states = (4 * params + prunable) * 4 / GIB
@@ -105,7 +147,7 @@ def test_memory_command_prints_the_formula_for_each_published_size(tmp_path):
 
 
 def test_ptb_and_c4_are_read_as_the_reference_reads_them():
-    from pipeline.data import calibration_windows, c4_corpus, eval_tokens, ptb_corpus, wikitext2_corpus
+    from pipeline.data import c4_corpus, calibration_windows, eval_tokens, ptb_corpus, wikitext2_corpus
 
     ptb = ptb_corpus(["a b", "c d"], ["e f", "g"], ["h i", "j k"])
     assert ptb.eval_text("test") == "h i j k" and ptb.eval_text("validation") == "e f g" and ptb.train_text == "a b c d"
@@ -140,13 +182,18 @@ def test_ptb_and_c4_are_read_as_the_reference_reads_them():
             if len(lengths) > 5:
                 break
         start = random.randint(0, len(lengths) - 5 - 1)
-        expected.append(lengths[start:start + 5])
+        expected.append(lengths[start : start + 5])
     assert draw.tolist() == expected
 
 
 def test_text_data_problems_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--dataset", f"text:{tmp_path / 'none'}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "evaluate", "--dataset", f"text:{tmp_path / 'none'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "no such file or directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -154,8 +201,9 @@ def test_text_data_problems_exit_2(tmp_path):
 def test_the_gpu_dtype_path_on_a_cpu(tmp_path, tiny_model_dir, corpus_dir):
     """A float16 checkpoint trains in float32 weights with bf16 autocast (as on CUDA), its mask kept, its loss
     within bf16 of a float32 run's; evaluation keeps the dtype it is asked for."""
+    from loading import load_model_and_tokenizer
+
     from pipeline.config import DataConfig, ModelConfig, TrainConfig
-    from pipeline.models import load_model_and_tokenizer
     from pipeline.pruning.magnitude import magnitude_prune_layerwise
     from pipeline.pruning.masks import model_masks, prunable_linears
     from pipeline.training import train_keeping_masks
@@ -173,9 +221,13 @@ def test_the_gpu_dtype_path_on_a_cpu(tmp_path, tiny_model_dir, corpus_dir):
     reference = load_workload(ModelConfig(model=str(tmp_path / "fp16"), device="cpu"), data, training=True)
     losses = {}
     for name, autocast, target in (("bf16", "bf16", work.model), ("fp32", "none", reference.model)):
-        result = train_keeping_masks(target, prunable_linears(target), blocks,
-                                     TrainConfig(lr=1e-3, batch_size=4, max_steps=3, autocast=autocast),
-                                     show_progress=False)
+        result = train_keeping_masks(
+            target,
+            prunable_linears(target),
+            blocks,
+            TrainConfig(lr=1e-3, batch_size=4, max_steps=3, autocast=autocast),
+            show_progress=False,
+        )
         losses[name] = result.final_loss
     after = model_masks(prunable_linears(work.model))
     assert all(torch.equal(masks[n], after[n]) for n in masks)

@@ -10,34 +10,55 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-from pipeline.local_server import free_port
 from imp_jobs import final_perplexity, final_sparsity
 
+from pipeline.local_server import free_port
+
 WORKER = Path(__file__).with_name("launch_worker.py")
-LAUNCH_FLAGS = {"ddp": ["--multi_gpu"],  # as the README says: the wrapped layer class is read from the model
-                "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]}
+LAUNCH_FLAGS = {
+    "ddp": ["--multi_gpu"],  # as the README says: the wrapped layer class is read from the model
+    "fsdp": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"],
+}
 
 
 def accelerate_launch(mode: str, *args) -> list:
-    return ["accelerate", "launch", *LAUNCH_FLAGS[mode], "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
+    return [
+        "accelerate",
+        "launch",
+        *LAUNCH_FLAGS[mode],
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def run(command, cwd, env=None) -> str:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **(env or {})))
+    done = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **(env or {}))
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 
 
-@pytest.mark.parametrize("mode, distill", [("ddp", "none"), ("fsdp", "none"), ("ddp", "logits"), ("fsdp", "squarehead")])
+@pytest.mark.parametrize(
+    "mode, distill", [("ddp", "none"), ("fsdp", "none"), ("ddp", "logits"), ("fsdp", "squarehead")]
+)
 def test_two_processes_keep_one_mask_and_train_like_one(mode, distill, tmp_path, tiny_model_dir, corpus_dir):
     from launch_worker import train_and_record
 
     train_and_record(str(tiny_model_dir), str(corpus_dir), tmp_path / "single", distill)  # one process: this one
-    run(accelerate_launch(mode, str(WORKER), str(tiny_model_dir), str(corpus_dir), str(tmp_path / mode), distill),
-        tmp_path)
+    run(
+        accelerate_launch(mode, str(WORKER), str(tiny_model_dir), str(corpus_dir), str(tmp_path / mode), distill),
+        tmp_path,
+    )
     single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
     ranks = [torch.load(tmp_path / mode / f"rank{i}.pt", weights_only=True) for i in range(2)]
     for name, mask in single["masks"].items():  # rank 1 pruned other weights; training gave it rank 0's
@@ -68,20 +89,47 @@ def test_two_processes_keep_one_mask_and_train_like_one(mode, distill, tmp_path,
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_iterative_under_accelerate_launch_logs_and_saves_once(mode, tmp_path, tiny_model_dir, corpus_dir,
-                                                                reference_iterative_run):
+def test_iterative_under_accelerate_launch_logs_and_saves_once(
+    mode, tmp_path, tiny_model_dir, corpus_dir, reference_iterative_run
+):
     import mlflow
 
     from pipeline.checkpoint import load_checkpoint
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    args = ["iterative", "--model", str(tiny_model_dir), "--dataset", f"text:{corpus_dir}", "--target-sparsity",
-            "0.488", "--prune-percentage", "0.2", "--epochs-per-iteration", "1", "--max-steps", "6", "--batch-size",
-            "4", "--lr", "2e-3", "--seqlen", "64", "--device", "cpu", "--log-every", "2", "--prune-method",
-            "sparsegpt", "--nsamples", "8"]  # run_iterative_cli's job
+    args = [
+        "iterative",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        f"text:{corpus_dir}",
+        "--target-sparsity",
+        "0.488",
+        "--prune-percentage",
+        "0.2",
+        "--epochs-per-iteration",
+        "1",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--seqlen",
+        "64",
+        "--device",
+        "cpu",
+        "--log-every",
+        "2",
+        "--prune-method",
+        "sparsegpt",
+        "--nsamples",
+        "8",
+    ]  # run_iterative_cli's job
     single = reference_iterative_run
-    launched = run(accelerate_launch(mode, "-m", "pipeline", *args, "--output-dir", mode, "--experiment", mode),
-                   tmp_path, env)
+    launched = run(
+        accelerate_launch(mode, "-m", "pipeline", *args, "--output-dir", mode, "--experiment", mode), tmp_path, env
+    )
     assert launched.count("Iterative pruning complete") == 1  # only the main process prints
     assert final_perplexity(launched) == pytest.approx(final_perplexity(single), rel=1e-3)
     assert load_checkpoint(tmp_path / mode)["iteration"] == 3
@@ -92,41 +140,66 @@ def test_iterative_under_accelerate_launch_logs_and_saves_once(mode, tmp_path, t
 
 
 def test_batch_that_does_not_split_over_the_processes_is_refused_before_any_work(tmp_path, tiny_model_dir):
-    done = subprocess.run(accelerate_launch("ddp", "-m", "pipeline", "train", "--model", str(tiny_model_dir),
-                                            "--batch-size", "3", "--output-dir", "out"),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        accelerate_launch(
+            "ddp", "-m", "pipeline", "train", "--model", str(tiny_model_dir), "--batch-size", "3", "--output-dir", "out"
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 2 and "must split evenly over the 2 processes" in ours[0]  # one line per process
     assert not (tmp_path / "out").exists()
 
 
-def test_compare_under_accelerate_launch_runs_every_cell_on_both_processes(tmp_path, tiny_model_dir, corpus_dir,
-                                                                           monkeypatch):
+def test_compare_under_accelerate_launch_runs_every_cell_on_both_processes(
+    tmp_path, tiny_model_dir, corpus_dir, monkeypatch
+):
     """The grid launched on two processes: one MLflow run per cell, the one-process numbers, one budget."""
     import mlflow
 
     from pipeline.config import CompareConfig
-    from pipeline.grid import run_grid
+    from pipeline.jobs.compare import run_compare
     from pipeline.settings import build
 
-    settings = {"model": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "sparsities": [0.5],
-                "methods": ["sparsegpt", "iterative", "magnitude+ft"], "prune_percentage": 0.4,
-                "epochs_per_iteration": 1, "max_steps": 2, "batch_size": 4, "lr": 1e-3, "nsamples": 4, "seqlen": 64,
-                "device": "cpu"}
-    flags = [word for key, value in settings.items()
-             for word in (f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value))]
+    settings = {
+        "model": str(tiny_model_dir),
+        "dataset": f"text:{corpus_dir}",
+        "sparsities": [0.5],
+        "methods": ["sparsegpt", "iterative", "magnitude+ft"],
+        "prune_percentage": 0.4,
+        "epochs_per_iteration": 1,
+        "max_steps": 2,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "nsamples": 4,
+        "seqlen": 64,
+        "device": "cpu",
+    }
+    flags = [
+        word
+        for key, value in settings.items()
+        for word in (f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value))
+    ]
     (tmp_path / "launched").mkdir()
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'launched' / 'mlflow.db'}"}
-    out = run(accelerate_launch("ddp", "-m", "pipeline", "compare", *flags, "--experiment", "launched", "--no-report"),
-              tmp_path / "launched", env)
+    out = run(
+        accelerate_launch("ddp", "-m", "pipeline", "compare", *flags, "--experiment", "launched", "--no-report"),
+        tmp_path / "launched",
+        env,
+    )
     assert out.count("| Method | Sparsity |") == 1  # only the main process writes the table
     launched = pd.read_csv(tmp_path / "launched" / "reports" / "launched" / "compare.csv").set_index("method")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'single.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'single.db'}")
-    single = run_grid(build(CompareConfig, {**settings, "experiment": "single", "report": False})).set_index("method")
+    single = run_compare(build(CompareConfig, {**settings, "experiment": "single", "report": False})).set_index(
+        "method"
+    )
     assert sorted(launched.index) == sorted(single.index) == ["iterative", "magnitude+ft", "sparsegpt", "unpruned"]
     for method in single.index:
         assert launched.loc[method, "perplexity"] == pytest.approx(single.loc[method, "perplexity"], rel=1e-3), method

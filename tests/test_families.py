@@ -1,4 +1,4 @@
-"""Beyond OPT (issue 15): real tiny models of every family, built here from configs, pruned, trained and
+"""Beyond OPT: real tiny models of every family, built here from configs, pruned, trained and
 reloaded by the code paths the embedded OPT takes."""
 
 from __future__ import annotations
@@ -21,22 +21,49 @@ from pipeline.pruning.sequential import capture_layer_inputs, layer_output
 WIDE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
 GQA = dict(WIDE, intermediate_size=128, num_key_value_heads=2)
 FAMILIES = {  # (config, the final norm's name, the prunable matrices of a layer)
-    "opt": (dict(WIDE, model_type="opt", ffn_dim=128, word_embed_proj_dim=64, dropout=0.0),
-            "model.decoder.final_layer_norm", {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
-    "llama": (dict(GQA, model_type="llama", tie_word_embeddings=False),
-              "model.norm", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-    "mistral": (dict(GQA, model_type="mistral", sliding_window=24),
-                "model.norm", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "opt": (
+        dict(WIDE, model_type="opt", ffn_dim=128, word_embed_proj_dim=64, dropout=0.0),
+        "model.decoder.final_layer_norm",
+        {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"},
+    ),
+    "llama": (
+        dict(GQA, model_type="llama", tie_word_embeddings=False),
+        "model.norm",
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    ),
+    "mistral": (
+        dict(GQA, model_type="mistral", sliding_window=24),
+        "model.norm",
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    ),
     # one sliding-window layer and one full one: each gets its own mask
-    "qwen2": (dict(GQA, model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1,
-                   layer_types=["sliding_attention", "full_attention"]),
-              "model.norm", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-    "qwen3": (dict(GQA, model_type="qwen3", head_dim=16),
-              "model.norm", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-    "phi3": (dict(GQA, model_type="phi3", pad_token_id=1), "model.norm", {"qkv_proj", "o_proj", "gate_up_proj",
-                                                                          "down_proj"}),
-    "gpt2": (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=128),
-             "transformer.ln_f", {"c_attn", "c_proj", "c_fc"}),
+    "qwen2": (
+        dict(
+            GQA,
+            model_type="qwen2",
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=1,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "model.norm",
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    ),
+    "qwen3": (
+        dict(GQA, model_type="qwen3", head_dim=16),
+        "model.norm",
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+    ),
+    "phi3": (
+        dict(GQA, model_type="phi3", pad_token_id=1),
+        "model.norm",
+        {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+    ),
+    "gpt2": (
+        dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=128),
+        "transformer.ln_f",
+        {"c_attn", "c_proj", "c_fc"},
+    ),
 }
 
 
@@ -50,8 +77,12 @@ def family_dirs(tmp_path_factory, tiny_model_dir) -> dict:
     for family, (config, _, _) in FAMILIES.items():
         torch.manual_seed(0)
         settings = {k: v for k, v in config.items() if k != "model_type"}
-        ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        ids = dict(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **{**settings, **ids}))
         directory = tmp_path_factory.mktemp(family)
         model.save_pretrained(directory)
@@ -61,7 +92,7 @@ def family_dirs(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def load(directory):
-    from pipeline.models import load_model_and_tokenizer
+    from loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(directory))
 
@@ -79,8 +110,15 @@ def test_layers_and_prunable_matrices_are_read_from_the_model(family, family_dir
     assert names == FAMILIES[family][2]
     pruned = set(map(id, (m.weight for m in prunable_modules(model).values())))
     for name, param in model.named_parameters():  # never embeddings, positions, norms, biases or the head
-        if "embed" in name or "wte" in name or "wpe" in name or "norm" in name or "ln_" in name or "lm_head" in name \
-                or name.endswith("bias"):
+        if (
+            "embed" in name
+            or "wte" in name
+            or "wpe" in name
+            or "norm" in name
+            or "ln_" in name
+            or "lm_head" in name
+            or name.endswith("bias")
+        ):
             assert id(param) not in pruned, name
 
 
@@ -111,8 +149,13 @@ def test_layer_by_layer_forward_equals_the_full_model(family, family_dirs):
 def test_every_method_lands_on_the_exact_count(family, family_dirs):
     _, tokenizer = load(family_dirs[family])
     calibration = windows(tokenizer, n=8, seqlen=32)
-    for method, pattern in (("magnitude", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4"),
-                            ("wanda", "unstructured"), ("wanda", "2:4")):
+    for method, pattern in (
+        ("magnitude", "unstructured"),
+        ("sparsegpt", "unstructured"),
+        ("sparsegpt", "2:4"),
+        ("wanda", "unstructured"),
+        ("wanda", "2:4"),
+    ):
         model, _ = load(family_dirs[family])
         prune_model(model, PruneConfig(method=method, pattern=pattern, nsamples=8), calibration)
         for name, module in prunable_linears(model).items():
@@ -138,8 +181,9 @@ def test_masks_survive_training(family, family_dirs, corpus_dir):
     before = model_masks(linears)
     weights = {n: m.weight.detach().clone() for n, m in linears.items()}
     blocks = training_blocks(load_corpus(f"text:{corpus_dir}"), tokenizer, 32)
-    train_keeping_masks(model, linears, blocks, TrainConfig(lr=1e-2, batch_size=4, max_steps=3, weight_decay=0.1),
-                        show_progress=False)
+    train_keeping_masks(
+        model, linears, blocks, TrainConfig(lr=1e-2, batch_size=4, max_steps=3, weight_decay=0.1), show_progress=False
+    )
     after = model_masks(linears)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert all(not torch.equal(weights[n], m.weight) for n, m in linears.items())  # it did train
@@ -151,18 +195,33 @@ def test_two_iterations_then_reload_with_from_pretrained(family, family_dirs, co
     from pipeline.data import load_corpus
     from pipeline.perplexity import evaluate_on
 
-    history = iterative_training_wrapper({
-        "model_name": str(family_dirs[family]), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.36,
-        "prune_percentage": 0.2, "epochs_per_iteration": 1, "batch_size": 4, "lr": 1e-3, "train_steps": 2,
-        "seed": 1, "seqlen": 32, "experiment": family, "prune_method": "sparsegpt", "nsamples": 4,
-        "model_dir": str(tmp_path / "final"), "output_dir": str(tmp_path / "run")})
+    history = iterative_training_wrapper(
+        {
+            "model_name": str(family_dirs[family]),
+            "dataset": f"text:{corpus_dir}",
+            "target_sparsity": 0.36,
+            "prune_percentage": 0.2,
+            "epochs_per_iteration": 1,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "train_steps": 2,
+            "seed": 1,
+            "seqlen": 32,
+            "experiment": family,
+            "prune_method": "sparsegpt",
+            "nsamples": 4,
+            "model_dir": str(tmp_path / "final"),
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     assert [round(h["sparsity"], 2) for h in history] == [0.0, 0.2, 0.36]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
     assert sum(int((m.weight == 0).sum()) for m in prunable_linears(reloaded).values()) >= round(
-        0.36 * sum(m.weight.numel() for m in prunable_linears(reloaded).values()))
+        0.36 * sum(m.weight.numel() for m in prunable_linears(reloaded).values())
+    )
     ppl = evaluate_on(reloaded, tokenizer, load_corpus(f"text:{corpus_dir}"), "test", 32, "cpu").perplexity
     assert ppl == pytest.approx(history[-1]["ppl_after_train"], rel=1e-5)
 
@@ -182,8 +241,16 @@ def linear_twin(gpt2: nn.Module) -> nn.Module:
     return twin
 
 
-@pytest.mark.parametrize("method, pattern", [("magnitude", "unstructured"), ("sparsegpt", "unstructured"),
-                                             ("sparsegpt", "2:4"), ("wanda", "unstructured"), ("wanda", "2:4")])
+@pytest.mark.parametrize(
+    "method, pattern",
+    [
+        ("magnitude", "unstructured"),
+        ("sparsegpt", "unstructured"),
+        ("sparsegpt", "2:4"),
+        ("wanda", "unstructured"),
+        ("wanda", "2:4"),
+    ],
+)
 def test_gpt2_conv1d_is_pruned_as_its_linear_twin(family_dirs, method, pattern):
     model, tokenizer = load(family_dirs["gpt2"])
     twin = linear_twin(model)
@@ -210,8 +277,14 @@ def test_an_unknown_structure_is_one_line_naming_the_model_type(family_dirs):
 def test_the_default_window_is_the_positions_but_at_most_2048():
     from pipeline.models import resolve_seqlen
 
-    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=131072)
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=131072,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert resolve_seqlen(model, None) == 2048

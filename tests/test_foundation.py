@@ -1,4 +1,4 @@
-"""Loaders, corpora, perplexity and the evaluate command (issue 2)."""
+"""Loaders, corpora, perplexity and the evaluate command."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import sys
 
 import pytest
 import torch
+from loading import load_model_and_tokenizer
 
 from pipeline.data import calibration_windows, eval_tokens, load_corpus, training_blocks
 from pipeline.errors import UserError
-from pipeline.models import load_model_and_tokenizer
 from pipeline.perplexity import perplexity
 
 
 def run_cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 def reference_perplexity(model, ids: torch.Tensor, seqlen: int) -> float:
@@ -25,10 +26,11 @@ def reference_perplexity(model, ids: torch.Tensor, seqlen: int) -> float:
     nlls = []
     with torch.no_grad():
         for i in range(n):
-            batch = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0)
+            batch = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0)
             logits = model(batch).logits
-            loss = torch.nn.CrossEntropyLoss()(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(),
-                                               batch[:, 1:].reshape(-1))
+            loss = torch.nn.CrossEntropyLoss()(
+                logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
+            )
             nlls.append(loss.float() * seqlen)
     return torch.exp(torch.stack(nlls).sum() / (n * seqlen)).item()
 
@@ -90,8 +92,10 @@ def test_pydocs_is_deterministic_and_splits_disjoint():
     from pipeline.pydocs import collect_documents, split_of
 
     first = load_corpus("pydocs")
-    code = ("from pipeline.data import load_corpus; c = load_corpus('pydocs'); "
-            "print(c.digest, len(c.train_text), len(c.eval_texts['test']))")
+    code = (
+        "from pipeline.data import load_corpus; c = load_corpus('pydocs'); "
+        "print(c.digest, len(c.train_text), len(c.eval_texts['test']))"
+    )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert other == [first.digest, str(len(first.train_text)), str(len(first.eval_texts["test"]))]
     documents = collect_documents()
@@ -116,7 +120,7 @@ def test_calibration_windows_follow_the_reference_draw(tiny_model_dir, corpus_di
     random.seed(0)
     for window in windows:
         start = random.randint(0, ids.numel() - 32 - 1)
-        assert torch.equal(window, ids[start:start + 32])
+        assert torch.equal(window, ids[start : start + 32])
     assert torch.equal(windows, calibration_windows(corpus, tokenizer, 4, 32, seed=0))
 
 
@@ -154,12 +158,15 @@ def test_offline_hub_dataset_is_one_clear_error(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "wikitext2" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "opt-9b"], "unknown model"),
-    (["--model", "./no/such/dir"], "does not exist"),
-    (["--dataset", "imagenet"], "unknown dataset"),
-    (["--seqlen", "4096"], "above the model's 256 positions"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "opt-9b"], "unknown model"),
+        (["--model", "./no/such/dir"], "does not exist"),
+        (["--dataset", "imagenet"], "unknown dataset"),
+        (["--seqlen", "4096"], "above the model's 256 positions"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = run_cli("evaluate", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -174,8 +181,19 @@ def test_evaluate_logs_to_mlflow(mlflow_store, tiny_model_dir, corpus_dir):
     from pipeline.jobs.evaluate import run_evaluate
     from pipeline.settings import build
 
-    result = run_evaluate(build(EvaluateConfig, dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}",
-                                                     device="cpu", seqlen=64, experiment="found", split="test")))
+    result = run_evaluate(
+        build(
+            EvaluateConfig,
+            dict(
+                model=str(tiny_model_dir),
+                dataset=f"text:{corpus_dir}",
+                device="cpu",
+                seqlen=64,
+                experiment="found",
+                split="test",
+            ),
+        )
+    )
     runs = mlflow.search_runs(experiment_names=["found"])
     assert len(runs) == 1
     run = runs.iloc[0]

@@ -1,4 +1,4 @@
-"""Schedules, mask-preserving training, the IMP loop, checkpoints and resume (issue 4)."""
+"""Schedules, mask-preserving training, the IMP loop, checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ import torch
 from imp_jobs import PER_ITERATION, final_perplexity, final_sparsity, finished_output, run_iterative_cli
 
 from pipeline.errors import UserError
-from pipeline.schedules import (cubic_schedule, geometric_schedule, iterations_to_reach, learning_rate_for,
-                                sparsity_schedule)
+from pipeline.schedules import (
+    cubic_schedule,
+    geometric_schedule,
+    iterations_to_reach,
+    learning_rate_for,
+    sparsity_schedule,
+)
 
 
-@pytest.mark.parametrize("target, fraction, n", [(0.9, 0.1, 22), (0.5, 0.1, 7), (0.95, 0.1, 29), (0.19, 0.1, 2),
-                                                 (0.5, 0.2, 4)])
+@pytest.mark.parametrize(
+    "target, fraction, n", [(0.9, 0.1, 22), (0.5, 0.1, 7), (0.95, 0.1, 29), (0.19, 0.1, 2), (0.5, 0.2, 4)]
+)
 def test_iteration_counts_match_the_spec(target, fraction, n):
     assert iterations_to_reach(target, fraction) == n
     schedule = geometric_schedule(target, fraction)
@@ -43,8 +49,9 @@ def test_learning_rate_decays_geometrically():
 
 
 def test_training_keeps_the_mask_and_lowers_the_loss(tiny_model_dir, corpus_dir):
+    from loading import load_model_and_tokenizer
+
     from pipeline.data import load_corpus, training_blocks
-    from pipeline.models import load_model_and_tokenizer
     from pipeline.pruning.magnitude import magnitude_prune_layerwise
     from pipeline.pruning.masks import MaskKeeper, model_masks, prunable_linears
     from pipeline.training import TrainConfig, train_causal_lm
@@ -55,22 +62,28 @@ def test_training_keeps_the_mask_and_lowers_the_loss(tiny_model_dir, corpus_dir)
     magnitude_prune_layerwise(linears, 0.6)
     before = model_masks(linears)
     keeper = MaskKeeper(linears)
-    result = train_causal_lm(model, blocks, TrainConfig(lr=3e-3, weight_decay=0.1, batch_size=4, epochs=2,
-                                                        max_steps=8, log_every=4), mask_keeper=keeper,
-                             show_progress=False)
+    result = train_causal_lm(
+        model,
+        blocks,
+        TrainConfig(lr=3e-3, weight_decay=0.1, batch_size=4, epochs=2, max_steps=8, log_every=4),
+        mask_keeper=keeper,
+        show_progress=False,
+    )
     after = model_masks(linears)
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert result.steps == 16 and result.tokens == 16 * 4 * 64
     assert result.epoch_losses[1] < result.epoch_losses[0]
     # Without the keeper, AdamW's weight decay and moments revive pruned weights: the keeper is what holds them.
-    revived = train_causal_lm(model, blocks, TrainConfig(lr=3e-3, weight_decay=0.1, batch_size=4, max_steps=2),
-                              show_progress=False)
+    revived = train_causal_lm(
+        model, blocks, TrainConfig(lr=3e-3, weight_decay=0.1, batch_size=4, max_steps=2), show_progress=False
+    )
     assert revived.steps == 2
     assert any(not torch.equal(before[n], m.weight != 0) for n, m in linears.items())
 
 
-def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir,
-                                                                reference_iterative_run):
+def test_kill_during_training_then_resume_equals_uninterrupted(
+    tmp_path, tiny_model_dir, corpus_dir, reference_iterative_run
+):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -86,8 +99,9 @@ def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_mo
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert any("Iteration 1:" in line for line in seen)
-    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed",
-                                                "--resume", env=env))
+    resumed = finished_output(
+        run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", "--resume", env=env)
+    )
     assert "Resuming after iteration 1" in resumed
     assert f"was held by pid {process.pid}" in resumed and "no longer running" in resumed  # the stale lock
     assert final_perplexity(resumed) == final_perplexity(reference)
@@ -110,35 +124,52 @@ def test_kill_during_training_then_resume_equals_uninterrupted(tmp_path, tiny_mo
 
 def test_iterative_api_saves_models_that_reload_to_the_same_numbers(mlflow_store, tiny_model_dir, corpus_dir):
     import mlflow
+    from loading import load_model_and_tokenizer
 
     from pipeline.api import iterative_training_wrapper
     from pipeline.data import load_corpus
-    from pipeline.models import load_model_and_tokenizer
     from pipeline.perplexity import evaluate_on
     from pipeline.pruning.masks import prunable_linears, sparsity_of
 
-    history = iterative_training_wrapper({
-        "model_name": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.3,
-        "prune_percentage": 0.2, "epochs_per_iteration": 1, "max_iterations": 25, "batch_size": 4,
-        "lr": 1e-3, "train_steps": 3, "seed": 1, "save_model": True, "seqlen": 64, "experiment": "api"})
+    history = iterative_training_wrapper(
+        {
+            "model_name": str(tiny_model_dir),
+            "dataset": f"text:{corpus_dir}",
+            "target_sparsity": 0.3,
+            "prune_percentage": 0.2,
+            "epochs_per_iteration": 1,
+            "max_iterations": 25,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "train_steps": 3,
+            "seed": 1,
+            "save_model": True,
+            "seqlen": 64,
+            "experiment": "api",
+        }
+    )
     assert [round(h["sparsity"], 4) for h in history] == [0.0, 0.2, 0.3]
     for h in history[1:]:
-        assert h["recovery_pct"] == pytest.approx(100 * (h["ppl_after_prune"] - h["ppl_after_train"])
-                                                  / h["ppl_after_prune"])
+        assert h["recovery_pct"] == pytest.approx(
+            100 * (h["ppl_after_prune"] - h["ppl_after_train"]) / h["ppl_after_prune"]
+        )
     corpus = load_corpus(f"text:{corpus_dir}")
     name = f"{tiny_model_dir.name}-iterative-0.30"
     model, tokenizer = load_model_and_tokenizer(f"pruned_models/{name}")
     assert sparsity_of(prunable_linears(model)) == pytest.approx(0.3, abs=1e-4)
     assert evaluate_on(model, tokenizer, corpus, "test", 64, "cpu").perplexity == pytest.approx(
-        history[-1]["ppl_after_train"], rel=1e-5)
+        history[-1]["ppl_after_train"], rel=1e-5
+    )
     state = torch.load(f"pruned_models/{name}.pt", weights_only=True)
     fresh, _ = load_model_and_tokenizer(str(tiny_model_dir))
     fresh.load_state_dict(state)
     assert evaluate_on(fresh, tokenizer, corpus, "test", 64, "cpu").perplexity == pytest.approx(
-        history[-1]["ppl_after_train"], rel=1e-5)
+        history[-1]["ppl_after_train"], rel=1e-5
+    )
     run = mlflow.search_runs(experiment_names=["api"]).iloc[0]
     assert run["metrics.vs_unpruned_pct"] == pytest.approx(
-        100 * (history[-1]["ppl_after_train"] - history[0]["ppl_after_train"]) / history[0]["ppl_after_train"])
+        100 * (history[-1]["ppl_after_train"] - history[0]["ppl_after_train"]) / history[0]["ppl_after_train"]
+    )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run["run_id"], "model")}
     assert "model/model.safetensors" in artifacts
 
@@ -150,9 +181,12 @@ def test_api_rejects_unknown_keys():
         iterative_training_wrapper({"traget_sparsity": 0.9, "learning_rate": 1e-5})
 
 
-@pytest.mark.parametrize("stop, code, said", [(signal.SIGTERM, 143, "Terminated."), (signal.SIGINT, 130, "Interrupted.")])
-def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(tmp_path, tiny_model_dir, corpus_dir, stop,
-                                                                        code, said):
+@pytest.mark.parametrize(
+    "stop, code, said", [(signal.SIGTERM, 143, "Terminated."), (signal.SIGINT, 130, "Interrupted.")]
+)
+def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(
+    tmp_path, tiny_model_dir, corpus_dir, stop, code, said
+):
     import mlflow
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -169,8 +203,9 @@ def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(tmp_path
     assert not list((tmp_path / "run").glob(".*tmp*"))  # no half-written checkpoint
     if stop == signal.SIGINT:
         return
-    refused = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--resume",
-                                "--batch-size", "2", env=env)
+    refused = run_iterative_cli(
+        tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--resume", "--batch-size", "2", env=env
+    )
     out, _ = refused.communicate(timeout=120)
     assert refused.returncode == 2 and "batch_size" in out and "Traceback" not in out
     again = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
@@ -180,11 +215,11 @@ def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(tmp_path
 
 def test_train_command_keeps_the_mask_and_logs(mlflow_store, tiny_model_dir, corpus_dir, tmp_path):
     import mlflow
+    from loading import load_model_and_tokenizer
 
     from pipeline.config import TrainRunConfig
     from pipeline.data import load_corpus
     from pipeline.jobs.train import run_train
-    from pipeline.models import load_model_and_tokenizer
     from pipeline.perplexity import evaluate_on
     from pipeline.pruning.magnitude import magnitude_prune_layerwise
     from pipeline.pruning.masks import model_masks, prunable_linears
@@ -195,10 +230,24 @@ def test_train_command_keeps_the_mask_and_logs(mlflow_store, tiny_model_dir, cor
     masks = model_masks(prunable_linears(model))
     model.save_pretrained(tmp_path / "pruned")
     tokenizer.save_pretrained(tmp_path / "pruned")
-    result = run_train(build(TrainRunConfig, dict(model=str(tmp_path / "pruned"), dataset=f"text:{corpus_dir}",
-                                                  device="cpu", seqlen=64, experiment="train",
-                                                  output_dir=str(tmp_path / "trained"), lr=2e-3, batch_size=4,
-                                                  epochs=2, max_steps=5, log_every=2)))
+    result = run_train(
+        build(
+            TrainRunConfig,
+            dict(
+                model=str(tmp_path / "pruned"),
+                dataset=f"text:{corpus_dir}",
+                device="cpu",
+                seqlen=64,
+                experiment="train",
+                output_dir=str(tmp_path / "trained"),
+                lr=2e-3,
+                batch_size=4,
+                epochs=2,
+                max_steps=5,
+                log_every=2,
+            ),
+        )
+    )
     trained, _ = load_model_and_tokenizer(str(tmp_path / "trained"))
     after = model_masks(prunable_linears(trained))
     assert all(torch.equal(masks[n], after[n]) for n in masks)
@@ -219,9 +268,19 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(mlflow_store
     from pipeline.checkpoint import load_checkpoint
     from pipeline.cli import user_message
 
-    config = {"model_name": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "target_sparsity": 0.5,
-              "prune_percentage": 0.4, "epochs_per_iteration": 1, "batch_size": 4, "train_steps": 4, "seqlen": 64,
-              "lr": 1e6, "experiment": "nan", "output_dir": "run"}
+    config = {
+        "model_name": str(tiny_model_dir),
+        "dataset": f"text:{corpus_dir}",
+        "target_sparsity": 0.5,
+        "prune_percentage": 0.4,
+        "epochs_per_iteration": 1,
+        "batch_size": 4,
+        "train_steps": 4,
+        "seqlen": 64,
+        "lr": 1e6,
+        "experiment": "nan",
+        "output_dir": "run",
+    }
     with pytest.raises(UserError, match=r"iteration 1 stopped: the training loss became (nan|inf)") as caught:
         iterative_training_wrapper(config)
     assert "--resume" in user_message(caught.value)  # as the CLI shows it

@@ -10,8 +10,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "checkpoints", "pruned_models", "reports", ".git",
-               "__pycache__", "*.egg-info", ".pytest_cache")
+RUN_OUTPUTS = (
+    "mlflow.db",
+    "mlruns",
+    "mlartifacts",
+    "checkpoints",
+    "pruned_models",
+    "reports",
+    ".git",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+)
 
 
 @pytest.fixture()
@@ -29,10 +39,30 @@ def test_mlflow_run_evaluate_entry_point(tmp_path, corpus_dir, project):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    result = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "-e", "evaluate",
-                             "--env-manager", "local", "--experiment-name", "projects",
-                             "-P", f"dataset=text:{corpus_dir}", "-P", "device=cpu"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(project),
+            "-e",
+            "evaluate",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "projects",
+            "-P",
+            f"dataset=text:{corpus_dir}",
+            "-P",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     printed = float(result.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
     mlflow.set_tracking_uri(uri)
@@ -48,11 +78,31 @@ def test_mlflow_run_compare_entry_point_builds_the_report(tmp_path, tiny_model_d
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    params = {"model": str(tiny_model_dir), "dataset": f"text:{corpus_dir}", "sparsities": "0.5",
-              "prune_percentage": "0.4", "max_steps": "2", "batch_size": "4", "lr": "1e-3", "nsamples": "4",
-              "epochs_per_iteration": "1", "device": "cpu"}
-    args = [sys.executable, "-m", "mlflow", "run", str(project), "-e", "compare", "--env-manager", "local",
-            "--experiment-name", "demo"]
+    params = {
+        "model": str(tiny_model_dir),
+        "dataset": f"text:{corpus_dir}",
+        "sparsities": "0.5",
+        "prune_percentage": "0.4",
+        "max_steps": "2",
+        "batch_size": "4",
+        "lr": "1e-3",
+        "nsamples": "4",
+        "epochs_per_iteration": "1",
+        "device": "cpu",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(project),
+        "-e",
+        "compare",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "demo",
+    ]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -1,4 +1,4 @@
-"""SparseGPT and Wanda against independent oracles written from the papers (issue 18): the textbook OBS
+"""SparseGPT and Wanda against independent oracles written from the papers: the textbook OBS
 sweep, the Hessian and the column norms computed directly, and layer-by-layer calibration on pruned inputs."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from loading import load_model_and_tokenizer
 from torch import nn
 
 from pipeline.config import PruneConfig
-from pipeline.models import load_model_and_tokenizer
 from pipeline.pruning import prune_model
 from pipeline.pruning.masks import prunable_linears
 from pipeline.pruning.sequential import prune_sequentially
@@ -21,7 +21,7 @@ DAMPING = 0.01  # SparseGPT's 1% of the Hessian's mean diagonal
 
 def correlated_problem(rows=24, columns=64, samples=512, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=generator, dtype=torch.float64) / columns ** 0.5
+    mixing = torch.randn(columns, columns, generator=generator, dtype=torch.float64) / columns**0.5
     X = torch.randn(samples, columns, generator=generator, dtype=torch.float64) @ mixing
     W = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
     return W, X, 2.0 / samples * X.T @ X
@@ -38,8 +38,14 @@ def remaining_inverse_diagonals(H: torch.Tensor) -> torch.Tensor:
     return diagonals
 
 
-def obs_oracle(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, n_m: tuple | None = None,
-               block_zeros: list | None = None, blocksize: int | None = None) -> torch.Tensor:
+def obs_oracle(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float = 0.0,
+    n_m: tuple | None = None,
+    block_zeros: list | None = None,
+    blocksize: int | None = None,
+) -> torch.Tensor:
     """The textbook optimal-brain-surgeon sweep: one column at a time, unblocked, with H^-1 updated by the
     Schur complement after each column. The mask is chosen by w^2 / [H_F^-1]_ii, over the whole matrix
     at once, per block (the given numbers of new zeros, when each block is reached), or per N:M group."""
@@ -57,7 +63,7 @@ def obs_oracle(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, n_m: tup
         return chosen.reshape(scores.shape)
 
     if n_m is None and block_zeros is None:
-        mask = lowest(W ** 2 / d, round(sparsity * W.numel()))
+        mask = lowest(W**2 / d, round(sparsity * W.numel()))
     for i in range(columns):
         if block_zeros is not None and i % blocksize == 0:
             block = slice(i, min(i + blocksize, columns))
@@ -67,7 +73,8 @@ def obs_oracle(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.0, n_m: tup
             group = slice(i, i + n_m[1])
             scores = W[:, group] ** 2 / d[group]
             mask[:, group] = torch.zeros_like(scores, dtype=torch.bool).scatter_(
-                1, torch.topk(scores, n_m[0], dim=1, largest=False).indices, True)
+                1, torch.topk(scores, n_m[0], dim=1, largest=False).indices, True
+            )
         error = torch.where(mask[:, i], W[:, i], torch.zeros_like(W[:, i]))  # what pruning removes
         W[:, i:] -= torch.outer(error / inverse[i, i], inverse[i, i:])  # OBS: compensate on the rest
         W[:, i] = torch.where(mask[:, i], torch.zeros_like(W[:, i]), W[:, i])
@@ -109,7 +116,7 @@ def test_blocked_sparsegpt_equals_the_sweep_with_each_blocks_exact_share(blocksi
     W, _, H = correlated_problem(rows=16, columns=256)
     W[:, :40] *= torch.rand(16, 40, generator=torch.Generator().manual_seed(3), dtype=W.dtype) > 0.3  # a mask
     columns = W.shape[1]
-    blocks = [W[:, i:i + blocksize] for i in range(0, columns, blocksize)]
+    blocks = [W[:, i : i + blocksize] for i in range(0, columns, blocksize)]
     new = round(0.6 * W.numel()) - int((W == 0).sum())
     per_block = [int((b == 0).sum()) + k for b, k in zip(blocks, shares(new, [int((b != 0).sum()) for b in blocks]))]
     ours, _ = sparsegpt_prune_matrix(W.float(), H.float(), 0.6, blocksize=blocksize)
@@ -131,7 +138,8 @@ def inputs_of(model: nn.Module, module: nn.Module, windows: torch.Tensor) -> lis
     seen = []
     tokens = windows.shape[1]
     handle = module.register_forward_hook(  # OPT's MLP sees [windows * tokens, in]
-        lambda _m, inputs, _o: seen.extend(inputs[0].detach().reshape(-1, tokens, inputs[0].shape[-1])))
+        lambda _m, inputs, _o: seen.extend(inputs[0].detach().reshape(-1, tokens, inputs[0].shape[-1]))
+    )
     with torch.no_grad():
         model(windows)
     handle.remove()
@@ -146,8 +154,9 @@ def recorded_statistics(model, windows, full: bool, prune) -> dict:
         recorded[name] = stats.sum.clone()
         prune(name, module)
 
-    prune_sequentially(model, prunable_linears(model), windows, torch.device("cpu"), full, prune_matrix,
-                       batch_size=4, progress=False)
+    prune_sequentially(
+        model, prunable_linears(model), windows, torch.device("cpu"), full, prune_matrix, batch_size=4, progress=False
+    )
     return recorded
 
 

@@ -1,4 +1,4 @@
-"""Masks, magnitude, SparseGPT, Wanda and the prune command (issue 3)."""
+"""Masks, magnitude, SparseGPT, Wanda and the prune command."""
 
 from __future__ import annotations
 
@@ -7,17 +7,23 @@ import copy
 import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
+from loading import load_model_and_tokenizer
 from torch import nn
 
-from pipeline.models import load_model_and_tokenizer
+from pipeline.errors import UserError
 from pipeline.pruning import PruneConfig, prune_model
 from pipeline.pruning.magnitude import magnitude_prune_global, magnitude_prune_layerwise
-from pipeline.pruning.masks import (MaskKeeper, allocate_exactly, lowest_k_mask, prunable_linears,
-                                    sparsity_of, sparsity_report)
+from pipeline.pruning.masks import (
+    MaskKeeper,
+    allocate_exactly,
+    lowest_k_mask,
+    prunable_linears,
+    sparsity_of,
+    sparsity_report,
+)
 from pipeline.pruning.sequential import capture_layer_inputs, layer_output
 from pipeline.pruning.sparsegpt import sparsegpt_prune_matrix
 from pipeline.pruning.wanda import wanda_prune_matrix
-from pipeline.errors import UserError
 
 
 @pytest.fixture()
@@ -60,8 +66,9 @@ def test_magnitude_global_equals_torch_global_unstructured(tiny):
     ours = prunable_linears(model)
     theirs = prunable_linears(copy.deepcopy(model))
     magnitude_prune_global(ours, 0.61)
-    torch_prune.global_unstructured([(m, "weight") for m in theirs.values()],
-                                    pruning_method=torch_prune.L1Unstructured, amount=0.61)
+    torch_prune.global_unstructured(
+        [(m, "weight") for m in theirs.values()], pruning_method=torch_prune.L1Unstructured, amount=0.61
+    )
     for name, module in theirs.items():
         assert torch.equal(module.weight_mask.bool(), ours[name].weight != 0), name
     total = sum(m.weight.numel() for m in ours.values())
@@ -100,7 +107,7 @@ def test_sparsity_report_levels(tiny):
 
 def correlated_problem(rows=48, columns=128, samples=1024, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5
+    mixing = torch.randn(columns, columns, generator=generator) / columns**0.5
     X = torch.randn(samples, columns, generator=generator) @ mixing
     W = torch.randn(rows, columns, generator=generator)
     return W, X, 2.0 / samples * X.T @ X
@@ -137,7 +144,7 @@ def test_sparsegpt_honours_an_existing_mask_and_dead_inputs():
     W = W.clone()
     W[:, :10] = 0  # an earlier pruning step
     H[5, :] = 0
-    H[:, 5] = 0    # input 5 never active
+    H[:, 5] = 0  # input 5 never active
     pruned, _ = sparsegpt_prune_matrix(W, H.clone(), 0.6, blocksize=32)
     assert (pruned[:, :10] == 0).all()
     assert (pruned[:, 5] == 0).all()
@@ -146,7 +153,7 @@ def test_sparsegpt_honours_an_existing_mask_and_dead_inputs():
 
 def test_wanda_prunes_per_row_by_weight_times_input_norm():
     W, X, _ = correlated_problem()
-    norms = (X ** 2).sum(dim=0)
+    norms = (X**2).sum(dim=0)
     pruned = wanda_prune_matrix(W, norms, 0.5)
     score = W.abs() * norms.sqrt()
     for row in range(W.shape[0]):
@@ -161,7 +168,7 @@ def test_wanda_beats_magnitude_when_input_norms_vary():
     W, X, _ = correlated_problem()
     scales = torch.logspace(-1, 1, X.shape[1])[torch.randperm(X.shape[1], generator=torch.Generator().manual_seed(1))]
     X = X * scales  # feature norms spread over two decades, as in trained LLMs
-    norms = (X ** 2).sum(dim=0)
+    norms = (X**2).sum(dim=0)
     magnitude_50 = wanda_prune_matrix(W, torch.ones(W.shape[1]), 0.5)
     magnitude_24 = wanda_prune_matrix(W, torch.ones(W.shape[1]), 0.0, 2, 4)
     assert output_error(W, wanda_prune_matrix(W, norms, 0.5), X) < 0.5 * output_error(W, magnitude_50, X)
@@ -182,8 +189,16 @@ def test_layer_by_layer_forward_equals_the_full_model(tiny):
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("method, pattern", [("sparsegpt", "unstructured"), ("wanda", "unstructured"),
-                                             ("sparsegpt", "2:4"), ("wanda", "2:4"), ("magnitude", "2:4")])
+@pytest.mark.parametrize(
+    "method, pattern",
+    [
+        ("sparsegpt", "unstructured"),
+        ("wanda", "unstructured"),
+        ("sparsegpt", "2:4"),
+        ("wanda", "2:4"),
+        ("magnitude", "2:4"),
+    ],
+)
 def test_prune_model_lands_exactly(tiny, method, pattern):
     model, tokenizer = tiny
     windows = torch.randint(3, len(tokenizer), (8, 64), generator=torch.Generator().manual_seed(0))
@@ -209,11 +224,18 @@ def test_calibrated_pruning_is_deterministic(tiny_model_dir):
     assert torch.equal(*weights)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"sparsity": 1.0}, "outside"), ({"sparsity": -0.1}, "outside"), ({"pattern": "4:2"}, "N:M"),
-    ({"pattern": "2-4"}, "N:M"), ({"method": "sparsegpt", "scope": "global"}, "global"),
-    ({"method": "optimal"}, "unknown pruning method"), ({"include": "("}, "regex"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sparsity": 1.0}, "outside"),
+        ({"sparsity": -0.1}, "outside"),
+        ({"pattern": "4:2"}, "N:M"),
+        ({"pattern": "2-4"}, "N:M"),
+        ({"method": "sparsegpt", "scope": "global"}, "global"),
+        ({"method": "optimal"}, "unknown pruning method"),
+        ({"include": "("}, "regex"),
+    ],
+)
 def test_prune_config_rejects_bad_values(kwargs, message):
     with pytest.raises(UserError, match=message):
         PruneConfig(**kwargs)
@@ -237,8 +259,9 @@ def test_mask_keeper_keeps_zeros_through_adamw(tiny):
     assert sparsity_of(linears) == pytest.approx(0.5, abs=1e-3)
 
 
-def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_model_dir, corpus_dir, capsys,
-                                                           tmp_path, monkeypatch):
+def test_prune_command_logs_and_reuses_the_dense_perplexity(
+    mlflow_store, tiny_model_dir, corpus_dir, capsys, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "own-cache"))  # no dense value from earlier tests
     import mlflow
 
@@ -248,8 +271,16 @@ def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_m
     from pipeline.perplexity import perplexity
     from pipeline.settings import build
 
-    common = dict(model=str(tiny_model_dir), dataset=f"text:{corpus_dir}", device="cpu", seqlen=64,
-                  experiment="grid", seed=0, sparsity=0.5, nsamples=8)
+    common = dict(
+        model=str(tiny_model_dir),
+        dataset=f"text:{corpus_dir}",
+        device="cpu",
+        seqlen=64,
+        experiment="grid",
+        seed=0,
+        sparsity=0.5,
+        nsamples=8,
+    )
     first = run_prune(build(PruneRunConfig, {**common, "method": "wanda"}))
     assert "(cached)" not in capsys.readouterr().out
     second = run_prune(build(PruneRunConfig, {**common, "method": "sparsegpt"}))
@@ -263,7 +294,7 @@ def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_m
     assert sparsity_of(prunable_linears(saved)) == pytest.approx(0.5, abs=1e-4)
     assert perplexity(saved, ids, 64).perplexity == pytest.approx(second["perplexity"], rel=1e-5)
 
-    runs = mlflow.search_runs(experiment_names=["grid"]).set_index("params.method")
+    runs = mlflow.search_runs(experiment_names=["grid"]).set_index("params.prune_method")
     assert runs.loc["sparsegpt", "metrics.perplexity"] == pytest.approx(second["perplexity"])
     assert runs.loc["wanda", "metrics.sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert runs.loc["sparsegpt", "metrics.dense_perplexity"] == pytest.approx(first["dense_perplexity"])
@@ -275,7 +306,7 @@ def test_prune_command_logs_and_reuses_the_dense_perplexity(mlflow_store, tiny_m
 
 
 def test_on_opt_tiny_sparsegpt_and_wanda_beat_magnitude():
-    """The issue's bar on the embedded model: at 50% and 2:4, on the whole pydocs test split, with the
+    """The bar on the embedded model: at 50% and 2:4, on the whole pydocs test split, with the
     default calibration (128 pydocs windows, seed 0)."""
     from pipeline.data import calibration_windows, eval_tokens, load_corpus
     from pipeline.perplexity import perplexity

@@ -6,21 +6,26 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from imp_jobs import PER_ITERATION, final_perplexity, finished_output, run_iterative_cli
 
 from pipeline.local_server import free_port
-from imp_jobs import PER_ITERATION, final_perplexity, finished_output, run_iterative_cli
 
 
 def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, tiny_model_dir, corpus_dir):
     started = time.monotonic()
     # with the shipped retry settings (2 retries, backoff 1 s, timeout 20 s), not the suite's 0 retries
-    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run",
-                                env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
-                                unset=("MLFLOW_HTTP_REQUEST_MAX_RETRIES",))
+    process = run_iterative_cli(
+        tmp_path,
+        tiny_model_dir,
+        corpus_dir,
+        "--output-dir",
+        "run",
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
+        unset=("MLFLOW_HTTP_REQUEST_MAX_RETRIES",),
+    )
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 1, out
     lines = out.strip().splitlines()
@@ -33,26 +38,26 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, tiny_m
 def test_metrics_sent_during_an_outage_land_when_the_server_is_back(tmp_path, mlflow_server, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import MLflowLogger, tracked_run
+    from pipeline.tracking import MLflowTracker, tracked_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    monkeypatch.setattr(MLflowLogger, "RETRY_SECONDS", 1.0)
-    with tracked_run("outage", {"lr": 0.1}, {}, "outage", journal_dir=tmp_path) as logger:
-        logger.log_dict({"loss": 1.0}, step=1)
-        logger.flush()
+    monkeypatch.setattr(MLflowTracker, "RETRY_SECONDS", 1.0)
+    with tracked_run("outage", {"lr": 0.1}, {}, "outage", journal_dir=tmp_path) as tracker:
+        tracker.log_dict({"loss": 1.0}, step=1)
+        tracker.flush()
         mlflow_server.stop()
         for step in range(2, 302):  # crosses FLUSH_EVERY: one flush fails mid-"training"
-            logger.log_dict({"loss": float(step)}, step=step)
-        logger.set_tags({"phase": "outage"})
-        logger.flush()
-        assert logger.journal.exists()
+            tracker.log_dict({"loss": float(step)}, step=step)
+        tracker.set_tags({"phase": "outage"})
+        tracker.flush()
+        assert tracker.journal.exists()
         assert "unreachable" in capsys.readouterr().out
         mlflow_server.start()
         time.sleep(1.0)  # past the retry delay: the next ordinary flush replays the journal
-        logger.log_dict({"loss": 302.0}, step=302)
-        logger.flush()
-        assert not logger.journal.exists()
-        run_id = logger.run_id
+        tracker.log_dict({"loss": 302.0}, step=302)
+        tracker.flush()
+        assert not tracker.journal.exists()
+        run_id = tracker.run_id
     client = MlflowClient(mlflow_server.uri)
     history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 303)]
@@ -61,9 +66,9 @@ def test_metrics_sent_during_an_outage_land_when_the_server_is_back(tmp_path, ml
     assert run.info.status == "FINISHED"
 
 
-def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(tmp_path, mlflow_server, tiny_model_dir,
-                                                                          corpus_dir, reference_iterative_run,
-                                                                          monkeypatch):
+def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(
+    tmp_path, mlflow_server, tiny_model_dir, corpus_dir, reference_iterative_run, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     from pipeline.checkpoint import load_checkpoint
@@ -107,12 +112,21 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path)
     from pipeline.checkpoint import load_checkpoint, save_checkpoint
 
     weights = {"w": torch.arange(6.0)}
-    save_checkpoint(tmp_path, model_state=weights, masks={}, iteration=1, history=[{"iteration": 1}], config={},
-                    run_id="r")
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch; from pipeline.checkpoint import save_checkpoint; "
-        "save_checkpoint(sys.argv[1], model_state={'w': torch.ones(100_000_000)}, masks={}, iteration=2, "
-        "history=[], config={}, run_id='r')"), str(tmp_path)])
+    save_checkpoint(
+        tmp_path, model_state=weights, masks={}, iteration=1, history=[{"iteration": 1}], config={}, run_id="r"
+    )
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, torch; from pipeline.checkpoint import save_checkpoint; "
+                "save_checkpoint(sys.argv[1], model_state={'w': torch.ones(100_000_000)}, masks={}, iteration=2, "
+                "history=[], config={}, run_id='r')"
+            ),
+            str(tmp_path),
+        ]
+    )
     deadline = time.monotonic() + 120
     while not any(p.stat().st_size > 0 for p in tmp_path.glob(".checkpoint.pt.tmp*")):
         assert time.monotonic() < deadline and writer.poll() is None, "the writer never started writing"
@@ -127,8 +141,9 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path)
     assert not list(tmp_path.glob(".checkpoint.pt.tmp*"))  # the next write cleans up after the killed one
 
 
-def test_kill_during_pruning_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, corpus_dir,
-                                                              reference_iterative_run):
+def test_kill_during_pruning_then_resume_equals_uninterrupted(
+    tmp_path, tiny_model_dir, corpus_dir, reference_iterative_run
+):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", env=env)
     for line in process.stdout:
@@ -136,8 +151,9 @@ def test_kill_during_pruning_then_resume_equals_uninterrupted(tmp_path, tiny_mod
             break
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    resumed = finished_output(run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed",
-                                                "--resume", env=env))
+    resumed = finished_output(
+        run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", "--resume", env=env)
+    )
     assert "Resuming after iteration 1" in resumed
     assert final_perplexity(resumed) == final_perplexity(reference_iterative_run)
 
@@ -145,8 +161,9 @@ def test_kill_during_pruning_then_resume_equals_uninterrupted(tmp_path, tiny_mod
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_dir, corpus_dir):
     """ENOSPC, injected without mounting anything: the checkpoint's temp file of the run's process is made a
     link to /dev/full (every write to it fails with "No space left on device") once iteration 0 is saved."""
+    from loading import load_model_and_tokenizer
+
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.models import load_model_and_tokenizer
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     model, _ = load_model_and_tokenizer(str(tiny_model_dir))  # what iteration 0's checkpoint holds

@@ -5,26 +5,39 @@ from __future__ import annotations
 from ..config import EvaluateConfig
 from ..perplexity import PerplexityResult
 from ..settings import flat_values
-from ..tracking import tracked_run
 from ..workload import check_inputs, load_workload
 from ..zeroshot import check_tasks, log_tasks
+from . import job_run
+
+
+def checks(config: EvaluateConfig):
+    inputs = check_inputs(config.model, config.data, eval_split=config.split)
+    check_tasks(config.tasks)
+    return inputs
 
 
 def run_evaluate(config: EvaluateConfig, tags: dict | None = None) -> PerplexityResult:
     model_name, dataset = config.model.model, config.data.dataset
-    inputs = check_inputs(config.model, config.data, eval_split=config.split)  # bad input opens no run
-    check_tasks(config.tasks)
-    with tracked_run(f"evaluate {model_name} {dataset}", flat_values(config),
-                     {"model": model_name, "dataset": dataset, **(tags or {})}, config.tracking.experiment,
-                     system_metrics=config.tracking.system_metrics) as logger:
-        work = load_workload(config.model, config.data, inputs)
-        logger.set_tags(work.corpus.describe())
-        logger.log_params({"resolved_seqlen": work.seqlen, "resolved_dtype": str(next(work.model.parameters()).dtype)})
-        work.record_inputs(logger, evaluation=config.split)
-        result = work.evaluate(config.split, config.batch_size)
-        logger.log_dict(result.metrics())
-        print(f"{model_name} on {dataset} ({config.split}, {result.windows} windows of {work.seqlen} tokens): "
-              f"perplexity {result.perplexity:.4f}")
+    with job_run(
+        f"evaluate {model_name} {dataset}",
+        params=flat_values(config),
+        tags={"model": model_name, "dataset": dataset, **(tags or {})},
+        tracking=config.tracking,
+        checks=lambda: checks(config),
+    ) as job:
+        work = load_workload(config.model, config.data, job.inputs)
+        job.tracker.set_tags(work.corpus.describe())
+        job.tracker.log_params(
+            {"resolved_seqlen": work.seqlen, "resolved_dtype": str(next(work.model.parameters()).dtype)}
+        )
+        work.record_inputs(job.tracker, evaluation=config.split)
+        batch = config.resolved("eval_batch_size", work.model, work.seqlen, work.device)
+        result = work.evaluate(config.split, batch)
+        job.tracker.log_dict(result.metrics())
+        print(
+            f"{model_name} on {dataset} ({config.split}, {result.windows} windows of {work.seqlen} tokens): "
+            f"perplexity {result.perplexity:.4f}"
+        )
         if config.tasks.tasks:
-            log_tasks(logger, work.model, work.tokenizer, config.tasks)
+            log_tasks(job.tracker, work.model, work.tokenizer, config.tasks)
     return result

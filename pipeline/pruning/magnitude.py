@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..architecture import matrix_of
+from ..architecture import in_features, matrix_of, set_matrix
 from .masks import lowest_k_mask, zeros_to_reach
+from .wanda import wanda_prune_matrix
 
 
 @torch.no_grad()
@@ -29,5 +30,18 @@ def magnitude_prune_global(linears: dict, sparsity: float) -> None:
     offset = 0
     for weight in weights:
         n = weight.numel()
-        weight[prune[offset:offset + n].view_as(weight).to(weight.device)] = 0
+        weight[prune[offset : offset + n].view_as(weight).to(weight.device)] = 0
         offset += n
+
+
+def prune_by_magnitude(model, linears: dict, config, windows, device, progress) -> list:
+    """The registry's magnitude criterion: per matrix, one global threshold (`scope`), or N:M."""
+    if config.n_m:  # N:M by magnitude is Wanda's selection with unit input norms
+        for module in linears.values():
+            ones = torch.ones(in_features(module), device=module.weight.device)
+            set_matrix(module, wanda_prune_matrix(matrix_of(module), ones, 0.0, *config.n_m))
+    elif config.scope == "global":
+        magnitude_prune_global(linears, config.fraction)
+    else:
+        magnitude_prune_layerwise(linears, config.fraction)
+    return []

@@ -22,8 +22,11 @@ def prunable_linears(model: nn.Module, include: str | None = None, exclude: str 
 
     `include` / `exclude` are regexes searched in the qualified name (e.g. `fc[12]`, `layers\\.0\\.`).
     """
-    return {name: module for name, module in prunable_modules(model).items()
-            if (not include or re.search(include, name)) and not (exclude and re.search(exclude, name))}
+    return {
+        name: module
+        for name, module in prunable_modules(model).items()
+        if (not include or re.search(include, name)) and not (exclude and re.search(exclude, name))
+    }
 
 
 def model_masks(linears: dict) -> dict:
@@ -116,7 +119,7 @@ def sparsity_report(model: nn.Module, linears: dict) -> dict:
     matrices = [MatrixSparsity(n, int((m.weight == 0).sum()), m.weight.numel()) for n, m in linears.items()]
     layers = {}
     for matrix in matrices:
-        layer = matrix.name[len(layout_prefix) + 1:].split(".")[0]
+        layer = matrix.name[len(layout_prefix) + 1 :].split(".")[0]
         zeros, numel = layers.get(layer, (0, 0))
         layers[layer] = (zeros + matrix.zeros, numel + matrix.numel)
     prunable_zeros = sum(m.zeros for m in matrices)
@@ -127,7 +130,8 @@ def sparsity_report(model: nn.Module, linears: dict) -> dict:
         "matrices": {m.name: m.sparsity for m in matrices},
         "layers": {k: z / n for k, (z, n) in layers.items()},
         "prunable": prunable_zeros / prunable_numel if prunable_numel else 0.0,
-        "prunable_zeros": prunable_zeros, "prunable_numel": prunable_numel,
+        "prunable_zeros": prunable_zeros,
+        "prunable_numel": prunable_numel,
         "all_parameters": all_zeros / all_numel,
     }
 
@@ -148,7 +152,7 @@ class MaskKeeper:
         """Masks read again from the weights (pruned ones are exactly zero)."""
         self.masks = [(w.detach() != 0).to(w.dtype) for w in self.weights]
 
-    def over(self, model: nn.Module) -> "MaskKeeper":
+    def over(self, model: nn.Module) -> MaskKeeper:
         """A keeper of the same-named matrices in `model`: FSDP's sharded copy of this keeper's model,
         whose weights are DTensors and whose masks are therefore sharded the same way."""
         return MaskKeeper({name: model.get_submodule(name) for name in self.names})

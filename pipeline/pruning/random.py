@@ -29,3 +29,9 @@ def random_prune(linears: dict, sparsity: float, seed: int, n_m: tuple | None = 
         else:
             prune = lowest_k_mask(scores, zeros + zeros_to_reach(weight.numel(), zeros, sparsity))
         weight[prune.to(weight.device)] = 0
+
+
+def prune_at_random(model, linears: dict, config, windows, device, progress) -> list:
+    """The registry's random control: the criterion's counts, drawn from `config.seed`."""
+    random_prune(linears, config.fraction, config.seed, config.n_m)
+    return []

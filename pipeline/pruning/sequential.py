@@ -15,8 +15,8 @@ import csv
 import io
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class _StopForward(Exception):
 @dataclass
 class CalibrationBatch:
     hidden: torch.Tensor  # [b, seqlen, hidden]: layer 0's input, then each next layer's
-    inputs: dict          # layer kind -> (args, kwargs): what the decoder passes such a layer besides the hidden states
+    inputs: dict  # layer kind -> (args, kwargs): what the decoder passes such a layer besides the hidden states
 
 
 def _own_tensors(module: nn.Module):
@@ -53,8 +53,9 @@ def _move_own(module: nn.Module, devices: dict | torch.device) -> dict:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
-                         batch_size: int) -> list[CalibrationBatch]:
+def capture_layer_inputs(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int
+) -> list[CalibrationBatch]:
     layout = decoder_layout(model)
     firsts = {}  # layer kind -> the first layer of that kind, where its arguments are caught
     for index, kind in enumerate(layout.layer_types):
@@ -74,18 +75,21 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
                 current["hidden"] = hidden
             if index == last:
                 raise _StopForward
+
         return catch
 
     places = [_move_own(module, device) for module in outside]
     for layer in running:
         layer.to(device)
-    handles = [layout.layers[index].register_forward_pre_hook(catcher(kind, index), with_kwargs=True)
-               for kind, index in firsts.items()]
+    handles = [
+        layout.layers[index].register_forward_pre_hook(catcher(kind, index), with_kwargs=True)
+        for kind, index in firsts.items()
+    ]
     try:
         for start in range(0, windows.shape[0], batch_size):
             current.clear()
             try:
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
             captured.append(CalibrationBatch(current.pop("hidden"), dict(current)))
@@ -132,7 +136,7 @@ class InputStatistics:
 class LayerRecord:
     layer: int
     seconds: dict = field(default_factory=dict)  # phase -> seconds
-    relative_output_error: float = 0.0           # ||pruned out - dense out||^2 / ||dense out||^2
+    relative_output_error: float = 0.0  # ||pruned out - dense out||^2 / ||dense out||^2
 
 
 def layer_table_csv(records: list) -> str:
@@ -142,16 +146,28 @@ def layer_table_csv(records: list) -> str:
     writer = csv.writer(out)
     writer.writerow(["layer", *[f"{p}_seconds" for p in phases], "total_seconds", "relative_output_error"])
     for r in records:
-        writer.writerow([r.layer, *[f"{r.seconds.get(p, 0.0):.4f}" for p in phases],
-                         f"{sum(r.seconds.values()):.4f}", f"{r.relative_output_error:.6g}"])
+        writer.writerow(
+            [
+                r.layer,
+                *[f"{r.seconds.get(p, 0.0):.4f}" for p in phases],
+                f"{sum(r.seconds.values()):.4f}",
+                f"{r.relative_output_error:.6g}",
+            ]
+        )
     return out.getvalue()
 
 
 @torch.no_grad()
-def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, device: torch.device,
-                       full_statistics: bool,
-                       prune_matrix: Callable[[str, nn.Module, InputStatistics, dict], None],
-                       batch_size: int = 8, progress: bool = True) -> list[LayerRecord]:
+def prune_sequentially(
+    model: nn.Module,
+    linears: dict,
+    windows: torch.Tensor,
+    device: torch.device,
+    full_statistics: bool,
+    prune_matrix: Callable[[str, nn.Module, InputStatistics, dict], None],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[LayerRecord]:
     """Runs the calibration windows layer by layer and calls `prune_matrix(name, module, stats, timings)`
     for every prunable matrix of the layer, between the dense and the pruned forward."""
     layout = decoder_layout(model)
@@ -166,8 +182,11 @@ def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, d
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
         stats = {name: InputStatistics(in_features(m), device, full_statistics) for name, m in targets.items()}
         windows_now = {}  # the windows of the batch being run: some layers flatten [windows, tokens] for their MLP
-        handles = [module.register_forward_hook(
-            lambda mod, inp, out, s=stats[name]: s.add(inp[0], windows_now["count"])) for name, module in targets.items()]
+        handles = [
+            # windows_now is read when the hook runs, on purpose: it holds the batch being run then
+            module.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0], windows_now["count"]))  # noqa: B023
+            for name, module in targets.items()
+        ]
         try:
             dense_outputs = []
             for batch in batches:
@@ -193,6 +212,7 @@ def prune_sequentially(model: nn.Module, linears: dict, windows: torch.Tensor, d
         records.append(record)
         if progress:
             total = sum(record.seconds.values())
-            print(f"  layer {index}: {total:.2f}s, relative output error {record.relative_output_error:.4g}",
-                  flush=True)
+            print(
+                f"  layer {index}: {total:.2f}s, relative output error {record.relative_output_error:.4g}", flush=True
+            )
     return records

@@ -13,8 +13,12 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
+from ..architecture import matrix_of, set_matrix
+from ..errors import UserError, option
 from .masks import allocate_exactly, lowest_k_mask, zeros_to_reach
+from .sequential import InputStatistics, prune_sequentially
 
 
 class SingularHessian(ValueError):
@@ -34,9 +38,16 @@ def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.
 
 
 @torch.no_grad()
-def sparsegpt_prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
-                           prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
-                           percdamp: float = 0.01, timings: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_prune_matrix(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    timings: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (pruned weight in weight's dtype, per-row loss sum of (w - q)^2 / d^2 / 2).
 
     `hessian` is consumed (modified in place). With prune_n > 0 the N:M pattern is used and `sparsity`
@@ -61,7 +72,7 @@ def sparsegpt_prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, sparsity
     if not prune_n:
         # New zeros for the whole matrix, shared among the blocks by their remaining non-zeros.
         new_zeros = zeros_to_reach(W.numel(), int((~kept).sum()), sparsity)
-        nonzeros_per_block = torch.stack([kept[:, i:i + blocksize].sum() for i in block_starts]).cpu()
+        nonzeros_per_block = torch.stack([kept[:, i : i + blocksize].sum() for i in block_starts]).cpu()
         block_new_zeros = allocate_exactly(new_zeros, nonzeros_per_block).tolist()
     losses = torch.zeros(rows, device=W.device)
     for block, i1 in enumerate(block_starts):
@@ -74,7 +85,7 @@ def sparsegpt_prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, sparsity
         d = torch.diag(Hinv1)
         kept1 = kept[:, i1:i2]
         if not prune_n:
-            scores = (W1 ** 2 / d.reshape(1, -1) ** 2).masked_fill(~kept1, float("-inf"))
+            scores = (W1**2 / d.reshape(1, -1) ** 2).masked_fill(~kept1, float("-inf"))
             mask1 = lowest_k_mask(scores, int((~kept1).sum()) + block_new_zeros[block])
         else:
             mask1 = ~kept1
@@ -100,3 +111,25 @@ def sparsegpt_prune_matrix(weight: torch.Tensor, hessian: torch.Tensor, sparsity
         torch.cuda.synchronize()
     timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - started
     return W.to(weight.dtype), losses
+
+
+def prune_with_sparsegpt(model, linears: dict, config, windows, device, progress) -> list:
+    """The registry's SparseGPT: decoder layer by decoder layer, each matrix from its inputs' Hessian."""
+    n, m = config.n_m or (0, 0)
+
+    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
+        try:
+            pruned, _ = sparsegpt_prune_matrix(
+                matrix_of(module), stats.sum, config.fraction, n, m, config.blocksize, config.percdamp, timings=seconds
+            )
+        except SingularHessian:
+            raise UserError(
+                f"SparseGPT cannot invert the Hessian of {name}: it is singular with "
+                f"{option('percdamp')} {config.percdamp:g} over {windows.shape[0]} calibration windows; "
+                f"raise {option('percdamp')} (the reference uses 0.01) or {option('nsamples')}"
+            ) from None
+        set_matrix(module, pruned)
+
+    return prune_sequentially(
+        model, linears, windows, device, True, prune_matrix, config.calibration_batch_size, progress
+    )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import time
 
+import torch
+from torch import nn
+
+from ..architecture import matrix_of, set_matrix
 from .masks import allocate_exactly, lowest_n_of_m, zeros_to_reach
+from .sequential import InputStatistics, prune_sequentially
 
 
 def _lowest_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
@@ -15,8 +20,9 @@ def _lowest_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def wanda_prune_matrix(weight: torch.Tensor, column_norm_sq: torch.Tensor, sparsity: float,
-                       prune_n: int = 0, prune_m: int = 0) -> torch.Tensor:
+def wanda_prune_matrix(
+    weight: torch.Tensor, column_norm_sq: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0
+) -> torch.Tensor:
     """Returns the pruned weight. Already-zero weights stay zero and count toward each row's share."""
     W = weight.detach().float()
     kept = W != 0
@@ -28,3 +34,17 @@ def wanda_prune_matrix(weight: torch.Tensor, column_norm_sq: torch.Tensor, spars
         per_row = (~kept).sum(dim=1) + allocate_exactly(new_zeros, kept.sum(dim=1).cpu()).to(W.device)
         prune = _lowest_per_row(scores, per_row)
     return weight.detach().masked_fill(prune, 0)
+
+
+def prune_with_wanda(model, linears: dict, config, windows, device, progress) -> list:
+    """The registry's Wanda: decoder layer by decoder layer, each matrix scored by its inputs' norms."""
+    n, m = config.n_m or (0, 0)
+
+    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
+        started = time.perf_counter()
+        set_matrix(module, wanda_prune_matrix(matrix_of(module), stats.sum, config.fraction, n, m))
+        seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
+
+    return prune_sequentially(
+        model, linears, windows, device, False, prune_matrix, config.calibration_batch_size, progress
+    )

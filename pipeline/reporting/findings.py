@@ -12,6 +12,7 @@ import math
 
 import pandas as pd
 
+from ..methods import cell_name, methods_where
 from ..perplexity import change_pct
 
 
@@ -37,9 +38,17 @@ def spread_verdict(winner, runner) -> str:
     gap = runner["perplexity"] - winner["perplexity"]
     spread = winner["perplexity_std"] + runner["perplexity_std"]
     if gap > spread:
-        return f"the gap is larger than the spread over seeds (the ± 1 std ranges, {spread:.2f} together, do not overlap)"
-    return (f"the gap is within the spread over seeds (± 1 std ranges of {spread:.2f} together overlap), so the "
-            "two are not told apart")
+        return (
+            f"the gap is larger than the spread over seeds (the ± 1 std ranges, {spread:.2f} together, do not overlap)"
+        )
+    return (
+        f"the gap is within the spread over seeds (± 1 std ranges of {spread:.2f} together overlap), so the "
+        "two are not told apart"
+    )
+
+
+def _name(row) -> str:
+    return cell_name(row["method"], row["distill"])
 
 
 def findings(summary: pd.DataFrame) -> list[str]:
@@ -48,33 +57,39 @@ def findings(summary: pd.DataFrame) -> list[str]:
     base = float(dense["perplexity"].iloc[0]) if len(dense) else math.nan
     if len(dense):
         sentences.append(f"The unpruned model's perplexity is {base:.2f}.")
-    for (target, pattern), group in summary[summary["kind"] != "dense"].groupby(["target_sparsity", "pattern"],
-                                                                                sort=True):
+    for (target, pattern), group in summary[summary["kind"] != "dense"].groupby(
+        ["target_sparsity", "pattern"], sort=True
+    ):
         amount = f"{target:.0%}" if pattern == "unstructured" else pattern
         one_shot = group[group["kind"] == "one-shot"].sort_values("perplexity")
         if len(one_shot):
             best = one_shot.iloc[0]
-            sentences.append(f"At {amount} without training, the best one-shot method is {best['method']} "
-                             f"with {_ppl(best)} ({best['vs_dense_pct']:+.1f}% vs dense).")
+            sentences.append(
+                f"At {amount} without training, the best one-shot method is {_name(best)} "
+                f"with {_ppl(best)} ({best['vs_dense_pct']:+.1f}% vs dense)."
+            )
         trained = group[group["kind"] == "trained"]
-        sparse = trained[~trained["method"].str.startswith("dense+ft")].sort_values("perplexity")
+        prunes = pd.Series(methods_where(trained["method"], "prunes"), index=trained.index)
+        sparse = trained[prunes].sort_values("perplexity")
         if len(sparse):
             winner = sparse.iloc[0]
             budget = f"{tokens_text(winner['train_tokens'])} training tokens"
             if len(sparse) > 1:
                 runner = sparse.iloc[1]
                 sentences.append(
-                    f"At {target:.0%} with equal training ({budget} each), {winner['method']} is best with "
-                    f"{_ppl(winner)}; the next, {runner['method']}, reaches {_ppl(runner)} "
+                    f"At {target:.0%} with equal training ({budget} each), {_name(winner)} is best with "
+                    f"{_ppl(winner)}; the next, {_name(runner)}, reaches {_ppl(runner)} "
                     f"({change_pct(runner['perplexity'], winner['perplexity']):+.1f}%): "
-                    f"{spread_verdict(winner, runner)}.")
+                    f"{spread_verdict(winner, runner)}."
+                )
             else:
-                sentences.append(f"At {target:.0%} with {budget}, {winner['method']} reaches {_ppl(winner)}.")
-            control = trained[trained["method"] == "dense+ft"]
+                sentences.append(f"At {target:.0%} with {budget}, {_name(winner)} reaches {_ppl(winner)}.")
+            control = trained[~prunes & (trained["distill"] == "none")]  # the unpruned model, trained as long
             if len(control):
                 dft = control.iloc[0]
                 sentences.append(
-                    f"Trained as long without pruning (dense+ft), the unpruned model reaches {_ppl(dft)} "
+                    f"Trained as long without pruning ({_name(dft)}), the unpruned model reaches {_ppl(dft)} "
                     f"({change_pct(dft['perplexity'], base):+.1f}% vs the untouched model): at {target:.0%} the best "
-                    f"pruned model is {change_pct(winner['perplexity'], dft['perplexity']):+.1f}% against it.")
+                    f"pruned model is {change_pct(winner['perplexity'], dft['perplexity']):+.1f}% against it."
+                )
     return sentences

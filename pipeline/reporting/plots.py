@@ -9,6 +9,8 @@ import matplotlib
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from ..methods import METHODS, cell_name, methods_where
+
 matplotlib.use("Agg")  # files only: no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
@@ -20,34 +22,53 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-# One colour per pruning criterion, so `magnitude` (untrained) and `magnitude+ft` read as one family in
-# every figure; the recovery loss of a trained cell is its marker.
-COLORS = {"sparsegpt": "C0", "magnitude": "C1", "wanda": "C2", "iterative": "C3", "dense": "C4", "random": "C5"}
-MARKERS = {"ce": "o", "logits": "^", "squarehead": "D"}
+# The registry gives one colour per pruning criterion, so `magnitude` (untrained) and `magnitude+ft` read as one
+# family in every figure; the recovery loss of a trained cell is its marker.
+MARKERS = {"none": "o", "logits": "^", "squarehead": "D"}
 
 
-def method_style(method: str) -> dict:
-    """Colour and marker of a method label such as `sparsegpt+ft [logits]`."""
-    base, _, recovery = method.partition(" [")
-    return {"color": COLORS.get(base.removesuffix("+ft"), "C6"), "marker": MARKERS.get(recovery.rstrip("]") or "ce", "o")}
+def method_style(method: str, distill: str = "none") -> dict:
+    """Colour and marker of a cell's method and recovery loss."""
+    return {"color": METHODS[method].color if method in METHODS else "C6", "marker": MARKERS.get(distill, "o")}
+
+
+def _by_method(frame: pd.DataFrame):
+    """(name as the grid says it, style, rows) per method and recovery loss, in the frame's order."""
+    for (method, distill), group in frame.groupby(["method", "distill"], sort=False):
+        yield cell_name(method, distill), method_style(method, distill), group
 
 
 def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     unstructured = summary[summary["pattern"] == "unstructured"]
-    for method, group in unstructured[unstructured["kind"] != "dense"].groupby("method", sort=False):
+    for name, style, group in _by_method(unstructured[unstructured["kind"] != "dense"]):
         group = group.sort_values("sparsity")
-        ax.errorbar(group["sparsity"] * 100, group["perplexity"], yerr=group["perplexity_std"].fillna(0),
-                    capsize=3, label=method, **method_style(method),
-                    linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
+        ax.errorbar(
+            group["sparsity"] * 100,
+            group["perplexity"],
+            yerr=group["perplexity_std"].fillna(0),
+            capsize=3,
+            label=name,
+            **style,
+            linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-",
+        )
     for _, row in summary[summary["pattern"] != "unstructured"].iterrows():
-        ax.scatter([row["sparsity"] * 100], [row["perplexity"]], marker="s", color=method_style(row["method"])["color"],
-                   label=f"{row['method']} {row['pattern']}")
+        ax.scatter(
+            [row["sparsity"] * 100],
+            [row["perplexity"]],
+            marker="s",
+            color=method_style(row["method"])["color"],
+            label=f"{row['method']} {row['pattern']}",
+        )
     dense = summary[summary["kind"] == "dense"]
     if len(dense):
         ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
-    ax.set(xlabel="sparsity (%)", ylabel="perplexity (log scale)", yscale="log",
-           title="Perplexity vs sparsity (dashed: no training)")
+    ax.set(
+        xlabel="sparsity (%)",
+        ylabel="perplexity (log scale)",
+        yscale="log",
+        title="Perplexity vs sparsity (dashed: no training)",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out / "perplexity_vs_sparsity.png")
 
@@ -58,10 +79,15 @@ def accuracy_vs_sparsity(summary: pd.DataFrame, out: Path) -> list[Path]:
         return []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     unstructured = summary[summary["pattern"] == "unstructured"]
-    for method, group in unstructured[unstructured["kind"] != "dense"].groupby("method", sort=False):
+    for name, style, group in _by_method(unstructured[unstructured["kind"] != "dense"]):
         group = group.sort_values("sparsity")
-        ax.plot(group["sparsity"] * 100, group["accuracy"] * 100, label=method, **method_style(method),
-                linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-")
+        ax.plot(
+            group["sparsity"] * 100,
+            group["accuracy"] * 100,
+            label=name,
+            **style,
+            linestyle="--" if group["kind"].iloc[0] == "one-shot" else "-",
+        )
     dense = summary[summary["kind"] == "dense"]
     if len(dense):
         ax.axhline(dense["accuracy"].iloc[0] * 100, color="gray", linestyle=":", label="unpruned")
@@ -73,8 +99,16 @@ def accuracy_vs_sparsity(summary: pd.DataFrame, out: Path) -> list[Path]:
 
 def _curve(client: MlflowClient, run_ids: list) -> tuple[pd.Series, pd.Series, pd.Series]:
     """(tokens, mean perplexity, std) over the runs' ppl_at_tokens histories (one budget: the same steps)."""
-    histories = pd.DataFrame({run_id: pd.Series({m.step: m.value for m in client.get_metric_history(
-        run_id, "ppl_at_tokens")}) for run_id in run_ids}).sort_index().dropna()
+    histories = (
+        pd.DataFrame(
+            {
+                run_id: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, "ppl_at_tokens")})
+                for run_id in run_ids
+            }
+        )
+        .sort_index()
+        .dropna()
+    )
     return pd.Series(histories.index, dtype=float), histories.mean(axis=1), histories.std(axis=1).fillna(0.0)
 
 
@@ -86,19 +120,41 @@ def budget_curves(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[
     paths = []
     for target, group in runs[runs["kind"] == "trained"].groupby("target_sparsity", sort=True):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for method, cells in group.groupby("method", sort=False):
+        for name, style, cells in _by_method(group):
             tokens, mean, std = _curve(client, list(cells["run_id"]))
-            ax.errorbar(tokens.values / 1e6, mean.values, yerr=std.values, markersize=3, capsize=2,
-                        label=method, **method_style(method), linestyle=":" if method == "dense+ft" else "-")
-        untrained = summary[(summary["kind"] == "one-shot") & (summary["target_sparsity"] == target)
-                            & (summary["pattern"] == "unstructured")]
+            prunes = methods_where(cells["method"].iloc[:1], "prunes")[0]
+            ax.errorbar(
+                tokens.values / 1e6,
+                mean.values,
+                yerr=std.values,
+                markersize=3,
+                capsize=2,
+                label=name,
+                **style,
+                linestyle="-" if prunes else ":",
+            )
+        untrained = summary[
+            (summary["kind"] == "one-shot")
+            & (summary["target_sparsity"] == target)
+            & (summary["pattern"] == "unstructured")
+        ]
         for _, row in untrained.iterrows():
-            ax.scatter([0], [row["perplexity"]], marker="x", s=40, color=method_style(row["method"])["color"],
-                       label=f"{row['method']} (no training)")
+            ax.scatter(
+                [0],
+                [row["perplexity"]],
+                marker="x",
+                s=40,
+                color=method_style(row["method"])["color"],
+                label=f"{row['method']} (no training)",
+            )
         if len(dense):
             ax.axhline(dense["perplexity"].iloc[0], color="gray", linestyle=":", label="unpruned")
-        ax.set(xlabel="training tokens (millions)", ylabel="perplexity (log scale)", yscale="log",
-               title=f"Equal budget at {target:.0%} sparsity")
+        ax.set(
+            xlabel="training tokens (millions)",
+            ylabel="perplexity (log scale)",
+            yscale="log",
+            title=f"Equal budget at {target:.0%} sparsity",
+        )
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / f"budget_{round(target * 100)}.png"))
     return paths
@@ -107,24 +163,40 @@ def budget_curves(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[
 def iterative_curves(runs: pd.DataFrame, out: Path) -> list[Path]:
     """Perplexity after pruning and after training per iteration, and the recovery, of the iterative runs
     (the first seed of each target)."""
-    iterative = runs[runs["method"] == "iterative"].drop_duplicates("target_sparsity")
+    iterative = runs[methods_where(runs["method"], "prunes_step_by_step")].drop_duplicates("target_sparsity")
     if iterative.empty:
         return []
     client = MlflowClient()
     fig, (curve, recovery) = plt.subplots(1, 2, figsize=(11, 4.2))
     for number, (_, row) in enumerate(iterative.iterrows()):
         color = f"C{number}"
-        history = {key: sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], key))
-                   for key in ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct")}
+        history = {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], key))
+            for key in ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct")
+        }
         sparsity = [v * 100 for _, v in history["sparsity"]]
         label = f"to {row['target_sparsity']:.0%}"
-        curve.plot(sparsity, [v for _, v in history["ppl_after_prune"]], marker="v", linestyle=":", color=color,
-                   label=f"{label}, after prune")
-        curve.plot(sparsity, [v for _, v in history["ppl_after_train"]], marker="o", color=color,
-                   label=f"{label}, after train")
-        recovery.plot([s for s, _ in history["recovery_pct"]][1:], [v for _, v in history["recovery_pct"]][1:],
-                      marker="o", color=color, label=label)
-    curve.set(xlabel="sparsity (%)", ylabel="perplexity (log scale)", yscale="log", title="Iterative pruning, per iteration")
+        curve.plot(
+            sparsity,
+            [v for _, v in history["ppl_after_prune"]],
+            marker="v",
+            linestyle=":",
+            color=color,
+            label=f"{label}, after prune",
+        )
+        curve.plot(
+            sparsity, [v for _, v in history["ppl_after_train"]], marker="o", color=color, label=f"{label}, after train"
+        )
+        recovery.plot(
+            [s for s, _ in history["recovery_pct"]][1:],
+            [v for _, v in history["recovery_pct"]][1:],
+            marker="o",
+            color=color,
+            label=label,
+        )
+    curve.set(
+        xlabel="sparsity (%)", ylabel="perplexity (log scale)", yscale="log", title="Iterative pruning, per iteration"
+    )
     recovery.set(xlabel="iteration", ylabel="recovery (%)", title="Recovery by training")
     recovery.xaxis.get_major_locator().set_params(integer=True)
     curve.legend(fontsize=8)

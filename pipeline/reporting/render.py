@@ -14,23 +14,16 @@ import torch
 import transformers
 
 from .. import __version__
-from ..config import ReportConfig
 from ..errors import UserError
-from ..tracking import tracked_run
-from ..tracking.store import experiment_id_named, use_tracking_store
+from ..methods import label, methods_where
 from .findings import findings, tokens_text
 from .plots import accuracy_vs_sparsity, budget_curves, iterative_curves, perplexity_vs_sparsity
 from .results import collect_runs, summarize
 
-NAMES = {"unpruned": "Unpruned", "sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "Magnitude",
-         "random": "Random", "iterative": "Iterative", "magnitude+ft": "Magnitude + FT", "sparsegpt+ft": "SparseGPT + FT",
-         "wanda+ft": "Wanda + FT", "random+ft": "Random + FT", "dense+ft": "Dense + FT"}
 
-
-def display_name(method: str) -> str:
-    """"sparsegpt+ft [logits]" -> "SparseGPT + FT [logits]"."""
-    base, _, rest = method.partition(" ")
-    return " ".join(filter(None, [NAMES.get(base, base), rest]))
+def _labels(rows: pd.DataFrame) -> list:
+    """Each row's method as the tables show it: `SparseGPT + FT [logits]`."""
+    return [label(m, d) for m, d in zip(rows["method"], rows["distill"])]
 
 
 def _duration(seconds: float) -> str:
@@ -48,18 +41,22 @@ def _perplexity(row) -> str:
 
 
 def main_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Every method at every sparsity: the user's columns, with n and the training budget."""
+    """Every method at every sparsity: perplexity, n, the change against dense, the budget, the time, the accuracy; with n and the training budget."""
     dense = [k == "dense" for k in summary["kind"]]
-    return pd.DataFrame({
-        "Method": [display_name(m) for m in summary["method"]],
-        "Sparsity": [f"{s:.0%}" if p == "unstructured" else p for s, p in zip(summary["sparsity"], summary["pattern"])],
-        "Perplexity": [_perplexity(row) for _, row in summary.iterrows()],
-        "n": list(summary["n"]),
-        "vs dense": ["-" if d else f"{v:+.1f}%" for d, v in zip(dense, summary["vs_dense_pct"])],
-        "Train tokens": [tokens_text(t) for t in summary["train_tokens"]],
-        "Time": ["-" if d else _duration(t) for d, t in zip(dense, summary["seconds"])],
-        **_accuracy_columns(summary),
-    })
+    return pd.DataFrame(
+        {
+            "Method": _labels(summary),
+            "Sparsity": [
+                f"{s:.0%}" if p == "unstructured" else p for s, p in zip(summary["sparsity"], summary["pattern"])
+            ],
+            "Perplexity": [_perplexity(row) for _, row in summary.iterrows()],
+            "n": list(summary["n"]),
+            "vs dense": ["-" if d else f"{v:+.1f}%" for d, v in zip(dense, summary["vs_dense_pct"])],
+            "Train tokens": [tokens_text(t) for t in summary["train_tokens"]],
+            "Time": ["-" if d else _duration(t) for d, t in zip(dense, summary["seconds"])],
+            **_accuracy_columns(summary),
+        }
+    )
 
 
 def _accuracy_columns(summary: pd.DataFrame) -> dict:
@@ -80,18 +77,24 @@ def _percent(value) -> str:
 def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     """The trained cells at one sparsity: one budget, so their perplexities compare."""
     rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
-    control = rows.loc[rows["method"] == "dense+ft", "perplexity"]
-    return pd.DataFrame({
-        "Method": [display_name(m) for m in rows["method"]],
-        "Sparsity": [f"{s:.0%}" for s in rows["sparsity"]],
-        "Perplexity": [_perplexity(row) for _, row in rows.iterrows()],
-        "n": list(rows["n"]),
-        "vs dense": [f"{v:+.1f}%" for v in rows["vs_dense_pct"]],
-        "vs dense+ft": ([f"{100 * (p - control.iloc[0]) / control.iloc[0]:+.1f}%" for p in rows["perplexity"]]
-                        if len(control) else ["-"] * len(rows)),
-        "Train tokens": [tokens_text(t) for t in rows["train_tokens"]],
-        **_accuracy_columns(rows),
-    })
+    prunes = pd.Series(methods_where(rows["method"], "prunes"), index=rows.index, dtype=bool)
+    control = rows.loc[~prunes & (rows["distill"] == "none"), "perplexity"]  # the unpruned model, trained as long
+    return pd.DataFrame(
+        {
+            "Method": _labels(rows),
+            "Sparsity": [f"{s:.0%}" for s in rows["sparsity"]],
+            "Perplexity": [_perplexity(row) for _, row in rows.iterrows()],
+            "n": list(rows["n"]),
+            "vs dense": [f"{v:+.1f}%" for v in rows["vs_dense_pct"]],
+            "vs dense+ft": (
+                [f"{100 * (p - control.iloc[0]) / control.iloc[0]:+.1f}%" for p in rows["perplexity"]]
+                if len(control)
+                else ["-"] * len(rows)
+            ),
+            "Train tokens": [tokens_text(t) for t in rows["train_tokens"]],
+            **_accuracy_columns(rows),
+        }
+    )
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -103,16 +106,23 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def _html_table(frame: pd.DataFrame, table_id: str) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
-                   for row in frame.itertuples(index=False))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+        for row in frame.itertuples(index=False)
+    )
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _environment() -> str:
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, mlflow {mlflow.__version__}, pipeline {__version__}")
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return (
+        f"{device}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, mlflow {mlflow.__version__}, pipeline {__version__}"
+    )
 
 
 def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path:
@@ -123,65 +133,55 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     summary = summarize(runs)
     sentences = findings(summary)
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
-    overview = [perplexity_vs_sparsity(summary, out), *accuracy_vs_sparsity(summary, out),
-                *iterative_curves(runs, out)]
+    overview = [perplexity_vs_sparsity(summary, out), *accuracy_vs_sparsity(summary, out), *iterative_curves(runs, out)]
     budgets = dict(zip(targets, budget_curves(runs, summary, out)))
     name = mlflow.get_experiment(experiment_id).name
-    footer = (f"Measured on {_environment()}. Wall time of all cells: {_duration(runs['seconds'].sum())}. "
-              "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
-              "train tokens are those that went into optimizer steps; Time is each run's wall time.")
+    footer = (
+        f"Measured on {_environment()}. Wall time of all cells: {_duration(runs['seconds'].sum())}. "
+        "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
+        "train tokens are those that went into optimizer steps; Time is each run's wall time."
+    )
 
-    md = [f"# Pruning comparison: {name}", "", markdown_table(main_table(summary)), "",
-          *[f"- {s}" for s in sentences], ""]
+    md = [
+        f"# Pruning comparison: {name}",
+        "",
+        markdown_table(main_table(summary)),
+        "",
+        *[f"- {s}" for s in sentences],
+        "",
+    ]
     for target in targets:
-        md += [f"## Equal training budget at {target:.0%} sparsity", "", markdown_table(equal_budget_table(summary, target)),
-               "", f"![{budgets[target].stem}]({budgets[target].name})", ""]
+        md += [
+            f"## Equal training budget at {target:.0%} sparsity",
+            "",
+            markdown_table(equal_budget_table(summary, target)),
+            "",
+            f"![{budgets[target].stem}]({budgets[target].name})",
+            "",
+        ]
     md += [*[f"![{p.stem}]({p.name})" for p in overview], "", footer]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
     def image(path: Path) -> str:
         return f'<img alt="{path.stem}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
 
-    sections = "".join(f"<h2>Equal training budget at {target:.0%} sparsity</h2>"
-                       f"{_html_table(equal_budget_table(summary, target), f'budget-{round(target * 100)}')}"
-                       f"{image(budgets[target])}" for target in targets)
+    sections = "".join(
+        f"<h2>Equal training budget at {target:.0%} sparsity</h2>"
+        f"{_html_table(equal_budget_table(summary, target), f'budget-{round(target * 100)}')}"
+        f"{image(budgets[target])}"
+        for target in targets
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Pruning comparison: {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width:100%;display:block;margin:1em 0}}</style>
 </head><body><h1>Pruning comparison: {html.escape(name)}</h1>
 {_html_table(main_table(summary), "results")}
-<ul>{''.join(f'<li>{html.escape(s)}</li>' for s in sentences)}</ul>
+<ul>{"".join(f"<li>{html.escape(s)}</li>" for s in sentences)}</ul>
 {sections}
-{''.join(image(p) for p in overview)}
+{"".join(image(p) for p in overview)}
 <p>{html.escape(footer)}</p>
 </body></html>
 """
     (out / "report.html").write_text(page)
     return out / "report.md"
-
-
-def publish_report(experiment_id: str | None, out: Path | None, keys: set | None = None,
-                   experiment: str | None = None) -> Path:
-    """write_report inside a `report` MLflow run (a child run when called from `compare`).
-
-    experiment_id None: the experiment the report run itself goes to (under `mlflow run`, the injected
-    run's); out None: reports/<experiment name>.
-    """
-    with tracked_run("report", {"experiment": experiment, "output_dir": str(out) if out else None},
-                     {"kind": "report"}, experiment) as logger:
-        experiment_id = experiment_id or mlflow.get_run(logger.run_id).info.experiment_id
-        out = out or Path("reports") / mlflow.get_experiment(experiment_id).name
-        path = write_report(experiment_id, out, keys)
-        logger.log_artifacts(out, "report")
-    return path
-
-
-def run_report(config: ReportConfig) -> Path:
-    """Reports on `config.experiment` (default: the one the report run goes to, e.g. under `mlflow run`)."""
-    use_tracking_store()
-    experiment_id = experiment_id_named(config.experiment) if config.experiment else None
-    path = publish_report(experiment_id, Path(config.output_dir) if config.output_dir else None,
-                          experiment=config.experiment)
-    print(f"report: {path} and {path.with_suffix('.html')}")
-    return path

@@ -6,20 +6,40 @@ import math
 
 import pandas as pd
 
-from ..config import ONE_SHOT_METHODS, RECOVERIES, TRAINED_METHODS
+from ..config import DISTILL_MODES
+from ..methods import BASELINE, KINDS, METHODS
 from ..perplexity import change_pct
 from ..tracking.store import finished_cell_runs
 
-RUN_COLUMNS = ["method", "kind", "target_sparsity", "pattern", "recovery", "seed", "sparsity", "perplexity", "train_tokens",
-               "train_flops", "seconds", "run_id"]
-METHOD_ORDER = {m: i for i, m in enumerate(("unpruned", *ONE_SHOT_METHODS, *TRAINED_METHODS))}
-KIND_ORDER = {"dense": 0, "one-shot": 1, "trained": 2}
+RUN_COLUMNS = [
+    "method",
+    "kind",
+    "target_sparsity",
+    "pattern",
+    "distill",
+    "seed",
+    "sparsity",
+    "perplexity",
+    "train_tokens",
+    "train_flops",
+    "seconds",
+    "run_id",
+]
+LEGACY_KIND = {"iterative": "trained"}  # runs made before the +ft cells
+LEGACY_DISTILL = {"ce": "none"}  # runs made before the grid's recovery loss took --distill's values
+
+
+def _distill(tags: dict) -> str:
+    if "cell_distill" in tags:
+        return tags["cell_distill"]
+    legacy = tags.get("cell_recovery", "none")
+    return LEGACY_DISTILL.get(legacy, legacy)
 
 
 def _row(run) -> dict:
     """The run's numbers; `acc:<task>` for every zero-shot task it ran."""
     tags, metrics = run.data.tags, run.data.metrics
-    kind = "trained" if tags["cell_kind"] == "iterative" else tags["cell_kind"]  # "iterative": runs before +ft cells
+    kind = LEGACY_KIND.get(tags["cell_kind"], tags["cell_kind"])
     if kind == "dense":
         sparsity, ppl = 0.0, metrics["perplexity"]
     elif kind == "trained":
@@ -27,26 +47,39 @@ def _row(run) -> dict:
     else:
         sparsity, ppl = metrics["sparsity"], metrics["perplexity"]
     seed = tags.get("cell_seed", "")
-    recovery = tags.get("cell_recovery", "ce")
-    method = "unpruned" if kind == "dense" else tags["cell_method"] + (f" [{recovery}]" if recovery != "ce" else "")
-    return {"method": method, "kind": kind, "recovery": recovery,
-            "target_sparsity": float(tags["cell_target"]), "pattern": tags.get("cell_pattern", "unstructured"),
-            "seed": int(seed) if seed else None, "sparsity": sparsity,
-            "perplexity": ppl, "train_tokens": int(metrics.get("train_tokens", 0)),
-            "train_flops": metrics.get("train_flops", 0.0),
-            "seconds": (run.info.end_time - run.info.start_time) / 1000.0, "run_id": run.info.run_id,
-            **{f"acc:{key.split('/')[1]}": value for key, value in metrics.items()
-               if key.startswith("task/") and key.endswith("/acc")}}
+    method = BASELINE if kind == "dense" else tags["cell_method"]
+    return {
+        "method": method,
+        "kind": kind,
+        "distill": _distill(tags),
+        "target_sparsity": float(tags["cell_target"]),
+        "pattern": tags.get("cell_pattern", "unstructured"),
+        "seed": int(seed) if seed else None,
+        "sparsity": sparsity,
+        "perplexity": ppl,
+        "train_tokens": int(metrics.get("train_tokens", 0)),
+        "train_flops": metrics.get("train_flops", 0.0),
+        "seconds": (run.info.end_time - run.info.start_time) / 1000.0,
+        "run_id": run.info.run_id,
+        **{
+            f"acc:{key.split('/')[1]}": value
+            for key, value in metrics.items()
+            if key.startswith("task/") and key.endswith("/acc")
+        },
+    }
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
-    base = table["method"].str.split(" ").str[0]
-    keys = table.assign(_kind=table["kind"].map(KIND_ORDER), _method=base.map(METHOD_ORDER).fillna(99),
-                        _pattern=table["pattern"] != "unstructured",
-                        _recovery=table["recovery"].map({r: i for i, r in enumerate(RECOVERIES)}).fillna(9))
-    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_recovery", "_method"] + (["seed"] if "seed" in table
-                                                                                        else [])
-    return keys.sort_values(by).drop(columns=["_kind", "_method", "_pattern", "_recovery"]).reset_index(drop=True)
+    keys = table.assign(
+        _kind=table["kind"].map(KINDS.index),
+        _method=table["method"].map(lambda m: METHODS[m].order if m in METHODS else 99),
+        _pattern=table["pattern"] != "unstructured",
+        _distill=table["distill"].map(lambda d: DISTILL_MODES.index(d) if d in DISTILL_MODES else 9),
+    )
+    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_distill", "_method"] + (
+        ["seed"] if "seed" in table else []
+    )
+    return keys.sort_values(by).drop(columns=["_kind", "_method", "_pattern", "_distill"]).reset_index(drop=True)
 
 
 def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
@@ -66,12 +99,17 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     the mean wall time; and the change against the dense model's perplexity."""
     if runs.empty:
         return runs.assign(perplexity_std=[], n=[], vs_dense_pct=[])
-    grouped = runs.groupby(["method", "kind", "target_sparsity", "pattern", "recovery"], sort=False)
-    summary = grouped.agg(sparsity=("sparsity", "mean"), perplexity=("perplexity", "mean"),
-                          perplexity_std=("perplexity", "std"), n=("perplexity", "size"),
-                          train_tokens=("train_tokens", "mean"), train_flops=("train_flops", "mean"),
-                          seconds=("seconds", "mean"),
-                          **{column: (column, "mean") for column in task_columns(runs)}).reset_index()
+    grouped = runs.groupby(["method", "kind", "target_sparsity", "pattern", "distill"], sort=False)
+    summary = grouped.agg(
+        sparsity=("sparsity", "mean"),
+        perplexity=("perplexity", "mean"),
+        perplexity_std=("perplexity", "std"),
+        n=("perplexity", "size"),
+        train_tokens=("train_tokens", "mean"),
+        train_flops=("train_flops", "mean"),
+        seconds=("seconds", "mean"),
+        **{column: (column, "mean") for column in task_columns(runs)},
+    ).reset_index()
     if task_columns(runs):
         summary["accuracy"] = summary[task_columns(runs)].mean(axis=1)  # over tasks, as the papers average
     dense = summary.loc[summary["kind"] == "dense", "perplexity"]

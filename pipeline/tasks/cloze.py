@@ -29,8 +29,13 @@ def passages() -> list[tuple[int, str, str]]:
     for index, document in enumerate(documents):
         words = document.split()
         for start in range(0, len(words) - size + 1, size):
-            found.append((index, " ".join(words[start:start + CONTEXT_WORDS]),
-                          " " + " ".join(words[start + CONTEXT_WORDS:start + size])))
+            found.append(
+                (
+                    index,
+                    " ".join(words[start : start + CONTEXT_WORDS]),
+                    " " + " ".join(words[start + CONTEXT_WORDS : start + size]),
+                )
+            )
     return found
 
 

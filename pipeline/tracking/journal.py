@@ -1,7 +1,7 @@
 """What the tracking server could not take yet: a local JSON-lines journal per run, and its replay.
 
 A run lasts hours; an `mlflow server` restart must not stop it. When a call to the server fails with an
-outage (connection refused, timeout, 5xx), the logger appends what it was sending to
+outage (connection refused, timeout, 5xx), the tracker appends what it was sending to
 `mlflow-pending-<run_id>.jsonl` in the run's output directory and keeps training. Every later flush
 first replays the journal, so the metrics land as soon as the server is back; if it never comes back
 the file stays, and `python -m pipeline sync` replays it. Replay skips metric points the run already
@@ -27,8 +27,14 @@ JOURNAL_PREFIX = "mlflow-pending-"
 ENTRY_KINDS = ("metric", "params", "tags", "text", "artifacts", "status", "input", "register")
 
 # MLflow error codes that mean "try again later" rather than "this request is wrong".
-_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED", "ABORTED",
-                    "DEADLINE_EXCEEDED", "UNAVAILABLE"}
+_TRANSIENT_CODES = {
+    "TEMPORARILY_UNAVAILABLE",
+    "INTERNAL_ERROR",
+    "REQUEST_LIMIT_EXCEEDED",
+    "ABORTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+}
 
 
 def is_outage(error: BaseException) -> bool:
@@ -43,8 +49,13 @@ def is_outage(error: BaseException) -> bool:
 
 def dataset_input(entry: dict) -> DatasetInput:
     """A run's input dataset, as the UI lists it: name, digest, source, and a profile (split, tokens)."""
-    dataset = Dataset(entry["name"], entry["digest"], entry["source_type"], json.dumps({"uri": entry["source"]}),
-                      profile=json.dumps(entry["profile"]))
+    dataset = Dataset(
+        entry["name"],
+        entry["digest"],
+        entry["source_type"],
+        json.dumps({"uri": entry["source"]}),
+        profile=json.dumps(entry["profile"]),
+    )
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", entry["context"])])
 
 
@@ -55,13 +66,18 @@ def register_model(client, run_id: str, entry: dict) -> None:
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    client.create_model_version(entry["name"], f"runs:/{run_id}/{entry['artifact_path']}", run_id=run_id,
-                                tags={k: str(v) for k, v in entry["tags"].items()})
+    client.create_model_version(
+        entry["name"],
+        f"runs:/{run_id}/{entry['artifact_path']}",
+        run_id=run_id,
+        tags={k: str(v) for k, v in entry["tags"].items()},
+    )
 
 
 def metric_entries(metrics: list) -> list:
-    return [{"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-            for m in metrics]
+    return [
+        {"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics
+    ]
 
 
 def journal_path(directory: Path, run_id: str) -> Path:
@@ -84,8 +100,9 @@ class Journal:
         new = not self.path.exists()
         with open(self.path, "a", encoding="utf-8") as handle:
             if new:
-                handle.write(json.dumps({"kind": "run", "run_id": self.run_id,
-                                         "tracking_uri": self.tracking_uri}) + "\n")
+                handle.write(
+                    json.dumps({"kind": "run", "run_id": self.run_id, "tracking_uri": self.tracking_uri}) + "\n"
+                )
             for entry in entries:
                 handle.write(json.dumps(entry) + "\n")
             handle.flush()
@@ -134,10 +151,11 @@ def send_entries(client, run_id: str, entries: list) -> None:
     present = {}
     for key in {m["key"] for m in metrics}:
         present[key] = {m.step for m in client.get_metric_history(run_id, key)}
-    missing = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics
-               if m["step"] not in present[m["key"]]]
+    missing = [
+        Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics if m["step"] not in present[m["key"]]
+    ]
     for start in range(0, len(missing), 1000):
-        client.log_batch(run_id, metrics=missing[start:start + 1000])
+        client.log_batch(run_id, metrics=missing[start : start + 1000])
     for entry in entries:
         kind = entry["kind"]
         if kind == "tags":
@@ -192,19 +210,25 @@ def sync_journals(paths: list, tracking_uri: str | None) -> int:
         except Exception as error:
             if is_outage(error):
                 raise tracking_unreachable(error, uri) from None
-            raise UserError(f"{path}: run {header['run_id']} is not in {uri} ({str(error).splitlines()[0][:200]}); "
-                            f"pass {option('tracking_uri')} with the store the run was started in") from None
+            raise UserError(
+                f"{path}: run {header['run_id']} is not in {uri} ({str(error).splitlines()[0][:200]}); "
+                f"pass {option('tracking_uri')} with the store the run was started in"
+            ) from None
         started = time.perf_counter()
         try:
             send_entries(client, header["run_id"], entries)
         except (KeyError, TypeError, ValueError) as error:
-            raise UserError(f"{path} holds an entry this pipeline would not write ({type(error).__name__}: "
-                            f"{error}); nothing after it was sent") from None
+            raise UserError(
+                f"{path} holds an entry this pipeline would not write ({type(error).__name__}: "
+                f"{error}); nothing after it was sent"
+            ) from None
         except Exception as error:
             if is_outage(error):
                 raise tracking_unreachable(error, uri) from None
             raise
         path.unlink()
-        print(f"synced {len(entries)} entries of run {header['run_id']} into {uri} "
-              f"({time.perf_counter() - started:.1f}s); removed {path}")
+        print(
+            f"synced {len(entries)} entries of run {header['run_id']} into {uri} "
+            f"({time.perf_counter() - started:.1f}s); removed {path}"
+        )
     return len(journals)

@@ -6,7 +6,7 @@ import fcntl
 import logging
 import os
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import mlflow
@@ -15,12 +15,14 @@ from mlflow.tracking import MlflowClient
 from ..distributed import is_main_process
 from ..errors import ConfigError, UserError
 
-DEFAULT_EXPERIMENT = "llm-pruning"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # never the deprecated ./mlruns file store
 # MLflow's REST client retries a dead server 7 times with doubling waits (minutes); we want a start to
-# fail fast and a mid-run outage to cost seconds, and do our own retrying (MLflowLogger.RETRY_SECONDS).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# fail fast and a mid-run outage to cost seconds, and do our own retrying (MLflowTracker.RETRY_SECONDS).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def tracking_uri() -> str:
@@ -31,11 +33,11 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a plain `sqlite:///path` URI (not of a `file:...?mode=ro` one)."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):]
+    path = uri[len("sqlite:///") :]
     return None if path.startswith("file:") or "?" in path or path == ":memory:" else Path(path)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _create_store_once(uri: str) -> None:
     """Creates a new sqlite store under a file lock beside it: MLflow's schema creation is not safe for two
     processes at once (one fails with "duplicate column name" or "table already exists")."""
@@ -55,7 +57,7 @@ def use_tracking_store() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # it logs each SQLAlchemy error with a traceback, then raises it: we report the raised one, in one line
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    # its monitor warns at every sample it cannot send during an outage; the logger's one warning says it all
+    # its monitor warns at every sample it cannot send during an outage; the tracker's one warning says it all
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -87,7 +89,7 @@ def use_experiment(name: str) -> None:
         uri = tracking_uri()
         location = None
         if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+            location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
         try:
             mlflow.create_experiment(name, artifact_location=location)
         except Exception:  # created meanwhile by a concurrent run
@@ -98,15 +100,17 @@ def use_experiment(name: str) -> None:
 def experiment_id_named(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        raise ConfigError(f"no MLflow experiment named '{name}' in {tracking_uri()}; "
-                        "`mlflow experiments search` lists them")
+        raise ConfigError(
+            f"no MLflow experiment named '{name}' in {tracking_uri()}; `mlflow experiments search` lists them"
+        )
     return experiment.experiment_id
 
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -123,17 +127,19 @@ def tracking_unreachable(error: Exception, uri: str | None = None) -> UserError:
     uri = uri or tracking_uri()
     cause = root_cause(error)
     first = (str(cause).strip().splitlines() or [""])[0][:200]
-    remedy = ("make the database and its directory writable" if uri.startswith("sqlite:")
-              else "start the server")
-    return UserError(f"MLflow tracking store {uri} is not usable ({type(cause).__name__}: {first}); {remedy} or "
-                     "set MLFLOW_TRACKING_URI to a usable store (default sqlite:///mlflow.db)")
+    remedy = "make the database and its directory writable" if uri.startswith("sqlite:") else "start the server"
+    return UserError(
+        f"MLflow tracking store {uri} is not usable ({type(cause).__name__}: {first}); {remedy} or "
+        "set MLFLOW_TRACKING_URI to a usable store (default sqlite:///mlflow.db)"
+    )
 
 
 def finished_cell_runs(experiment_id: str, keys: set | None = None) -> dict:
     """cell_key -> the newest FINISHED run carrying it (the runs `compare` tagged), in newest-first order."""
     found = {}
-    for run in MlflowClient().search_runs([experiment_id], "attributes.status = 'FINISHED'",
-                                          order_by=["attributes.start_time DESC"], max_results=5000):
+    for run in MlflowClient().search_runs(
+        [experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=5000
+    ):
         key = run.data.tags.get("cell_key")
         if key and key not in found and (keys is None or key in keys):
             found[key] = run

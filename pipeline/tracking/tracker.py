@@ -1,4 +1,4 @@
-"""What a run records, and how: one small metric-logger interface (torchtune style) with batched sends,
+"""What a run records, and how: one small metric-tracker interface (torchtune style) with batched sends,
 and `tracked_run`, which opens a run (or adopts the one `mlflow run` injected) and always closes it."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from .. import __version__
+from ..config import DEFAULT_EXPERIMENT
 from ..distributed import is_main_process
 from .journal import Journal, dataset_input, is_outage, journal_path, metric_entries, register_model
-from .store import (DEFAULT_EXPERIMENT, git_commit, tracking_unreachable, tracking_uri, under_mlflow_run,
-                    use_experiment, use_tracking_store)
+from .store import git_commit, tracking_unreachable, tracking_uri, under_mlflow_run, use_experiment, use_tracking_store
 
 FLUSH_EVERY = 200  # metrics buffered per log_batch call; MLflow's batch limit is 1000
 PENDING_DIR = "mlflow-pending"  # journal directory of commands that have no output directory
@@ -27,7 +27,7 @@ def _param_value(value) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
-class MLflowLogger:
+class MLflowTracker:
     """log_dict buffers, flush sends one log_batch.
 
     A tracking outage never stops the work: what could not be sent goes to a local journal
@@ -57,8 +57,11 @@ class MLflowLogger:
             if not is_outage(error):
                 raise
             if self._retry_at == 0.0:
-                print(f"warning: MLflow tracking store {tracking_uri()} is unreachable; training goes on, "
-                      f"tracking calls are kept in {self.journal.path} and retried", flush=True)
+                print(
+                    f"warning: MLflow tracking store {tracking_uri()} is unreachable; training goes on, "
+                    f"tracking calls are kept in {self.journal.path} and retried",
+                    flush=True,
+                )
             self._retry_at = time.monotonic() + self.RETRY_SECONDS
             self.journal.append(entries)
             return False
@@ -75,26 +78,40 @@ class MLflowLogger:
 
         def send():
             for start in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[start:start + 100])
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
+
         self._deliver(send, [{"kind": "params", "params": values}])
 
     def set_tags(self, tags: dict) -> None:
         values = {k: str(v) for k, v in tags.items() if v is not None}
-        self._deliver(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()]),
-                      [{"kind": "tags", "tags": values}])
+        self._deliver(
+            lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()]),
+            [{"kind": "tags", "tags": values}],
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._deliver(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
-                      [{"kind": "artifacts", "path": str(Path(path).resolve()), "artifact_path": artifact_path}])
+        self._deliver(
+            lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+            [{"kind": "artifacts", "path": str(Path(path).resolve()), "artifact_path": artifact_path}],
+        )
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self._deliver(lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path),
-                      [{"kind": "artifacts", "path": str(Path(directory).resolve()), "artifact_path": artifact_path}])
+        self._deliver(
+            lambda: self.client.log_artifacts(self.run_id, str(directory), artifact_path),
+            [{"kind": "artifacts", "path": str(Path(directory).resolve()), "artifact_path": artifact_path}],
+        )
 
     def log_input(self, name: str, digest: str, source_type: str, source: str, context: str, profile: dict) -> None:
         """A dataset the run read (the UI's Datasets column): context is training, evaluation or calibration."""
-        entry = {"kind": "input", "name": name, "digest": digest, "source_type": source_type, "source": source,
-                 "context": context, "profile": profile}
+        entry = {
+            "kind": "input",
+            "name": name,
+            "digest": digest,
+            "source_type": source_type,
+            "source": source,
+            "context": context,
+            "profile": profile,
+        }
         self._deliver(lambda: self.client.log_inputs(self.run_id, [dataset_input(entry)]), [entry])
 
     def register_model(self, name: str, artifact_path: str, tags: dict) -> None:
@@ -114,8 +131,10 @@ class MLflowLogger:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._deliver(lambda: self.client.log_text(self.run_id, text, artifact_file),
-                      [{"kind": "text", "text": text, "artifact_file": artifact_file}])
+        self._deliver(
+            lambda: self.client.log_text(self.run_id, text, artifact_file),
+            [{"kind": "text", "text": text, "artifact_file": artifact_file}],
+        )
 
     def log_dict_artifact(self, data: dict, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2), artifact_file)
@@ -128,14 +147,15 @@ class MLflowLogger:
 
         def send():
             for start in range(0, len(pending), 1000):
-                self.client.log_batch(self.run_id, metrics=pending[start:start + 1000])
+                self.client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+
         self._deliver(send, metric_entries(pending), force)
 
     def close(self) -> None:
         self.flush(force=True)
 
 
-class NullLogger:
+class NullTracker:
     """What the non-main processes of a multi-process launch log through: nothing."""
 
     run_id = None
@@ -170,9 +190,9 @@ def _open_run(run_name: str, experiment: str | None, resume_run_id: str | None, 
     return mlflow.start_run(run_name=run_name, **monitor)
 
 
-def _end_run(run, logger: MLflowLogger, status: str) -> None:
+def _end_run(run, tracker: MLflowTracker, status: str) -> None:
     try:
-        logger.close()
+        tracker.close()
     finally:
         if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
             try:
@@ -180,16 +200,26 @@ def _end_run(run, logger: MLflowLogger, status: str) -> None:
             except Exception as error:
                 if not is_outage(error):
                     raise
-                logger.journal.append([{"kind": "status", "status": status, "end_time": int(time.time() * 1000)}])
-        if logger.journal.exists():
-            print(f"MLflow tracking store {tracking_uri()} is still unreachable: this run's remaining "
-                  f"tracking calls are kept in {logger.journal.path}; when it is back, run "
-                  f"`python -m pipeline sync {logger.journal.path}`", flush=True)
+                tracker.journal.append([{"kind": "status", "status": status, "end_time": int(time.time() * 1000)}])
+        if tracker.journal.exists():
+            print(
+                f"MLflow tracking store {tracking_uri()} is still unreachable: this run's remaining "
+                f"tracking calls are kept in {tracker.journal.path}; when it is back, run "
+                f"`python -m pipeline sync {tracker.journal.path}`",
+                flush=True,
+            )
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None = None,
-                resume_run_id: str | None = None, journal_dir: str | Path | None = None, system_metrics: bool = False):
+def tracked_run(
+    run_name: str,
+    params: dict,
+    tags: dict,
+    experiment: str | None = None,
+    resume_run_id: str | None = None,
+    journal_dir: str | Path | None = None,
+    system_metrics: bool = False,
+):
     """Starts (or, under `mlflow run`, adopts) a run; ends it FINISHED, FAILED or KILLED.
 
     Inside another active run (a `compare` grid) the run is its child. `resume_run_id` reopens an
@@ -199,31 +229,32 @@ def tracked_run(run_name: str, params: dict, tags: dict, experiment: str | None 
     samples CPU, memory (and GPU) use into the run's System metrics while it lasts.
     """
     if not is_main_process():
-        yield NullLogger()
+        yield NullTracker()
         return
     try:
         use_tracking_store()
         adopted = under_mlflow_run() or resume_run_id is not None
         run = _open_run(run_name, experiment, resume_run_id, system_metrics)
-        logger = MLflowLogger(run.info.run_id, journal_dir)
-        logger.set_tags({"mlflow.runName": run_name, "pipeline_version": __version__, "git_commit": git_commit(),
-                         **tags})
+        tracker = MLflowTracker(run.info.run_id, journal_dir)
+        tracker.set_tags(
+            {"mlflow.runName": run_name, "pipeline_version": __version__, "git_commit": git_commit(), **tags}
+        )
         if adopted:  # `mlflow run` logged its entry-point parameters; a resumed run logged its own
-            logged = set(logger.client.get_run(logger.run_id).data.params)
-            logger.log_params({k: v for k, v in params.items() if k not in logged})
+            logged = set(tracker.client.get_run(tracker.run_id).data.params)
+            tracker.log_params({k: v for k, v in params.items() if k not in logged})
         else:
-            logger.log_params(params)
+            tracker.log_params(params)
     except Exception as error:  # an unreachable server or a broken store must stop us before any work
         raise tracking_unreachable(error) from None
     status = "FAILED"
     try:
-        yield logger
+        yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except Exception as error:
-        logger.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        tracker.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         raise
     finally:
-        _end_run(run, logger, status)
+        _end_run(run, tracker, status)

@@ -1,0 +1,144 @@
+"""The methods a comparison sets side by side, in one registry: what each one is and how the report shows it.
+
+A pruning criterion (magnitude, SparseGPT, Wanda, the random control) is one `Criterion` entry naming its
+pruning function. From each criterion the registry derives the two grid methods that use it: the
+untrained one-shot cell (`wanda`) and the same one-shot mask trained with the iterative cell's budget
+(`wanda+ft`). Beside them stand `iterative` (the IMP loop), `dense+ft` (the unpruned model trained as
+long) and `unpruned` (the dense baseline). Flags' choices, the grid, the tables and the figures all ask
+this module; none of them spells a method name. Adding a criterion is one entry here plus its pruning
+function, `function(model, linears, config, windows, device, progress) -> [LayerRecord]`.
+
+Nothing here imports torch: the CLI reads the choices before any heavy import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+KINDS = ("dense", "one-shot", "trained")  # a cell's kind: the baseline, a mask without training, the IMP loop
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """How a mask is chosen."""
+
+    name: str  # the value of --prune-method
+    display: str  # in tables
+    color: str  # one colour per criterion in every figure: `wanda` and `wanda+ft` read as one family
+    pruner: str  # "module:function" of its pruning function, imported when first used
+    calibrates: bool = False  # reads calibration windows (their draw is seeded)
+    seeded: bool = False  # draws randomness: the calibration windows, or the mask itself
+    control: bool = False  # shows what choosing by a criterion is worth; not a method to adopt
+    global_scope: bool = False  # can rank all matrices together (--scope global), not only each on its own
+
+    def prune_function(self):
+        module, function = self.pruner.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+CRITERIA = (
+    Criterion(
+        "sparsegpt", "SparseGPT", "C0", "pipeline.pruning.sparsegpt:prune_with_sparsegpt", calibrates=True, seeded=True
+    ),
+    Criterion("magnitude", "Magnitude", "C1", "pipeline.pruning.magnitude:prune_by_magnitude", global_scope=True),
+    Criterion("wanda", "Wanda", "C2", "pipeline.pruning.wanda:prune_with_wanda", calibrates=True, seeded=True),
+    Criterion("random", "Random", "C5", "pipeline.pruning.random:prune_at_random", seeded=True, control=True),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One kind of cell of the comparison grid."""
+
+    name: str  # the value of compare's --methods, and the `cell_method` tag
+    kind: str  # one of KINDS
+    display: str
+    color: str
+    criterion: Criterion | None  # the one-shot mask's criterion; None: iterative's is --prune-method, or none
+    schedule: str | None = None  # a trained cell's sparsity schedule; None: the grid's own --schedule
+    control: bool = False  # a control (dense+ft, random, random+ft): read beside the methods, not ranked
+    #                               against them as a recommendation
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the cell draws randomness, so that each seed is a cell of its own."""
+        if self.kind == "trained":
+            return True  # the data order
+        return self.criterion is not None and self.criterion.seeded
+
+    @property
+    def order(self) -> int:
+        return list(METHODS).index(self.name)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether its model is sparse: every method but the unpruned baseline and dense+ft."""
+        return self.kind != "dense" and self.schedule != "dense"
+
+    @property
+    def prunes_step_by_step(self) -> bool:
+        """Whether it follows the grid's sparsity schedule, iteration by iteration (iterative)."""
+        return self.kind == "trained" and self.schedule is None
+
+
+def _methods() -> dict:
+    entries = [Method("unpruned", "dense", "Unpruned", "C4", None)]
+    entries += [Method(c.name, "one-shot", c.display, c.color, c, control=c.control) for c in CRITERIA]
+    entries += [Method("iterative", "trained", "Iterative", "C3", None)]
+    entries += [
+        Method(f"{c.name}+ft", "trained", f"{c.display} + FT", c.color, c, "one-shot", c.control) for c in CRITERIA
+    ]
+    entries += [Method("dense+ft", "trained", "Dense + FT", "C4", None, "dense", control=True)]
+    return {m.name: m for m in entries}
+
+
+METHODS = _methods()
+BASELINE = "unpruned"
+CRITERION_NAMES = tuple(c.name for c in CRITERIA)
+GRID_METHODS = tuple(name for name, m in METHODS.items() if m.kind != "dense")  # the baseline always runs
+DEFAULT_GRID = ("sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", "sparsegpt+ft", "dense+ft")
+
+
+def methods_where(names, property_name: str) -> list:
+    """For each name, whether its method has the property (False for a name the registry does not know, e.g.
+    from a store written by another version)."""
+    return [bool(getattr(METHODS[name], property_name)) if name in METHODS else False for name in names]
+
+
+def _did_you_mean(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def criterion(name: str) -> Criterion:
+    for entry in CRITERIA:
+        if entry.name == name:
+            return entry
+    raise ConfigError(
+        f"unknown pruning method '{name}'{_did_you_mean(name, CRITERION_NAMES)}: use one of "
+        f"{', '.join(CRITERION_NAMES)}"
+    )
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'{_did_you_mean(name, METHODS)}: use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def cell_name(name: str, distill: str = "none") -> str:
+    """A cell's method as the grid names it, with its recovery loss when that is not plain cross-entropy:
+    `sparsegpt+ft [logits]`."""
+    return name if distill in ("none", "", None) else f"{name} [{distill}]"
+
+
+def label(name: str, distill: str = "none") -> str:
+    """The display name of a cell's method, with its recovery loss when that is not plain cross-entropy:
+    `SparseGPT + FT [logits]`."""
+    known = METHODS.get(name)
+    text = known.display if known else name
+    return text if distill in ("none", "", None) else f"{text} [{distill}]"
