@@ -20,6 +20,11 @@ def iterative_training_wrapper(config: dict, resume: bool = False) -> list:
 
     Unknown keys are an error naming them: a misspelt key must never silently fall back to a default.
     """
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"iterative_training_wrapper takes a dict of settings, e.g. {{'model_name': 'opt-tiny', "
+            f"'target_sparsity': 0.5}}, not a {type(config).__name__}"
+        )
     known = set(USER_KEYS) | {leaf.key for leaf in flatten(IterativeConfig)}
     unknown = sorted(set(config) - known)
     if unknown:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass
@@ -128,6 +129,8 @@ class Number(click.ParamType):
             return value
         if self.optional and value.strip() in NONE_WORDS:
             return None
+        if self.base is int and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)  # exactly: a seed like 2^64 - 1 must not be rounded through a float
         try:
             number = float(value)
         except ValueError:

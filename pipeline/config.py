@@ -35,6 +35,9 @@ REWIND_HELP = (
 )
 PRETRAIN_ARCHES = ("opt", "llama")
 DEFAULT_EXPERIMENT = "llm-pruning"
+# A seed seeds torch's 64-bit generators, offset by the iteration and the epoch: every value in this range
+# is used exactly, and none two seeds share a draw.
+SEED_RANGE = {"at_least": 0, "at_most": 2**63 - 1, "hint": "give a whole number from 0 to 2^63 - 1"}
 DEFAULT_WINDOW = 2048  # the SparseGPT paper's window; Llama-3's 131072 positions are no window to evaluate
 
 
@@ -174,12 +177,29 @@ class TrackingConfig(Settings):
 
 
 @dataclass
-class RegistryConfig(Settings):
+class SavedModelConfig(Settings):
+    """What becomes of the model a job saves."""
+
     register_model: str | None = setting(
         None,
         "register the saved model in MLflow's Model Registry under this name, "
         "its sparsity and perplexity as version tags",
     )
+    overwrite: bool = setting(False, "replace a model already saved where this one goes (never done unasked)")
+
+    def check(self) -> None:
+        if self.register_model is None:
+            return
+        from mlflow.exceptions import MlflowException  # deferred: only when a name is given
+        from mlflow.utils.validation import _validate_model_name
+
+        try:
+            _validate_model_name(self.register_model)
+        except MlflowException as error:
+            raise ConfigError(
+                f"{option('register_model')} '{self.register_model}' is not a name MLflow's Model Registry takes "
+                f"({str(error.message).splitlines()[0]}); give a plain name such as opt-tiny-pruned"
+            ) from None
 
 
 # --- pruning -------------------------------------------------------------------------------------
@@ -232,6 +252,7 @@ class PruneConfig(Settings):
         0,
         "the pruning draw: SparseGPT's and Wanda's calibration windows (0 draws the reference's "
         "windows), or the random mask",
+        **SEED_RANGE,
     )
 
     def check(self) -> None:
@@ -279,7 +300,7 @@ class TrainConfig(Settings):
     batch_size: int = setting(8, "global batch: sequences per optimizer step, split over the processes", above=0)
     lr: float = setting(1e-5, "AdamW learning rate", above=0)
     max_steps: int | None = setting(2500, "cap on optimizer steps per epoch", above=0)
-    seed: int = setting(42, "data order")
+    seed: int = setting(42, "data order", **SEED_RANGE)
     grad_accum: int = setting(1, "micro-batches per optimizer step", above=0)
     weight_decay: float = setting(0.0, "AdamW weight decay (not on biases and norms)", at_least=0)
     warmup_steps: int = setting(0, "linear warmup steps", at_least=0)
@@ -347,6 +368,14 @@ class TasksConfig(Settings):
     limit: int | None = setting(None, "at most this many examples per task (default: all)", at_least=1)
     tasks_batch_size: int = setting(8, "examples per forward for the tasks", at_least=1)
 
+    def check(self) -> None:
+        for name in ("limit", "num_fewshot"):
+            if getattr(self, name) is not None and not self.tasks:
+                raise ConfigError(
+                    f"{option(name)} applies to {option('tasks')}, and none are given: give "
+                    f"{option('tasks')} (e.g. pydocs-cloze) or leave {option(name)} out"
+                )
+
 
 # --- one config per command ----------------------------------------------------------------------
 
@@ -387,7 +416,7 @@ class PruneRunConfig(RunConfig):
         aliases={"prune_method": ("method",), "prune_seed": ("seed",)},
     )
     tasks: TasksConfig = group(TasksConfig)
-    registry: RegistryConfig = group(RegistryConfig)
+    saved_model: SavedModelConfig = group(SavedModelConfig)
     output_dir: str | None = setting(None, "where the pruned model goes", rule=default_pruned_dir)
 
 
@@ -395,7 +424,7 @@ class PruneRunConfig(RunConfig):
 class TrainRunConfig(RunConfig):
     train: TrainConfig = group(TrainConfig)
     tasks: TasksConfig = group(TasksConfig)
-    registry: RegistryConfig = group(RegistryConfig)
+    saved_model: SavedModelConfig = group(SavedModelConfig)
     output_dir: str | None = setting(None, "where the trained model goes", rule=default_trained_dir)
     teacher: str | None = setting(
         None,
@@ -405,6 +434,11 @@ class TrainRunConfig(RunConfig):
 
     def check(self) -> None:
         refuse_float16_training(self.model)
+        if self.teacher and self.train.distill == "none":
+            raise ConfigError(
+                f"{option('teacher')} is what {option('distill')} learns from, and {option('distill')} "
+                f"is none: add {option('distill')} logits or squarehead, or leave {option('teacher')} out"
+            )
 
 
 @dataclass
@@ -415,7 +449,7 @@ class IterativeConfig(RunConfig):
         PruneConfig, rename={"method": "prune_method", "seed": "prune_seed"}, exclude=("sparsity", "pattern")
     )
     tasks: TasksConfig = group(TasksConfig, rename={"tasks": "eval_tasks"})
-    registry: RegistryConfig = group(RegistryConfig)
+    saved_model: SavedModelConfig = group(SavedModelConfig)
     eval_tasks_every: int = setting(
         1,
         "run --eval-tasks on the dense model and after every N-th iteration and the last; 0: after the last only",
@@ -473,7 +507,9 @@ class GridConfig(Settings):
         "comma-separated seeds: each repeats every stochastic cell (calibration draw, "
         "data order); 0 draws the reference's calibration windows",
         min_items=1,
-        hint="give at least one, e.g. 0,1,2",
+        at_least=0,
+        at_most=SEED_RANGE["at_most"],
+        hint="give whole numbers from 0 to 2^63 - 1, at least one, e.g. 0,1,2",
     )
     patterns: list[str] = setting(
         [], "comma-separated N:M patterns: the one-shot methods also prune to each, e.g. 2:4 (untrained)"
@@ -528,10 +564,21 @@ class CompareConfig(RunConfig):
 
     def check(self) -> None:
         for pattern in self.grid.patterns:
-            if parse_pattern(pattern) is None:
-                raise ConfigError(f"{option('patterns')} takes N:M patterns, not {pattern}")
-        if any(METHODS[name].kind == "trained" for name in self.grid.methods):
+            try:
+                n_m = parse_pattern(pattern)
+            except ConfigError:
+                n_m = None
+            if n_m is None:
+                raise ConfigError(f"{option('patterns')} takes N:M patterns with 0 < N < M (e.g. 2:4), not {pattern}")
+        trained = [name for name in self.grid.methods if METHODS[name].kind == "trained"]
+        if trained:
             refuse_float16_training(self.model)
+        if not trained and self.grid.distill != ["none"]:
+            raise ConfigError(
+                f"{option('distill')} {','.join(self.grid.distill)} is the recovery loss of the trained "
+                f"cells, and {option('methods')} has none: add iterative or an X+ft method, or leave "
+                f"{option('distill')} out"
+            )
         if self.schedule.schedule not in ("geometric", "cubic"):
             raise ConfigError(
                 f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "
@@ -583,7 +630,7 @@ class PretrainConfig(Settings):
     steps: int = setting(1800, "optimizer steps", at_least=1)
     batch_size: int = setting(16, "sequences per optimizer step", at_least=1)
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
-    seed: int = setting(0, "initialization and data order")
+    seed: int = setting(0, "initialization and data order", **SEED_RANGE)
     output_dir: str | None = setting(
         None, "where the model, its tokenizer and its card go", rule=default_pretrained_dir
     )

@@ -28,6 +28,7 @@ NOT_IDENTITY = {
     "experiment",
     "system_metrics",
     "output_dir",
+    "overwrite",
     "resume",
     "device",
     "log_every",

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from .config import EMBEDDED_MODELS, default_window
@@ -34,8 +37,9 @@ ASSETS = Path(__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_model_source(name: str) -> str:
-    """Alias, embedded model, local directory or hub id -> what `from_pretrained` takes."""
+def resolve_model_source(name: str, setting: str = "model") -> str:
+    """Alias, embedded model, local directory or hub id -> what `from_pretrained` takes; a bad one is a
+    ConfigError naming `setting` (--model, --teacher)."""
     if name in EMBEDDED_MODELS:
         if not (ASSETS / name / "config.json").exists():
             raise UserError(
@@ -48,16 +52,17 @@ def resolve_model_source(name: str) -> str:
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ConfigError(
-                f"{name} is a directory but holds no config.json: save the model there with save_pretrained()"
+                f"{option(setting)} {name} is a directory but holds no config.json: save the model there with "
+                "save_pretrained()"
             )
         return name
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
     if looks_like_path:
-        raise ConfigError(f"model directory {name} does not exist")
+        raise ConfigError(f"{option(setting)}: model directory {name} does not exist")
     if "/" not in name:
         known = ", ".join([*EMBEDDED_MODELS, *HUB_ALIASES])
         raise ConfigError(
-            f"unknown model '{name}': use one of {known}, a hub id (org/name) "
+            f"unknown model '{name}' ({option(setting)}): use one of {known}, a hub id (org/name) "
             "or a local directory saved with save_pretrained()"
         )
     return name
@@ -140,20 +145,78 @@ def _loading(name: str, source: str):
             raise refusal from None
 
 
-def model_skeleton(name: str, trust_remote_code: bool = False) -> nn.Module:
+CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # how transformers names a decoder-only LM with its head
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def check_causal_lm(name: str, config, setting: str = "model") -> None:
+    """Only decoder-only causal LMs: an encoder (BERT) would get a randomly initialized causal head, and an
+    encoder-decoder (T5) has no single stack of decoder layers to prune."""
+    saved_as = [a for a in getattr(config, "architectures", None) or [] if not a.endswith(CAUSAL_LM_CLASSES)]
+    # a config saved without its class: an encoder is a type with a masked-LM head that is not a decoder
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    unknown = config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom
+    if getattr(config, "is_encoder_decoder", False) or saved_as or encoder or unknown:
+        kind = (
+            "an encoder-decoder"
+            if getattr(config, "is_encoder_decoder", False)
+            else f"a {saved_as[0]}"
+            if saved_as
+            else "an encoder"
+            if encoder
+            else "not a causal LM"
+        )
+        raise ConfigError(
+            f"{option(setting)} {name} is {kind} model ({config.model_type}); this tool prunes decoder-only causal "
+            "LMs (OPT, Llama, Mistral, Qwen, Phi, GPT-2, ...), whose checkpoint is a *ForCausalLM"
+        )
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header read, and its size against what the header promises: a file cut short by
+    a full disk or a broken copy is one line now, not a SafetensorError mid-run."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a readable safetensors file (damaged?): save the model there again")
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        raise UserError(
+            f"{path} is truncated: {size:,} of the {expected:,} bytes its header describes (a full disk or a "
+            "broken copy?): save the model there again"
+        )
+
+
+def model_skeleton(name: str, trust_remote_code: bool = False, setting: str = "model") -> nn.Module:
     """The model's structure on the meta device: its config read, no weights loaded, no memory used. What can
-    be checked before a run opens (the window, what is prunable, an N:M width) is checked on this."""
-    source = resolve_model_source(name)
+    be checked before a run opens (the window, what is prunable, an N:M width) is checked on this, and a
+    local directory's weight files are checked whole."""
+    source = resolve_model_source(name, setting)
     with _loading(name, source):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        check_causal_lm(name, config, setting)
         for pickled in sorted(Path(source).glob("*.bin")) if os.path.isdir(source) else []:
             torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)  # refused now, not mid-run
+        for weights in sorted(Path(source).glob("*.safetensors")) if os.path.isdir(source) else []:
+            check_safetensors(weights)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     source = resolve_model_source(name)
+    if os.path.isdir(source) and not any((Path(source) / file).exists() for file in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{option('model')} {name} holds no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): save the "
+            "tokenizer beside the model (tokenizer.save_pretrained(directory))"
+        )
     with _loading(name, source):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
@@ -192,13 +255,43 @@ def verify_saved_model(model: nn.Module, directory: Path) -> None:
         )
 
 
+MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")  # a save's weight files
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
-    """save_pretrained (safetensors) of the model and its tokenizer, then read back: nothing is reported saved
-    that was not."""
+    """save_pretrained (safetensors) of the model and its tokenizer, staged in a hidden directory inside
+    `directory` and read back there, then renamed into place file by file: a save that fails (a full disk)
+    leaves the model that was there before whole, never a mix of two. Nothing is reported saved that was not."""
     directory = Path(directory)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    verify_saved_model(model, directory)
+    staging = directory / f".saving-{os.getpid()}"
+    for stale in directory.glob(".saving-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        verify_saved_model(model, staging)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = _os_error_in(error)
+        reason = (cause.strerror or str(cause)) if cause else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        raise UserError(
+            f"could not save the model to {directory} ({reason}); what the directory held before is intact: free "
+            "some space and run again"
+        ) from None
+    written = {file.name for file in staging.iterdir()}
+    for pattern in MODEL_FILES:  # the previous save's shards that this one does not replace
+        for old in directory.glob(pattern):
+            if old.name not in written:
+                old.unlink()
+    for file in staging.iterdir():
+        os.replace(file, directory / file.name)  # a rename: it cannot run out of space
+    staging.rmdir()
     return directory
 
 
@@ -206,12 +299,12 @@ def max_positions(model: nn.Module) -> int:
     return int(model.config.max_position_embeddings)
 
 
-def resolve_seqlen(model: nn.Module, seqlen: int | None) -> int:
+def resolve_seqlen(model: nn.Module, seqlen: int | None, setting: str = "seqlen") -> int:
     """The window: `seqlen`, or by default min(the model's positions, 2048); more than the positions is an
     error."""
     limit = max_positions(model)
     if seqlen is None:
         return default_window(None, model)
     if seqlen > limit:
-        raise ConfigError(f"{option('seqlen')} {seqlen} is above the model's {limit} positions; use at most {limit}")
+        raise ConfigError(f"{option(setting)} {seqlen} is above the model's {limit} positions; use at most {limit}")
     return seqlen

@@ -69,8 +69,10 @@ def _owner_of(handle) -> dict:
 
 @contextlib.contextmanager
 def owned_output_dir(path: Path, setting: str = "output_dir"):
-    """Holds `path` for this run: checked writable, created, then locked until the block ends."""
+    """Holds `path` for this run: checked writable, created, then locked until the block ends. A run that
+    fails before writing anything there leaves no directory behind that it created."""
     check_writable_dir(path, setting)
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
     path.mkdir(parents=True, exist_ok=True)
     handle = open(path / LOCK_NAME, "a+")
     try:
@@ -98,9 +100,26 @@ def owned_output_dir(path: Path, setting: str = "output_dir"):
     handle.truncate()
     handle.write(json.dumps(me))
     handle.flush()
+    failed = True
     try:
         yield path
+        failed = False
     finally:
         handle.seek(0)
         handle.truncate()  # an empty lock file: the next run needs no note
         handle.close()
+        if failed and created and [p.name for p in path.iterdir()] == [LOCK_NAME]:
+            (path / LOCK_NAME).unlink()
+            for directory in created:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+
+def check_no_saved_model(path: Path, overwrite: bool, setting: str = "output_dir") -> None:
+    """A model already saved in `path` is replaced only when asked: two runs that default to one directory (a
+    second seed, another draw) must not silently lose the first one's model."""
+    if not overwrite and (Path(path) / "config.json").exists():
+        raise ConfigError(
+            f"{option(setting)} {path} already holds a saved model: pass {option('overwrite')} to replace it, or "
+            f"give another {option(setting)}"
+        )

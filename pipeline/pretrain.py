@@ -52,41 +52,47 @@ def train_tokenizer(text: str, vocab_size: int):
     )
 
 
+def model_config(config: PretrainConfig, **ids):
+    """The transformers config of `config.arch` at these sizes; `ids`: the vocabulary and special tokens."""
+    ids.setdefault("vocab_size", config.vocab_size)
+    if config.arch == "llama":
+        return LlamaConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            intermediate_size=config.resolved("ffn_dim"),
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.resolved("num_kv_heads"),
+            max_position_embeddings=config.max_positions,
+            attention_dropout=0.0,
+            tie_word_embeddings=True,
+            **ids,
+        )
+    return OPTConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        ffn_dim=config.resolved("ffn_dim"),
+        num_attention_heads=config.num_heads,
+        max_position_embeddings=config.max_positions,
+        word_embed_proj_dim=config.hidden_size,
+        dropout=0.0,
+        attention_dropout=0.0,
+        do_layer_norm_before=True,
+        tie_word_embeddings=True,
+        **ids,
+    )
+
+
 def build_model(config: PretrainConfig, tokenizer):
     """A freshly initialized model of `config.arch`, embeddings tied to the head (as OPT and Llama-3.2-1B)."""
     torch.manual_seed(config.seed)
-    ids = dict(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    if config.arch == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=config.hidden_size,
-                num_hidden_layers=config.num_layers,
-                intermediate_size=config.resolved("ffn_dim"),
-                num_attention_heads=config.num_heads,
-                num_key_value_heads=config.resolved("num_kv_heads"),
-                max_position_embeddings=config.max_positions,
-                attention_dropout=0.0,
-                **ids,
-            )
-        )
-    return OPTForCausalLM(
-        OPTConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_layers,
-            ffn_dim=config.resolved("ffn_dim"),
-            num_attention_heads=config.num_heads,
-            max_position_embeddings=config.max_positions,
-            word_embed_proj_dim=config.hidden_size,
-            dropout=0.0,
-            attention_dropout=0.0,
-            do_layer_norm_before=True,
-            **ids,
+    lm = LlamaForCausalLM if config.arch == "llama" else OPTForCausalLM
+    return lm(
+        model_config(
+            config,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     )
 

@@ -97,6 +97,11 @@ def kind_of(hint) -> tuple[type, bool, type | None]:
     return hint, False, None
 
 
+def _number(value) -> str:
+    """A whole number exactly (a seed of 2^64 must not read as 1.84467e+19), any other briefly."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _range_error(name: str, value, check: Check) -> str | None:
     low = (check.at_least, False) if check.at_least is not None else (check.above, True)
     high = (check.at_most, False) if check.at_most is not None else (check.below, True)
@@ -106,13 +111,13 @@ def _range_error(name: str, value, check: Check) -> str | None:
     if fine:
         return None
     if low[0] is not None and high[0] is not None:
-        interval = f"{'(' if low[1] else '['}{low[0]:g}, {high[0]:g}{')' if high[1] else ']'}"
-        message = f"{name} {value:g} is outside {interval}"
+        interval = f"{'(' if low[1] else '['}{_number(low[0])}, {_number(high[0])}{')' if high[1] else ']'}"
+        message = f"{name} {_number(value)} is outside {interval}"
     elif low[0] is not None:
-        bound = "positive" if (low[0] == 0 and low[1]) else f"{'above' if low[1] else 'at least'} {low[0]:g}"
-        message = f"{name} must be {bound}, got {value:g}"
+        bound = "positive" if (low[0] == 0 and low[1]) else f"{'above' if low[1] else 'at least'} {_number(low[0])}"
+        message = f"{name} must be {bound}, got {_number(value)}"
     else:
-        message = f"{name} must be {'below' if high[1] else 'at most'} {high[0]:g}, got {value:g}"
+        message = f"{name} must be {'below' if high[1] else 'at most'} {_number(high[0])}, got {_number(value)}"
     return message + (f": {check.hint}" if check.hint else "")
 
 
@@ -140,7 +145,9 @@ def _scalar(name: str, base: type, value, check: Check):
     if check.value_aliases and value in check.value_aliases:
         value = check.value_aliases[value]
     if check.choices is not None and value not in check.choices:
-        raise ConfigError(f"unknown {check.noun or name} '{value}': use one of {', '.join(map(str, check.choices))}")
+        raise ConfigError(
+            f"unknown {check.noun or name} '{value}' ({name}): use one of {', '.join(map(str, check.choices))}"
+        )
     if base in (int, float):
         message = _range_error(name, value, check)
         if message:
@@ -160,7 +167,7 @@ def checked(cls, f: dataclasses.Field, value):
     if base is list:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
-        values = [_scalar(name, item, v, check) for v in value]
+        values = list(dict.fromkeys(_scalar(name, item, v, check) for v in value))  # each value once, in order
         if len(values) < check.min_items:
             raise ConfigError(f"{name} is empty" + (f": {check.hint}" if check.hint else ""))
         return values

@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import DataConfig, ModelConfig, PruneConfig
 from .data import Corpus, cache_dir, calibration_windows, eval_tokens, load_corpus, training_blocks
+from .errors import ConfigError, option
 from .models import load_model, load_tokenizer, model_skeleton, resolve_device, resolve_seqlen, training_dtype
 from .perplexity import PerplexityResult, evaluate_on
 from .pruning import check_prunable
@@ -44,11 +45,52 @@ def check_inputs(
         check_prunable(skeleton, prune)
     tokenizer = load_tokenizer(model.model, model.trust_remote_code)
     corpus = load_corpus(data.dataset)
+    token_ids = []
     if eval_split:
-        eval_tokens(corpus, tokenizer, eval_split, seqlen)
+        token_ids.append(eval_tokens(corpus, tokenizer, eval_split, seqlen))
     if training:
-        training_blocks(corpus, tokenizer, resolve_seqlen(skeleton, train_seqlen or seqlen))
+        window = resolve_seqlen(skeleton, train_seqlen, "train_seqlen") if train_seqlen else seqlen
+        token_ids.append(training_blocks(corpus, tokenizer, window))
+    check_vocabulary(skeleton, model.model, token_ids, data.dataset)
     return Inputs(skeleton, tokenizer, corpus)
+
+
+def vocabulary_size(model: nn.Module) -> int:
+    """Rows of the input embedding: the ids the model can read (its config's vocab_size may say otherwise)."""
+    return model.get_input_embeddings().num_embeddings
+
+
+def check_vocabulary(skeleton: nn.Module, name: str, token_ids: list, dataset: str) -> None:
+    """Every token id the data holds has an embedding row: a tokenizer that does not belong to the model
+    is one line now, not an IndexError mid-run."""
+    highest = max((int(ids.max()) for ids in token_ids if ids.numel()), default=-1)
+    if highest >= vocabulary_size(skeleton):
+        raise ConfigError(
+            f"{option('model')} {name} reads token ids below {vocabulary_size(skeleton)}, but its tokenizer gives "
+            f"{dataset} ids up to {highest}: the tokenizer saved with the model is not the model's own"
+        )
+
+
+def check_teacher(student: nn.Module, teacher: str, distill: str, trust_remote_code: bool = False) -> nn.Module:
+    """The teacher a distilling recovery learns from, checked on skeletons: the logits term compares the two
+    models' logits token by token (one vocabulary); SquareHead also compares each decoder layer's output
+    (the same depth and width)."""
+    skeleton = model_skeleton(teacher, trust_remote_code, setting="teacher")
+    if vocabulary_size(skeleton) != vocabulary_size(student):
+        raise ConfigError(
+            f"{option('teacher')} {teacher} has a vocabulary of {vocabulary_size(skeleton)} tokens and the model "
+            f"{vocabulary_size(student)}: distillation compares their logits token by token, so they must share "
+            "one vocabulary (and tokenizer)"
+        )
+    if distill == "squarehead":
+        shapes = [(m.config.num_hidden_layers, m.config.hidden_size) for m in (skeleton, student)]
+        if shapes[0] != shapes[1]:
+            raise ConfigError(
+                f"{option('distill')} squarehead compares each decoder layer's output, but {option('teacher')} "
+                f"{teacher} has {shapes[0][0]} layers of width {shapes[0][1]} and the model {shapes[1][0]} of "
+                f"{shapes[1][1]}: use a teacher of the same shape, or {option('distill')} logits"
+            )
+    return skeleton
 
 
 @dataclass

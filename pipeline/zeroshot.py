@@ -8,6 +8,7 @@ directory of task YAMLs; this package ships one that runs offline, pydocs-cloze 
 from __future__ import annotations
 
 import json
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,7 +45,15 @@ def tasks_in(directory: Path) -> list:
     """The task names a directory of lm-eval YAMLs defines."""
     names = []
     for path in sorted(directory.rglob("*.yaml")):
-        spec = yaml.load(path.read_text(), Loader=_TaggedLoader) or {}
+        try:
+            spec = yaml.load(path.read_text(), Loader=_TaggedLoader) or {}
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(
+                f"{option('tasks')}: {path} is not valid YAML{line} ({problem}); fix or remove it"
+            ) from None
         if isinstance(spec, dict) and isinstance(spec.get("task"), str):
             names.append(spec["task"])
     return names
@@ -97,6 +106,15 @@ def check_tasks(config: TasksConfig) -> None:
             ) from None
 
 
+def quiet_git_commit() -> str | None:
+    """The working directory's commit, or None outside a repository (git's complaint kept out of the output)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int | None = None) -> dict:
     """The harness's results dict (JSON-able) for `config.tasks` on the model as it is now."""
     lm_eval, _ = _harness()
@@ -104,6 +122,11 @@ def run_tasks(model: nn.Module, tokenizer, config: TasksConfig, max_length: int 
 
     names, paths = resolve_tasks(config.tasks)
     was_training = model.training
+    # The harness records the working directory's git commit, asking git with its stderr inherited: outside a
+    # repository that prints "fatal: not a git repository" into our output. Ask quietly instead.
+    from lm_eval import evaluator
+
+    evaluator.get_git_commit_hash = quiet_git_commit
     with quieted("lm_eval"), offline_when_unreachable():
         wrapper = HFLM(
             pretrained=model,

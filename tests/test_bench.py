@@ -1,4 +1,4 @@
-"""Issue 6: `bench --quick` runs end to end; its figures are checked for sense, not for speed."""
+"""`bench --quick` runs end to end; its figures are checked for sense, not for speed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8: two CPU processes (gloo) under `accelerate launch`, with DDP and with FSDP2, train like one
+"""Two CPU processes (gloo) under `accelerate launch`, with DDP and with FSDP2, train like one
 process and keep one mask."""
 
 from __future__ import annotations

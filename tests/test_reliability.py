@@ -1,4 +1,4 @@
-"""Issue 7: tracking outages (a real `mlflow server` stopped and restarted), kills mid-write, a full disk."""
+"""Tracking outages (a real `mlflow server` stopped and restarted), kills mid-write, a full disk."""
 
 from __future__ import annotations
 

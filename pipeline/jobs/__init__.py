@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RegistryConfig, TasksConfig, TrackingConfig
+from ..config import SavedModelConfig, TasksConfig, TrackingConfig
 from ..distributed import is_main_process
 from ..errors import sigterm_as_interrupt
 from ..models import save_model
 from ..outputs import check_writable_dir, owned_output_dir
 from ..tracking import tracked_run
 from ..tracking.store import check_tracking_store
+from ..workload import Workload, load_workload
 from ..zeroshot import log_tasks
 
 
@@ -31,6 +32,12 @@ class OpenedJob:
     output_dir: Path | None
     inputs: object = None  # what the job's checks returned
     resumed: dict | None = None  # what `resume` returned: the state the job continues from
+
+    def workload(self, config, **options) -> Workload:
+        """The job's model and data (checked before the run opened); the corpus's description tags the run."""
+        work = load_workload(config.model, config.data, self.inputs, **options)
+        self.tracker.set_tags(work.corpus.describe())
+        return work
 
 
 @contextlib.contextmanager
@@ -49,7 +56,8 @@ def job_run(
     """Opens one job's tracked run. `output_dir` (None: the job has no directory of its own) is owned by the
     run throughout and keeps what a tracking outage could not send; `checks()` validates the inputs before
     anything opens; `resume(output_dir)` (inside the owned directory) returns the state to continue, whose
-    `run_id` is reopened; `stop_hint` is what Ctrl-C or SIGTERM tells the user."""
+    `run_id` is reopened; `stop_hint` is what Ctrl-C or SIGTERM tells the user (how to continue with the
+    command that was run)."""
     main = is_main_process()  # under a launcher every process works; one checks, owns and records
     if output_dir is not None and main:
         check_writable_dir(output_dir, output_setting)
@@ -72,17 +80,19 @@ def job_run(
             ) as tracker:
                 yield OpenedJob(tracker, output_dir, inputs, resumed)
     except KeyboardInterrupt as stop:
-        if stop_hint and not getattr(stop, "hint", None):  # the innermost job's hint: a grid's cell knows best
+        if stop_hint:  # set on the way out, so the outermost job's, the command the user ran, is what they read
             stop.hint = stop_hint
         raise
 
 
-def finish_model(tracker, work, tasks: TasksConfig, registry: RegistryConfig, output_dir: Path, tags: dict) -> None:
+def finish_model(
+    tracker, work, tasks: TasksConfig, saved_model: SavedModelConfig, output_dir: Path, tags: dict
+) -> None:
     """A job's model at its end: its zero-shot tasks, then (main process) saved, read back, and registered if
     asked, `tags` (sparsity, perplexity) on the version."""
     if tasks.tasks:
         log_tasks(tracker, work.model, work.tokenizer, tasks)
     if is_main_process():
         save_model(work.model, work.tokenizer, output_dir)
-        if registry.register_model:
-            tracker.log_model_dir(output_dir, registry.register_model, tags)
+        if saved_model.register_model:
+            tracker.log_model_dir(output_dir, saved_model.register_model, tags)

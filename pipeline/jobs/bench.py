@@ -9,6 +9,7 @@ from pathlib import Path
 from ..bench import format_table, measure, verdicts
 from ..config import BenchConfig
 from ..settings import flat_values
+from ..workload import check_inputs
 from . import job_run
 
 
@@ -16,7 +17,12 @@ def run_bench(config: BenchConfig) -> dict:
     out = Path(config.resolved("output_dir"))
     label = f"{Path(config.model.model).name}-{'quick' if config.quick else 'full'}"
     with job_run(
-        f"bench {label}", params=flat_values(config), tags={"kind": "bench"}, tracking=config.tracking, output_dir=out
+        f"bench {label}",
+        params=flat_values(config),
+        tags={"kind": "bench"},
+        tracking=config.tracking,
+        output_dir=out,
+        checks=lambda: check_inputs(config.model, config.data, eval_split="test", training=True),
     ) as job:
         results = measure(config)
         table = format_table(results)

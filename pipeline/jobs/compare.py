@@ -18,7 +18,7 @@ from ..models import resolve_model_source
 from ..reporting import collect_runs, markdown_table, summarize
 from ..reporting.render import main_table
 from ..settings import flat_values
-from ..tracking.store import finished_cell_runs
+from ..tracking.store import finished_cell_runs, mark_orphaned_runs
 from . import job_run
 from .evaluate import run_evaluate
 from .iterative import run_iterative
@@ -31,12 +31,15 @@ def run_cell(cell: Cell, grid_run_id: str) -> None:
     if cell.kind == "dense":
         run_evaluate(cell.config, tags)
     elif cell.kind == "one-shot":
-        run_prune(replace(cell.config, output_dir=f"pruned_models/compare-{cell.key}"), tags)
+        # a cell's directories belong to its key: a forced rerun replaces its own model
+        saved = replace(cell.config.saved_model, overwrite=True)
+        run_prune(replace(cell.config, output_dir=f"pruned_models/compare-{cell.key}", saved_model=saved), tags)
     else:  # trained: the IMP loop; a killed cell resumes from its last completed iteration
         out = f"checkpoints/compare-{cell.key}"
         run_iterative(
             replace(
                 cell.config,
+                saved_model=replace(cell.config.saved_model, overwrite=True),
                 output_dir=out,
                 model_dir=f"pruned_models/compare-{cell.key}",
                 resume=has_checkpoint(Path(out)),
@@ -77,10 +80,14 @@ def run_compare(config: CompareConfig) -> pd.DataFrame | None:
         tags={"model": config.model.model, "dataset": config.data.dataset, "kind": "compare"},
         tracking=config.tracking,
         checks=checks,
+        stop_hint="Stopped. Finished cells are kept in MLflow and a trained cell resumes from its last completed "
+        "iteration: run the same compare command again to continue",
     ) as job:
         cells = plan_cells(config, job.inputs.digest[:16])
         main = is_main_process()
         experiment_id = mlflow.get_run(job.tracker.run_id).info.experiment_id if main else None
+        if main:
+            mark_orphaned_runs(experiment_id)  # what a SIGKILLed grid left RUNNING
         done = from_main(
             {key: run.info.run_id for key, run in finished_cell_runs(experiment_id).items()}
             if main and not config.grid.force

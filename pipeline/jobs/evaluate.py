@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import EvaluateConfig
 from ..perplexity import PerplexityResult
 from ..settings import flat_values
-from ..workload import check_inputs, load_workload
+from ..workload import check_inputs
 from ..zeroshot import check_tasks, log_tasks
 from . import job_run
 
@@ -25,8 +25,7 @@ def run_evaluate(config: EvaluateConfig, tags: dict | None = None) -> Perplexity
         tracking=config.tracking,
         checks=lambda: checks(config),
     ) as job:
-        work = load_workload(config.model, config.data, job.inputs)
-        job.tracker.set_tags(work.corpus.describe())
+        work = job.workload(config)
         job.tracker.log_params(
             {"resolved_seqlen": work.seqlen, "resolved_dtype": str(next(work.model.parameters()).dtype)}
         )

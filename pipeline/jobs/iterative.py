@@ -9,9 +9,9 @@ from ..checkpoint import atomic_torch_save, load_checkpoint
 from ..config import IterativeConfig
 from ..distributed import check_launch, is_main_process
 from ..errors import ConfigError, option
-from ..imp import ImpRun
+from ..imp import ImpRun, planned_schedule
 from ..models import save_model
-from ..outputs import check_writable_dir
+from ..outputs import check_no_saved_model, check_writable_dir
 from ..perplexity import change_pct
 from ..settings import flat_values
 from ..workload import check_inputs
@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = {
     "lr",
     "final_lr",
     "resume",
+    "overwrite",
 }
 
 
@@ -56,10 +57,23 @@ def checkpoint_to_continue(config: IterativeConfig, out: Path) -> dict | None:
     return checkpoint
 
 
+def check_rewind_point(config: IterativeConfig) -> None:
+    """iteration:K rewinds to the weights after iteration K, so some iteration must follow K."""
+    point, iterations = config.rewind_iteration, len(planned_schedule(config.schedule)[0])
+    if point and point >= iterations:
+        valid = f"use K from 1 to {iterations - 1}" if iterations > 1 else "use dense or none"
+        raise ConfigError(
+            f"{option('rewind')} iteration:{point} rewinds to the weights after iteration {point}, but the schedule "
+            f"has {iterations} iteration{'s' if iterations > 1 else ''}: {valid}"
+        )
+
+
 def checks(config: IterativeConfig):
-    check_launch(config.train.batch_size)
+    check_rewind_point(config)
     if is_main_process() and config.save_model:
         check_writable_dir(config.resolved("model_dir"), "model_dir")
+        # a resumed run replaces what it saved itself, if it had got that far
+        check_no_saved_model(config.resolved("model_dir"), config.saved_model.overwrite or config.resume, "model_dir")
     inputs = check_inputs(
         config.model,
         config.data,
@@ -83,7 +97,7 @@ def save_final_model(imp: ImpRun, config: IterativeConfig) -> list:
     final = imp.history[-1]
     imp.tracker.log_model_dir(
         stem,
-        config.registry.register_model,
+        config.saved_model.register_model,
         {
             "sparsity": final["sparsity"],
             "perplexity": final["ppl_after_train"],
@@ -132,6 +146,7 @@ def print_summary(history: list, model_paths: list) -> None:
 def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
     """Checks, then the IMP run in one MLflow run (reopened when resuming), the checkpoint directory owned by
     this run throughout; returns the history (entry 0: the unpruned model)."""
+    check_launch(config.train.batch_size)  # first, on every process alike, before the launcher stops them
     out = Path(config.resolved("output_dir"))
     name = (
         f"iterative {config.prune.method} {Path(config.model.model).name} {config.data.dataset} "

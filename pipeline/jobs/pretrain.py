@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import psutil
+
 from ..config import PretrainConfig
-from ..pretrain import pretrain
+from ..errors import ConfigError, option
+from ..memory import GIB, training_bytes
+from ..pretrain import model_config, pretrain
 from ..settings import flat_values
 from . import job_run
+
+
+def check_memory(config: PretrainConfig) -> None:
+    """The model's training memory (the `memory` formula: float32 weights, AdamW, activations, logits) against
+    what this machine has free, before anything is allocated."""
+
+    def at_depth(layers: int) -> int:  # built on the meta device: a deep model takes long even there
+        shallow = replace(config, num_layers=layers)
+        return training_bytes(model_config(shallow), config.batch_size, config.max_positions, 4, 4)["total"]
+
+    one, two = at_depth(1), at_depth(2)
+    needed = one + (config.num_layers - 1) * (two - one)  # every term of the formula is linear in the depth
+    free = psutil.virtual_memory().available
+    if needed > free:
+        raise ConfigError(
+            f"{option('hidden_size')} {config.hidden_size}, {option('num_layers')} {config.num_layers}, "
+            f"{option('batch_size')} {config.batch_size} and {option('max_positions')} {config.max_positions} need "
+            f"about {needed / GIB:,.1f} GiB to train and this machine has {free / GIB:,.1f} GiB free: make the "
+            "model or the batch smaller"
+        )
 
 
 def run_pretrain(config: PretrainConfig) -> dict:
@@ -18,6 +43,7 @@ def run_pretrain(config: PretrainConfig) -> dict:
         tags={"model": config.name, "dataset": "pydocs"},
         tracking=config.tracking,
         output_dir=output_dir,
+        checks=lambda: check_memory(config),
     ) as job:
         summary = pretrain(
             config,

@@ -7,12 +7,13 @@ from pathlib import Path
 from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
 from ..distributed import sync_from_main
+from ..outputs import check_no_saved_model
 from ..perplexity import change_pct
 from ..pruning import prune_model
 from ..pruning.masks import prunable_linears, sparsity_report
 from ..pruning.sequential import layer_table_csv
 from ..settings import flat_values
-from ..workload import check_inputs, load_workload
+from ..workload import check_inputs
 from ..zeroshot import check_tasks
 from . import finish_model, job_run
 
@@ -20,6 +21,7 @@ SPLIT = "test"
 
 
 def checks(config: PruneRunConfig):
+    check_no_saved_model(config.resolved("output_dir"), config.saved_model.overwrite)
     inputs = check_inputs(config.model, config.data, eval_split=SPLIT, prune=config.prune)
     check_tasks(config.tasks)
     return inputs
@@ -38,8 +40,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         checks=lambda: checks(config),
     ) as job:
         tracker = job.tracker
-        work = load_workload(config.model, config.data, job.inputs, keep_on_cpu=True)
-        tracker.set_tags(work.corpus.describe())
+        work = job.workload(config, keep_on_cpu=True)
         dense, cached = dense_perplexity(work, SPLIT)
         print(f"dense perplexity: {dense:.4f}" + (" (cached)" if cached else ""))
         windows, calibration = work.calibration(prune)
@@ -68,7 +69,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
             tracker,
             work,
             config.tasks,
-            config.registry,
+            config.saved_model,
             output_dir,
             {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label},
         )

@@ -8,11 +8,12 @@ from pathlib import Path
 from ..config import TrainRunConfig
 from ..distributed import check_launch
 from ..errors import UserError, option
-from ..models import load_model, model_skeleton, training_dtype
+from ..models import load_model, training_dtype
+from ..outputs import check_no_saved_model
 from ..pruning.masks import prunable_linears, sparsity_of
 from ..settings import flat_values
 from ..training import NonFiniteLoss, train_keeping_masks
-from ..workload import check_inputs, load_workload
+from ..workload import check_inputs, check_teacher
 from ..zeroshot import check_tasks
 from . import finish_model, job_run
 
@@ -25,15 +26,16 @@ def step_metrics(metrics: dict) -> dict:
 
 
 def checks(config: TrainRunConfig):
-    check_launch(config.train.batch_size)
+    check_no_saved_model(config.resolved("output_dir"), config.saved_model.overwrite)
     inputs = check_inputs(config.model, config.data, eval_split=SPLIT, training=True)
     if config.teacher:
-        model_skeleton(config.teacher, config.model.trust_remote_code)
+        check_teacher(inputs.skeleton, config.teacher, config.train.distill, config.model.trust_remote_code)
     check_tasks(config.tasks)
     return inputs
 
 
 def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
+    check_launch(config.train.batch_size)  # first, on every process alike, before the launcher stops them
     model_name, dataset = config.model.model, config.data.dataset
     output_dir = Path(config.resolved("output_dir"))
     with job_run(
@@ -45,8 +47,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
         checks=lambda: checks(config),
     ) as job:
         tracker = job.tracker
-        work = load_workload(config.model, config.data, job.inputs, training=True)
-        tracker.set_tags(work.corpus.describe())
+        work = job.workload(config, training=True)
         blocks = work.training_blocks()
         work.record_inputs(tracker, evaluation=SPLIT, training=blocks)
         linears = prunable_linears(work.model)
@@ -95,7 +96,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
             tracker,
             work,
             config.tasks,
-            config.registry,
+            config.saved_model,
             output_dir,
             {"sparsity": sparsity_of(linears), "perplexity": ppl},
         )

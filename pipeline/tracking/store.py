@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -144,3 +145,35 @@ def finished_cell_runs(experiment_id: str, keys: set | None = None) -> dict:
         if key and key not in found and (keys is None or key in keys):
             found[key] = run
     return found
+
+
+OWNER_TAGS = ("pipeline.host", "pipeline.pid")  # the process that opened a run: `tracked_run` sets them
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def mark_orphaned_runs(experiment_id: str) -> list:
+    """Runs of this experiment left RUNNING by a process of this machine that no longer exists (SIGKILL, a
+    crash) are marked KILLED, so the UI tells them from live ones; a run of another machine is left as it
+    is, since its owner cannot be seen from here. Returns their ids."""
+    client, host, orphaned = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        pid = tags.get("pipeline.pid", "")
+        if tags.get("pipeline.host") == host and pid.isdigit() and not process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            orphaned.append(run.info.run_id)
+    if orphaned:
+        print(
+            f"note: {len(orphaned)} run(s) left RUNNING by processes that no longer exist marked KILLED: "
+            f"{', '.join(orphaned)}"
+        )
+    return orphaned

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -16,7 +18,15 @@ from .. import __version__
 from ..config import DEFAULT_EXPERIMENT
 from ..distributed import is_main_process
 from .journal import Journal, dataset_input, is_outage, journal_path, metric_entries, register_model
-from .store import git_commit, tracking_unreachable, tracking_uri, under_mlflow_run, use_experiment, use_tracking_store
+from .store import (
+    OWNER_TAGS,
+    git_commit,
+    tracking_unreachable,
+    tracking_uri,
+    under_mlflow_run,
+    use_experiment,
+    use_tracking_store,
+)
 
 FLUSH_EVERY = 200  # metrics buffered per log_batch call; MLflow's batch limit is 1000
 PENDING_DIR = "mlflow-pending"  # journal directory of commands that have no output directory
@@ -236,8 +246,9 @@ def tracked_run(
         adopted = under_mlflow_run() or resume_run_id is not None
         run = _open_run(run_name, experiment, resume_run_id, system_metrics)
         tracker = MLflowTracker(run.info.run_id, journal_dir)
+        owner = dict(zip(OWNER_TAGS, (socket.gethostname(), os.getpid())))  # who to ask whether it still runs
         tracker.set_tags(
-            {"mlflow.runName": run_name, "pipeline_version": __version__, "git_commit": git_commit(), **tags}
+            {"mlflow.runName": run_name, "pipeline_version": __version__, "git_commit": git_commit(), **owner, **tags}
         )
         if adopted:  # `mlflow run` logged its entry-point parameters; a resumed run logged its own
             logged = set(tracker.client.get_run(tracker.run_id).data.params)
