@@ -149,26 +149,29 @@ CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # how transformers names a d
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+def _not_a_causal_lm(config) -> str | None:
+    """What the config is instead of a decoder-only causal LM, or None when it is one."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    saved_as = [a for a in getattr(config, "architectures", None) or [] if not a.endswith(CAUSAL_LM_CLASSES)]
+    if saved_as:
+        return f"a {saved_as[0]}"
+    # a config saved without its class: an encoder is a type with a masked-LM head that is not a decoder
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "an encoder model"
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
+        return "not a causal LM"
+    return None
+
+
 def check_causal_lm(name: str, config, setting: str = "model") -> None:
     """Only decoder-only causal LMs: an encoder (BERT) would get a randomly initialized causal head, and an
     encoder-decoder (T5) has no single stack of decoder layers to prune."""
-    saved_as = [a for a in getattr(config, "architectures", None) or [] if not a.endswith(CAUSAL_LM_CLASSES)]
-    # a config saved without its class: an encoder is a type with a masked-LM head that is not a decoder
-    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    unknown = config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom
-    if getattr(config, "is_encoder_decoder", False) or saved_as or encoder or unknown:
-        kind = (
-            "an encoder-decoder"
-            if getattr(config, "is_encoder_decoder", False)
-            else f"a {saved_as[0]}"
-            if saved_as
-            else "an encoder"
-            if encoder
-            else "not a causal LM"
-        )
+    kind = _not_a_causal_lm(config)
+    if kind:
         raise ConfigError(
-            f"{option(setting)} {name} is {kind} model ({config.model_type}); this tool prunes decoder-only causal "
+            f"{option(setting)} {name} is {kind} ({config.model_type}); this tool prunes decoder-only causal "
             "LMs (OPT, Llama, Mistral, Qwen, Phi, GPT-2, ...), whose checkpoint is a *ForCausalLM"
         )
 
