@@ -229,6 +229,19 @@ cli = click.Group(
 )
 for _command in COMMANDS:
     cli.add_command(make_command(_command))
+
+
+@click.command("cell", hidden=True)
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+def cell(spec: str) -> None:
+    """One cell of a compare grid, from the spec compare wrote (what --parallel and --executor submitit run);
+    exit 75 when another process holds the cell."""
+    from .jobs.cell import run_spec_file  # deferred, as every job
+
+    run_spec_file(spec)
+
+
+cli.add_command(cell)
 cli = click.version_option(package_name="llm-pruning-pipeline", message="%(version)s")(cli)
 
 
@@ -237,7 +250,9 @@ def exit_code_for(error: BaseException) -> int:
         return 143
     if isinstance(error, KeyboardInterrupt):
         return 130
-    return 2 if isinstance(error, (ConfigError, click.UsageError)) else 1
+    if isinstance(error, (ConfigError, click.UsageError)):
+        return 2
+    return getattr(error, "exit_code", 1)
 
 
 def user_message(error: UserError) -> str:

@@ -531,6 +531,80 @@ class GridConfig(Settings):
     report: bool = setting(True, "write the report when the grid is done", negatable=True)
 
 
+EXECUTORS = ("local", "submitit")
+
+
+def default_threads_per_cell(executor) -> int:
+    """this machine's cores split over --parallel; in the compare process itself, its threads as they are"""
+    return max(1, (os.cpu_count() or 1) // executor.parallel)
+
+
+@dataclass
+class ExecutorConfig(Settings):
+    """Where a grid's cells run."""
+
+    executor: str = setting(
+        "local",
+        "local: this machine; submitit: each cell a job of a Slurm job array (submitit's local executor off a cluster)",
+        choices=EXECUTORS,
+        noun="executor",
+    )
+    parallel: int = setting(
+        1, "cells at a time, each a process of its own when above 1 (submitit: the array's parallelism)", at_least=1
+    )
+    gpus_per_cell: int = setting(
+        1, "GPUs of each cell's own (CUDA_VISIBLE_DEVICES); above 1 the cell runs under accelerate launch", at_least=1
+    )
+    threads_per_cell: int | None = setting(None, "CPU threads of each cell", at_least=1, rule=default_threads_per_cell)
+    shard: str | None = setting(
+        None, "K/N: run only the K-th of N fixed slices of the grid's cells (by cell key) and write no report"
+    )
+    wait: bool = setting(
+        True, "wait for the submitted cells (--no-wait: return at once; a later compare collects them)", negatable=True
+    )
+    slurm_partition: str | None = setting(None, "Slurm partition of the cell jobs")
+    slurm_time: int = setting(240, "minutes each cell job may run (Slurm's time limit)", at_least=1)
+    slurm_setup: list[str] = setting(
+        [], "comma-separated shell lines each cell job runs first, e.g. 'source venv/bin/activate'"
+    )
+    slurm_requeue: bool = setting(False, "a cell job Slurm stops (preemption, time limit) is requeued and resumes")
+    executor_config: str | None = setting(
+        None, "a YAML file of further submitit parameters, e.g. slurm_mem_gb: 32, slurm_constraint: a100"
+    )
+
+    def check(self) -> None:
+        if self.shard is not None:
+            match = re.fullmatch(r"(\d+)/(\d+)", self.shard)
+            if not match or not 1 <= int(match[1]) <= int(match[2]):
+                raise ConfigError(f"{option('shard')} '{self.shard}' is not K/N with 1 <= K <= N (e.g. 1/4)")
+        if self.executor == "local":
+            given = [name for name in ("slurm_partition", "executor_config") if getattr(self, name)]
+            given += ["slurm_setup"] if self.slurm_setup else []
+            given += ["slurm_requeue"] if self.slurm_requeue else []
+            if given:
+                raise ConfigError(
+                    f"{', '.join(option(name) for name in given)} {'is' if len(given) == 1 else 'are'} for "
+                    f"{option('executor')} submitit; the cells run on this machine"
+                )
+        if self.executor == "local" and not self.wait:
+            raise ConfigError(
+                f"returning before the cells finish ({option('wait')} off) is for {option('executor')} submitit: "
+                "local cells are this process's own children"
+            )
+        if self.executor_config and not os.path.isfile(self.executor_config):
+            raise ConfigError(f"{option('executor_config')} {self.executor_config} is not a file")
+
+    @property
+    def in_process(self) -> bool:
+        """The cells one after another in the compare process itself (today's default)."""
+        return self.executor == "local" and self.parallel == 1
+
+    @property
+    def shard_numbers(self) -> tuple[int, int]:
+        k, n = self.shard.split("/")
+        return int(k), int(n)
+
+
 @dataclass
 class CompareConfig(RunConfig):
     # `mlflow run .` (the MLproject's main entry point) runs `compare --preset demo`
@@ -555,6 +629,7 @@ class CompareConfig(RunConfig):
         PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude", "seed")
     )
     tasks: TasksConfig = group(TasksConfig)
+    executor: ExecutorConfig = group(ExecutorConfig)
     preset: str | None = setting(
         None,
         "settings a preset changes unless given: demo = the MLproject's main entry point",

@@ -26,6 +26,8 @@ def spell(message: str, name_of=lambda name: name) -> str:
 class UserError(Exception):
     """A problem with the input or the environment, stated so the user knows what to do."""
 
+    exit_code = 1  # what the CLI exits with (ConfigError: 2)
+
     @property
     def template(self) -> str:
         return self.args[0] if self.args else ""

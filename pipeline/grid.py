@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, replace
 
 from .config import CompareConfig, EvaluateConfig, IterativeConfig, PruneRunConfig, parse_pattern
-from .methods import METHODS, label
+from .methods import KINDS, METHODS, label
 from .settings import flat_values
 
 # Settings that change where or how a cell runs, not its result.
@@ -139,3 +139,11 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                         )
                     )
     return cells
+
+
+def shard_of(cells: list, k: int, n: int) -> list:
+    """The k-th of n slices (1-based) of the whole plan, the same in every shard whatever has finished: cells in
+    order of kind, then key, dealt out in turn, so each shard gets its share of each kind (a trained cell costs
+    far more than a one-shot one)."""
+    ordered = sorted(cells, key=lambda cell: (KINDS.index(cell.kind), cell.key))
+    return ordered[k - 1 :: n]

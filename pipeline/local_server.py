@@ -1,5 +1,6 @@
-"""A real `mlflow server` on 127.0.0.1 in a directory of its own: what `bench` measures the client/server
-logging path against (and what the tests stop and restart to simulate a tracking outage)."""
+"""A real `mlflow server` on 127.0.0.1: what `bench` measures the client/server logging path against, what
+the tests stop and restart to simulate a tracking outage, and the one writer of a sqlite store that cells in
+processes of their own share (`compare --parallel`)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ def free_port() -> int:
 class LocalMlflowServer:
     """Started and stopped on the same port and sqlite store, so a restart is the same server coming back."""
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(
+        self, root: Path, port: int | None = None, backend_store_uri: str | None = None, artifacts: Path | None = None
+    ):
+        """By default a store of its own in `root`; `backend_store_uri` and `artifacts` serve an existing one."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.root / 'server.db'}"
+        self.artifacts = Path(artifacts or self.root / "artifacts")
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -45,9 +51,9 @@ class LocalMlflowServer:
                 "--workers",
                 "1",
                 "--backend-store-uri",
-                f"sqlite:///{self.root / 'server.db'}",
+                self.backend_store_uri,
                 "--artifacts-destination",
-                str(self.root / "artifacts"),
+                str(self.artifacts),
             ],
             cwd=self.root,
             stdout=log,

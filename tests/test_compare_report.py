@@ -206,12 +206,15 @@ def test_ft_models_keep_the_one_shot_mask_exactly(finished_grid):
 
     from pipeline.pruning.masks import model_masks, prunable_linears
 
-    settings, _, root = finished_grid
+    settings, runs, root = finished_grid
     cells = keyed_cells(settings)
+    experiment_id = MlflowClient().get_run(runs["run_id"].iloc[0]).info.experiment_id
     for method in ("magnitude", "sparsegpt"):
-        one_shot, _ = load_model_and_tokenizer(str(root / "pruned_models" / f"compare-{cells[(method, 0.5)].key}"))
+        one_shot, _ = load_model_and_tokenizer(
+            str(root / "pruned_models" / f"compare-e{experiment_id}-{cells[(method, 0.5)].key}")
+        )
         trained, _ = load_model_and_tokenizer(
-            str(root / "pruned_models" / f"compare-{cells[(method + '+ft', 0.5)].key}")
+            str(root / "pruned_models" / f"compare-e{experiment_id}-{cells[(method + '+ft', 0.5)].key}")
         )
         before, after = model_masks(prunable_linears(one_shot)), model_masks(prunable_linears(trained))
         assert all(torch.equal(before[name], after[name]) for name in before), method

@@ -135,6 +135,9 @@ def test_every_unset_default_is_a_rule_declared_with_its_setting_or_means_none()
     from pipeline.settings import flatten
 
     means_none = {
+        "shard",
+        "slurm_partition",
+        "executor_config",
         "register_model",
         "include",
         "exclude",

@@ -1,0 +1,192 @@
+"""One cell of the comparison grid, as a job of its own: in the compare process, or in a process of its own
+(`python -m pipeline cell SPEC.json`, a hidden command, or a submitit job) from a spec that carries everything it needs.
+
+A cell claims its key before it runs: an exclusive `flock` on `<grid directory>/claims/<key>.lock`, which
+the kernel drops when the process ends however it ends. Two `compare` processes on one grid (on one
+machine, or on machines sharing the directory over a file system with working locks) therefore never run a
+cell twice at once; the one that finds a cell claimed waits for it instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ..checkpoint import has_checkpoint
+from ..config import EvaluateConfig, IterativeConfig, PruneRunConfig
+from ..errors import UserError
+from ..grid import Cell
+from ..settings import build, flat_values
+from ..tracking.store import finished_cell_runs, use_tracking_store
+from .evaluate import run_evaluate
+from .iterative import run_iterative
+from .prune import run_prune
+
+CONFIGS = {cls.__name__: cls for cls in (EvaluateConfig, PruneRunConfig, IterativeConfig)}
+
+
+CLAIMED = 75  # a cell process's exit code when another process holds the cell (EX_TEMPFAIL)
+
+
+def cell_command(spec_path: Path, gpus: int) -> list:
+    """The cell's process: itself, or under `accelerate launch` with one process per GPU when it has several."""
+    if gpus > 1:
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(gpus),
+            "-m",
+            "pipeline",
+            "cell",
+            str(spec_path),
+        ]
+    return [sys.executable, "-m", "pipeline", "cell", str(spec_path)]
+
+
+class Claimed(UserError):
+    """Another process is running this cell: the cell's process exits with CLAIMED, and compare waits."""
+
+    exit_code = CLAIMED
+
+
+@contextlib.contextmanager
+def claim(claims: Path, key: str):
+    """Holds the cell's claim while the block runs; raises Claimed when another process holds it."""
+    claims.mkdir(parents=True, exist_ok=True)
+    handle = open(claims / f"{key}.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise Claimed(f"cell {key} is claimed by another process") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def is_claimed(claims: Path, key: str) -> bool:
+    try:
+        with claim(claims, key):
+            return False
+    except Claimed:
+        return True
+
+
+def cell_directory(kind: str, cell: Cell, experiment_id: str) -> str:
+    """`checkpoints/` or `pruned_models/` + the cell's name: its key within its experiment (the same cell of
+    another experiment is another run, with directories of its own)."""
+    return f"{kind}/compare-e{experiment_id}-{cell.key}"
+
+
+def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict | None = None) -> None:
+    """The cell's job: evaluate (dense), prune (one-shot) or iterative (trained); a killed trained cell resumes
+    from its last completed iteration. Its directories belong to it, so a forced rerun replaces its own
+    model."""
+    tags = {**cell.tags, "grid": grid_run_id, **(extra_tags or {})}
+    model_dir = cell_directory("pruned_models", cell, experiment_id)
+    if cell.kind == "dense":
+        run_evaluate(cell.config, tags)
+    elif cell.kind == "one-shot":
+        saved = replace(cell.config.saved_model, overwrite=True)
+        run_prune(replace(cell.config, output_dir=model_dir, saved_model=saved), tags)
+    else:
+        out = cell_directory("checkpoints", cell, experiment_id)
+        run_iterative(
+            replace(
+                cell.config,
+                saved_model=replace(cell.config.saved_model, overwrite=True),
+                output_dir=out,
+                model_dir=model_dir,
+                resume=has_checkpoint(Path(out)),
+            ),
+            tags,
+        )
+
+
+def cell_spec(cell: Cell, grid_run_id: str, experiment: str, claims: Path, threads: int | None, gpus: int) -> dict:
+    """What a cell's own process needs (JSON): its config by flat keys, where it records, its claim."""
+    return {
+        "cell": {
+            "kind": cell.kind,
+            "method": cell.method,
+            "target": cell.target,
+            "seed": cell.seed,
+            "corpus": cell.corpus,
+            "pattern": cell.pattern,
+            "distill": cell.distill,
+        },
+        "config_class": type(cell.config).__name__,
+        "values": flat_values(cell.config),
+        "key": cell.key,
+        "grid_run_id": grid_run_id,
+        "experiment": experiment,
+        "claims": str(claims),
+        "threads": threads,
+        "gpus": gpus,
+    }
+
+
+def cell_from_spec(spec: dict) -> Cell:
+    values = {**spec["values"], "experiment": spec["experiment"]}  # the grid's experiment, by name
+    cell = Cell(**spec["cell"], config=build(CONFIGS[spec["config_class"]], values))
+    if cell.key != spec["key"]:
+        raise RuntimeError(f"the cell's spec rebuilds another cell ({cell.key}, not {spec['key']}): a bug")
+    return cell
+
+
+def run_spec(spec: dict) -> None:
+    """A cell in a process of its own: the grid's experiment, not whatever run `mlflow run` injected into the
+    compare process; this process's share of the threads; skipped when it already finished."""
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(name, None)
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    cell = cell_from_spec(spec)
+    use_tracking_store()
+    with claim(Path(spec["claims"]), cell.key):
+        import mlflow
+
+        experiment_id = mlflow.get_run(spec["grid_run_id"]).info.experiment_id
+        if cell.key in finished_cell_runs(experiment_id, {cell.key}):
+            print(f"{cell.label}: already finished")
+            return
+        # an out-of-process cell is a child of the grid's run all the same (the UI nests it)
+        run_cell(cell, spec["grid_run_id"], experiment_id, {"mlflow.parentRunId": spec["grid_run_id"]})
+
+
+def run_cell_job(spec: dict) -> str:
+    """What a submitit job runs: the cell (under `accelerate launch` with a process per GPU when it has
+    several); "finished", or "claimed" when another process holds it."""
+    if spec.get("gpus", 1) > 1:
+        path = Path(spec["claims"]).parent / "cells" / f"{spec['key']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(spec))
+        code = subprocess.run(cell_command(path, spec["gpus"])).returncode
+        if code not in (0, CLAIMED):
+            raise RuntimeError(f"the cell's processes exited with {code}: see this job's log")
+        return "claimed" if code == CLAIMED else "finished"
+    try:
+        run_spec(spec)
+    except Claimed:
+        return "claimed"
+    return "finished"
+
+
+def run_spec_file(path: str) -> None:
+    """What `python -m pipeline cell SPEC.json` runs."""
+    run_spec(json.loads(Path(path).read_text()))
