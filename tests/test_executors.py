@@ -138,7 +138,8 @@ def test_a_killed_parallel_cell_is_resumed_and_two_compares_run_each_cell_once(t
 
 
 def test_executor_settings_that_cannot_work_are_refused_before_any_run(tmp_path):
-    from test_bad_input import assert_one_line, cli, runs_in, store_env
+    from test_bad_input import assert_one_line, runs_in, store_env
+    from test_refusals import here
 
     env = store_env(tmp_path)
     for args, code, fragment in (
@@ -147,12 +148,12 @@ def test_executor_settings_that_cannot_work_are_refused_before_any_run(tmp_path)
         (["--slurm-partition", "gpu"], 2, "--slurm-partition is for --executor submitit"),
         (["--executor", "submitit", "--no-wait"], 2, "needs Slurm"),
     ):
-        assert_one_line(cli("compare", *args, cwd=tmp_path, env=env), code, fragment)
+        assert_one_line(here("compare", *args, cwd=tmp_path, env=env), code, fragment)
     # where Slurm's `srun` is on the PATH, submitit submits to Slurm: other machines cannot reach a sqlite file
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
     (bin_dir / "srun").chmod(0o755)
     slurm = dict(env, PATH=f"{bin_dir}:{env['PATH']}")
-    assert_one_line(cli("compare", "--executor", "submitit", cwd=tmp_path, env=slurm), 2, "an http(s) `mlflow server`")
+    assert_one_line(here("compare", "--executor", "submitit", cwd=tmp_path, env=slurm), 2, "an http(s) `mlflow server`")
     assert runs_in(tmp_path) == []

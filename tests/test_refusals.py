@@ -16,10 +16,35 @@ from test_bad_input import assert_one_line, cli, runs_in, store_env
 
 from pipeline.cli import COMMANDS, flag, user_message
 from pipeline.cli import cli as click_group
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.settings import build, flatten
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Result:
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, "", stderr
+
+
+def here(*args, cwd, env=None):
+    """The command run in this process, as `cli` runs it in another (one line on stderr, the exit code): a
+    refusal comes before any work, so the interpreter's start-up need not be paid for each case."""
+    import click
+
+    from pipeline.cli import exit_code_for
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for name in ("MLFLOW_TRACKING_URI", "PATH"):
+            if env and name in env:
+                patch.setenv(name, env[name])
+        try:
+            click_group.main(list(args), standalone_mode=False)
+        except (UserError, click.UsageError) as error:
+            line = user_message(error) if isinstance(error, UserError) else error.format_message()
+            return Result(exit_code_for(error), f"error: {line}\n")
+    return Result(0, "")
 
 
 def copy_model(source: Path, target: Path, *, tokenizer_from: Path | None = None, tokenizer: bool = True) -> Path:
@@ -151,13 +176,13 @@ def test_a_run_that_fails_before_writing_leaves_no_directory_it_created(tmp_path
 def test_a_teacher_of_another_vocabulary_or_shape_is_refused(tmp_path, tiny_model_dir, corpus_dir, other_models):
     env = store_env(tmp_path)
     base = ["train", *data_args(tiny_model_dir, corpus_dir), "--max-steps", "1", "--batch-size", "2"]
-    vocab = cli(*base, "--teacher", str(other_models["vocab300"]), "--distill", "logits", cwd=tmp_path, env=env)
+    vocab = here(*base, "--teacher", str(other_models["vocab300"]), "--distill", "logits", cwd=tmp_path, env=env)
     assert_one_line(vocab, 2, "--teacher", "vocabulary of 300", "400")
-    deeper = cli(*base, "--teacher", str(other_models["deeper"]), "--distill", "squarehead", cwd=tmp_path, env=env)
+    deeper = here(*base, "--teacher", str(other_models["deeper"]), "--distill", "squarehead", cwd=tmp_path, env=env)
     assert_one_line(deeper, 2, "--distill squarehead", "--teacher", "3 layers")
-    missing = cli(*base, "--teacher", str(tmp_path / "no-such-dir"), "--distill", "logits", cwd=tmp_path, env=env)
+    missing = here(*base, "--teacher", str(tmp_path / "no-such-dir"), "--distill", "logits", cwd=tmp_path, env=env)
     assert_one_line(missing, 2, "--teacher", "does not exist")
-    unused = cli(*base, "--teacher", str(tiny_model_dir), cwd=tmp_path, env=env)
+    unused = here(*base, "--teacher", str(tiny_model_dir), cwd=tmp_path, env=env)
     assert_one_line(unused, 2, "--teacher is what --distill learns from")
     assert runs_in(tmp_path) == [] and not (tmp_path / "pruned_models").exists()
 
@@ -167,7 +192,7 @@ def test_a_model_whose_vocabulary_is_smaller_than_its_token_ids_is_refused(
 ):
     mixed = copy_model(other_models["vocab300"], tmp_path / "mixed", tokenizer_from=tiny_model_dir)
     for command in ("evaluate", "prune"):
-        result = cli(command, *data_args(mixed, corpus_dir), cwd=tmp_path, env=store_env(tmp_path))
+        result = here(command, *data_args(mixed, corpus_dir), cwd=tmp_path, env=store_env(tmp_path))
         assert_one_line(result, 2, "--model", "token ids below 300", "not the model's own")
     assert runs_in(tmp_path) == []
 
@@ -175,7 +200,7 @@ def test_a_model_whose_vocabulary_is_smaller_than_its_token_ids_is_refused(
 def test_a_model_directory_without_tokenizer_or_with_cut_weights_is_one_line(tmp_path, tiny_model_dir, corpus_dir):
     bare = copy_model(tiny_model_dir, tmp_path / "bare", tokenizer=False)
     assert_one_line(
-        cli("evaluate", *data_args(bare, corpus_dir), cwd=tmp_path, env=store_env(tmp_path)),
+        here("evaluate", *data_args(bare, corpus_dir), cwd=tmp_path, env=store_env(tmp_path)),
         2,
         "holds no tokenizer",
         "tokenizer.save_pretrained",
@@ -184,7 +209,7 @@ def test_a_model_directory_without_tokenizer_or_with_cut_weights_is_one_line(tmp
     weights = cut / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert_one_line(
-        cli("evaluate", *data_args(cut, corpus_dir), cwd=tmp_path, env=store_env(tmp_path)),
+        here("evaluate", *data_args(cut, corpus_dir), cwd=tmp_path, env=store_env(tmp_path)),
         1,
         "model.safetensors is truncated",
     )
@@ -199,14 +224,14 @@ def test_only_decoder_only_causal_lms_are_accepted(tmp_path, corpus_dir):
     )
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64).save_pretrained(tmp_path / "t5")
     for name, fragment in (("bert", "is an encoder model (bert)"), ("t5", "is an encoder-decoder model (t5)")):
-        result = cli("prune", *data_args(tmp_path / name, corpus_dir), cwd=tmp_path, env=store_env(tmp_path))
+        result = here("prune", *data_args(tmp_path / name, corpus_dir), cwd=tmp_path, env=store_env(tmp_path))
         assert_one_line(result, 2, fragment, "decoder-only causal LMs")
     assert runs_in(tmp_path) == [] and not (tmp_path / "pruned_models").exists()
 
 
 def test_pretraining_a_model_larger_than_the_memory_is_refused_before_allocating(tmp_path):
     started = time.perf_counter()
-    result = cli(
+    result = here(
         "pretrain",
         "--hidden-size",
         "1000000",
@@ -225,18 +250,18 @@ def test_report_bad_output_dir_and_empty_experiment_open_no_run(tmp_path):
     env = store_env(tmp_path)
     (tmp_path / "a-file").write_text("x")
     assert_one_line(
-        cli("report", "--output-dir", "a-file", cwd=tmp_path, env=env), 2, "--output-dir a-file", "is a file"
+        here("report", "--output-dir", "a-file", cwd=tmp_path, env=env), 2, "--output-dir a-file", "is a file"
     )
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     mlflow.create_experiment("empty")
-    assert_one_line(cli("report", "--experiment", "empty", cwd=tmp_path, env=env), 1, "'empty' holds no finished")
+    assert_one_line(here("report", "--experiment", "empty", cwd=tmp_path, env=env), 1, "'empty' holds no finished")
     assert runs_in(tmp_path) == []
 
 
 def test_bench_bad_input_opens_no_run(tmp_path, tiny_model_dir):
     env = store_env(tmp_path)
-    assert_one_line(cli("bench", "--model", "opt-9b", "--quick", cwd=tmp_path, env=env), 2, "unknown model")
-    window = cli("bench", "--model", str(tiny_model_dir), "--seqlen", "4096", "--quick", cwd=tmp_path, env=env)
+    assert_one_line(here("bench", "--model", "opt-9b", "--quick", cwd=tmp_path, env=env), 2, "unknown model")
+    window = here("bench", "--model", str(tiny_model_dir), "--seqlen", "4096", "--quick", cwd=tmp_path, env=env)
     assert_one_line(window, 2, "--seqlen 4096 is above the model's 128 positions")
     assert runs_in(tmp_path) == []
 
@@ -244,7 +269,7 @@ def test_bench_bad_input_opens_no_run(tmp_path, tiny_model_dir):
 def test_a_broken_task_yaml_is_named_in_one_line(tmp_path, tiny_model_dir, corpus_dir):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "broken.yaml").write_text("task: broken\ndataset_path: [unclosed\n")
-    result = cli(
+    result = here(
         "evaluate", *data_args(tiny_model_dir, corpus_dir), "--tasks", "tasks", cwd=tmp_path, env=store_env(tmp_path)
     )
     assert_one_line(result, 2, "--tasks", "broken.yaml is not valid YAML at line")
@@ -253,12 +278,12 @@ def test_a_broken_task_yaml_is_named_in_one_line(tmp_path, tiny_model_dir, corpu
 
 @pytest.mark.parametrize("name", ["a/b", "models:/x"])
 def test_a_registered_model_name_mlflow_refuses_is_refused_first(tmp_path, name):
-    result = cli("prune", "--register-model", name, "--model", "opt-9b", cwd=tmp_path, env=store_env(tmp_path))
+    result = here("prune", "--register-model", name, "--model", "opt-9b", cwd=tmp_path, env=store_env(tmp_path))
     assert_one_line(result, 2, "--register-model", "Model Registry")  # before the model is even looked at
 
 
 def test_rewinding_past_the_schedule_is_refused(tmp_path):
-    result = cli(
+    result = here(
         "iterative",
         "--target-sparsity",
         "0.5",
@@ -278,7 +303,7 @@ def test_seeds_are_whole_numbers_a_64_bit_generator_takes_exactly(tmp_path):
         (["prune", "--prune-seed", "1e23"], "--prune-seed 99999999999999991611392 is outside"),
         (["compare", "--seeds", "0,-1"], "--seeds -1 is outside"),
     ):
-        assert_one_line(cli(*args, cwd=tmp_path, env=store_env(tmp_path)), 2, fragment)
+        assert_one_line(here(*args, cwd=tmp_path, env=store_env(tmp_path)), 2, fragment)
     context = click_group.commands["train"].make_context("train", ["--seed", str(2**63 - 1)])
     assert context.params["seed"] == 2**63 - 1  # exactly, not through a float
 
@@ -307,14 +332,14 @@ def test_settings_that_would_be_ignored_are_refused(tmp_path):
         (["compare", "--methods", "sparsegpt", "--distill", "logits"], "--methods has none"),
         (["compare", "--methods", "sparsegpt", "--recoveries", "logits"], "--distill logits is the recovery loss"),
     ):
-        assert_one_line(cli(*args, cwd=tmp_path, env=store_env(tmp_path)), 2, fragment)
+        assert_one_line(here(*args, cwd=tmp_path, env=store_env(tmp_path)), 2, fragment)
     assert runs_in(tmp_path) == []
 
 
 def test_messages_name_the_flag_of_the_command_that_was_run(tmp_path, tiny_model_dir):
     env = store_env(tmp_path)
-    assert_one_line(cli("compare", "--patterns", "3:2", cwd=tmp_path, env=env), 2, "--patterns takes N:M")
-    long = cli("iterative", "--model", str(tiny_model_dir), "--train-seqlen", "100000", cwd=tmp_path, env=env)
+    assert_one_line(here("compare", "--patterns", "3:2", cwd=tmp_path, env=env), 2, "--patterns takes N:M")
+    long = here("iterative", "--model", str(tiny_model_dir), "--train-seqlen", "100000", cwd=tmp_path, env=env)
     assert_one_line(long, 2, "--train-seqlen 100000 is above the model's 128 positions")
 
 
