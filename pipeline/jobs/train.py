@@ -34,6 +34,17 @@ def checks(config: TrainRunConfig):
     return inputs
 
 
+def load_teacher(config: TrainRunConfig, model):
+    """What `--distill` learns from: `--teacher`, or a copy of the model as loaded; None without `--distill`."""
+    if config.train.distill == "none":
+        return None
+    if not config.teacher:
+        return copy.deepcopy(model)
+    return load_model(
+        config.teacher, training_dtype(config.model.dtype), config.model.device, config.model.trust_remote_code
+    )
+
+
 def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
     check_launch(config.train.batch_size)  # first, on every process alike, before the launcher stops them
     model_name, dataset = config.model.model, config.data.dataset
@@ -53,18 +64,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
         linears = prunable_linears(work.model)
         sparsity = sparsity_of(linears)
         print(f"training {model_name} ({sparsity:.2%} sparse, mask kept) on {blocks.shape[0]} blocks of {work.seqlen}")
-        teacher = None
-        if config.train.distill != "none":  # the model as loaded, unless another is named
-            teacher = (
-                load_model(
-                    config.teacher,
-                    training_dtype(config.model.dtype),
-                    config.model.device,
-                    config.model.trust_remote_code,
-                )
-                if config.teacher
-                else copy.deepcopy(work.model)
-            )
+        teacher = load_teacher(config, work.model)
         try:
             result = train_keeping_masks(
                 work.model,
