@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, option
+from .outputs import os_error_behind, process_alive
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 2  # 2: the config is recorded by flat setting keys
@@ -33,29 +34,11 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _os_error_behind(error: BaseException) -> OSError | None:
-    """torch.save reports a full disk as a RuntimeError from its zip writer, raised while handling the
-    OSError: the OSError is the cause a user needs to see."""
-    while error is not None and not isinstance(error, OSError):
-        error = error.__context__
-    return error
-
-
-def _process_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def atomic_torch_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-write
-        if not _process_alive(stale.name.rsplit(".tmp", 1)[1]):
+        if not process_alive(stale.name.rsplit(".tmp", 1)[1]):
             stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -66,7 +49,7 @@ def atomic_torch_save(obj, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
         tmp.unlink(missing_ok=True)
-        cause = _os_error_behind(error)
+        cause = os_error_behind(error)
         if cause is None:
             raise
         raise UserError(

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from .config import EMBEDDED_MODELS, default_window
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable
+from .outputs import os_error_behind
 
 HUB_ALIASES = {  # short names of the hub models researchers prune; any other hub id works as is
     "opt-125m": "facebook/opt-125m",
@@ -261,12 +262,6 @@ def verify_saved_model(model: nn.Module, directory: Path) -> None:
 MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")  # a save's weight files
 
 
-def _os_error_in(error: BaseException) -> OSError | None:
-    while error is not None and not isinstance(error, OSError):
-        error = error.__cause__ or error.__context__
-    return error
-
-
 def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
     """save_pretrained (safetensors) of the model and its tokenizer, staged in a hidden directory inside
     `directory` and read back there, then renamed into place file by file: a save that fails (a full disk)
@@ -281,7 +276,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
         verify_saved_model(model, staging)
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
-        cause = _os_error_in(error)
+        cause = os_error_behind(error)
         reason = (cause.strerror or str(cause)) if cause else f"{type(error).__name__}: {str(error).splitlines()[0]}"
         raise UserError(
             f"could not save the model to {directory} ({reason}); what the directory held before is intact: free "

@@ -67,30 +67,46 @@ def _owner_of(handle) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
+def os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError a library error was raised from (torch.save reports a full disk as a RuntimeError of its zip
+    writer, raised while handling it): the cause a user needs to see."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def process_alive(pid) -> bool:
+    """Whether process `pid` (of this machine) still exists; another user's counts as alive."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Held(Exception):
+    """Another live process holds the lock; `owner` is its record (pid, host, start)."""
+
+    def __init__(self, owner: dict):
+        super().__init__(owner)
+        self.owner = owner
+
+
 @contextlib.contextmanager
-def owned_output_dir(path: Path, setting: str = "output_dir"):
-    """Holds `path` for this run: checked writable, created, then locked until the block ends. A run that
-    fails before writing anything there leaves no directory behind that it created."""
-    check_writable_dir(path, setting)
-    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
-    path.mkdir(parents=True, exist_ok=True)
-    handle = open(path / LOCK_NAME, "a+")
+def hold_lock(path: Path):
+    """An exclusive `flock` on `path` for the block, the file recording this process (pid, host, start).
+    Yields the previous holder's record, left by one the kernel freed it from (killed); raises Held when a
+    live process holds it."""
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = _owner_of(handle)
         handle.close()
-        raise UserError(
-            f"{path} belongs to a run that is still going (pid {owner.get('pid', '?')} on "
-            f"{owner.get('host', '?')}, started {owner.get('started', '?')}): wait for it to end, or give "
-            f"another {option(setting)}"
-        ) from None
+        raise Held(owner) from None
     previous = _owner_of(handle)
-    if previous.get("pid") is not None:
-        print(
-            f"note: {path} was held by pid {previous['pid']} on {previous.get('host', '?')}, which is no longer "
-            "running (killed?); this run takes it over"
-        )
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -100,19 +116,46 @@ def owned_output_dir(path: Path, setting: str = "output_dir"):
     handle.truncate()
     handle.write(json.dumps(me))
     handle.flush()
-    failed = True
     try:
-        yield path
-        failed = False
+        yield previous
     finally:
         handle.seek(0)
-        handle.truncate()  # an empty lock file: the next run needs no note
+        handle.truncate()  # an empty record: the next holder needs no note
         handle.close()
-        if failed and created and [p.name for p in path.iterdir()] == [LOCK_NAME]:
-            (path / LOCK_NAME).unlink()
-            for directory in created:
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
+
+
+@contextlib.contextmanager
+def owned_output_dir(path: Path, setting: str = "output_dir"):
+    """Holds `path` for this run: checked writable, created, then locked until the block ends. A run that
+    fails before writing anything there leaves no directory behind that it created."""
+    check_writable_dir(path, setting)
+    created = [p for p in [path, *path.parents] if not p.exists()]  # deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            previous = stack.enter_context(hold_lock(path / LOCK_NAME))
+        except Held as held:
+            owner = held.owner
+            raise UserError(
+                f"{path} belongs to a run that is still going (pid {owner.get('pid', '?')} on "
+                f"{owner.get('host', '?')}, started {owner.get('started', '?')}): wait for it to end, or give "
+                f"another {option(setting)}"
+            ) from None
+        if previous.get("pid") is not None:
+            print(
+                f"note: {path} was held by pid {previous['pid']} on {previous.get('host', '?')}, which is no "
+                "longer running (killed?); this run takes it over"
+            )
+        try:
+            yield path
+        except BaseException:
+            stack.close()  # the lock released first, then what the failed run created removed
+            if created and [p.name for p in path.iterdir()] == [LOCK_NAME]:
+                (path / LOCK_NAME).unlink()
+                for directory in created:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+            raise
 
 
 def check_no_saved_model(path: Path, overwrite: bool, setting: str = "output_dir") -> None:

@@ -10,7 +10,6 @@ cell twice at once; the one that finds a cell claimed waits for it instead.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ from ..checkpoint import has_checkpoint
 from ..config import EvaluateConfig, IterativeConfig, PruneRunConfig
 from ..errors import UserError
 from ..grid import Cell
+from ..outputs import Held, hold_lock
 from ..settings import build, flat_values
 from ..tracking.store import finished_cell_runs, use_tracking_store
 from .evaluate import run_evaluate
@@ -61,20 +61,13 @@ class Claimed(UserError):
 def claim(claims: Path, key: str):
     """Holds the cell's claim while the block runs; raises Claimed when another process holds it."""
     claims.mkdir(parents=True, exist_ok=True)
-    handle = open(claims / f"{key}.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise Claimed(f"cell {key} is claimed by another process") from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-        handle.flush()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(hold_lock(claims / f"{key}.lock"))
+        except Held as held:
+            owner = held.owner
+            raise Claimed(f"cell {key} is claimed by pid {owner.get('pid', '?')} on {owner.get('host', '?')}") from None
         yield
-    finally:
-        handle.close()
 
 
 def is_claimed(claims: Path, key: str) -> bool:
@@ -139,6 +132,13 @@ def cell_spec(cell: Cell, grid_run_id: str, experiment: str, claims: Path, threa
     }
 
 
+def write_spec(spec: dict, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{spec['key']}.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
 def cell_from_spec(spec: dict) -> Cell:
     values = {**spec["values"], "experiment": spec["experiment"]}  # the grid's experiment, by name
     cell = Cell(**spec["cell"], config=build(CONFIGS[spec["config_class"]], values))
@@ -173,9 +173,7 @@ def run_cell_job(spec: dict) -> str:
     """What a submitit job runs: the cell (under `accelerate launch` with a process per GPU when it has
     several); "finished", or "claimed" when another process holds it."""
     if spec.get("gpus", 1) > 1:
-        path = Path(spec["claims"]).parent / "cells" / f"{spec['key']}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(spec))
+        path = write_spec(spec, Path(spec["claims"]).parent / "cells")
         code = subprocess.run(cell_command(path, spec["gpus"])).returncode
         if code not in (0, CLAIMED):
             raise RuntimeError(f"the cell's processes exited with {code}: see this job's log")

@@ -5,7 +5,6 @@ one). Each returns one Outcome per cell; a cell that fails does not stop the oth
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError, UserError, option
-from .cell import CLAIMED, cell_command, run_cell_job
+from .cell import CLAIMED, cell_command, run_cell_job, write_spec
 
 
 @dataclass
@@ -40,13 +39,6 @@ class Progress:
         if line != self.last:
             print(line, flush=True)
             self.last = line
-
-
-def write_spec(spec: dict, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{spec['key']}.json"
-    path.write_text(json.dumps(spec, indent=1))
-    return path
 
 
 def gpu_count() -> int:
@@ -190,9 +182,9 @@ def require_submitit():
 
 
 def child_environment(tracking_uri: str, threads: int | None) -> dict:
-    """A cell process's environment: the tracking store it must use, its threads, and no run `mlflow run`
-    injected into the compare process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    """A cell process's environment: the tracking store it must use and its threads (the run `mlflow run` may
+    have injected into the compare process, the cell's process drops itself: see jobs/cell.run_spec)."""
+    env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

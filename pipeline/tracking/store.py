@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from ..distributed import is_main_process
 from ..errors import ConfigError, UserError
+from ..outputs import process_alive
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # never the deprecated ./mlruns file store
 # MLflow's REST client retries a dead server 7 times with doubling waits (minutes); we want a start to
@@ -148,16 +149,6 @@ def finished_cell_runs(experiment_id: str, keys: set | None = None) -> dict:
 
 
 OWNER_TAGS = ("pipeline.host", "pipeline.pid")  # the process that opened a run: `tracked_run` sets them
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
 
 
 def mark_orphaned_runs(experiment_id: str) -> list:
