@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import click
 from click.core import ParameterSource
 
+from .allocator import reuse_freed_memory
 from .config import (
     BenchConfig,
     CompareConfig,
@@ -269,6 +270,7 @@ def _stop(interrupt: KeyboardInterrupt) -> None:
 def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:  # under a launcher only the main process prints
         sys.stdout = open(os.devnull, "w")
+    reuse_freed_memory()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort as abort:  # Click turns KeyboardInterrupt (and our SIGTERM) into Abort

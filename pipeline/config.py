@@ -733,7 +733,7 @@ class BenchConfig(RunConfig):
     quick: bool = setting(False, "a smoke run in seconds: tiny sizes, figures not meaningful")
     output_dir: str | None = setting(None, "where the tables go", rule=default_bench_dir)
     steps: int = setting(10, "training steps per timed run (a, b)", at_least=1, cli=False)
-    repeats: int = setting(5, "timed runs per variant, alternated; the median counts", at_least=1, cli=False)
+    repeats: int = setting(9, "timed runs per variant, alternated; the median counts", at_least=1, cli=False)
     eval_windows: int | None = setting(
         None, "cap on evaluation windows (c); default the whole test split", at_least=1, cli=False
     )

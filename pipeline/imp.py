@@ -45,6 +45,7 @@ ITERATION_METRICS = (
     "recovery_pct",
     "train_loss",
     "iteration_seconds",
+    "eval_seconds",
     "train_seconds",
     "lr",
     "train_tokens",
@@ -91,6 +92,7 @@ def iteration_record(
     trained: TrainResult,
     lr: float,
     seconds: float,
+    eval_seconds: float,
     previous: dict,
 ) -> dict:
     return {
@@ -101,6 +103,7 @@ def iteration_record(
         "recovery_pct": recovery_pct(ppl_pruned, ppl_trained),
         "train_loss": trained.final_loss,
         "iteration_seconds": seconds,
+        "eval_seconds": eval_seconds,  # the perplexity evaluations within the iteration
         "train_seconds": trained.seconds,
         "lr": lr,
         "train_tokens": previous["train_tokens"] + trained.tokens,
@@ -149,6 +152,7 @@ class ImpRun:
         self.start = copy.deepcopy(self.model) if needs_start else None
         self.rewind_state = self._saved_rewind_point()
         self.history = history or []
+        self.eval_seconds = 0.0  # spent on perplexity evaluations in the iteration being run
         self.steps_per_iteration = steps_per_epoch(self.blocks.shape[0], config.train) * config.train.epochs
         self.already_logged = max(tracker.logged_steps("train_step_loss"), default=0)  # a resumed run's steps
 
@@ -175,7 +179,7 @@ class ImpRun:
         n = len(self.targets)
         for k in range(len(self.history), n + 1):
             print(f"\n{'=' * 20} Iteration {k}/{n} {'=' * 20}")
-            started = time.perf_counter()
+            started, self.eval_seconds = time.perf_counter(), 0.0
             before = sparsity_of(self.linears)
             sparsity = self.prune(k)
             ppl_pruned = self.evaluate() if sparsity != before else self.history[-1]["ppl_after_train"]
@@ -192,6 +196,7 @@ class ImpRun:
                     trained,
                     self.lr(k),
                     time.perf_counter() - started,
+                    self.eval_seconds,
                     self.history[-1],
                 )
             )
@@ -202,7 +207,9 @@ class ImpRun:
     # --- the phases ---------------------------------------------------------------------------------
 
     def evaluate(self) -> float:
-        return self.work.evaluate(self.config.eval_split).perplexity
+        result = self.work.evaluate(self.config.eval_split)
+        self.eval_seconds += result.seconds
+        return result.perplexity
 
     def evaluate_dense(self) -> dict:
         started = time.perf_counter()

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.config import PruneConfig
 from pipeline.pruning import prune_model
 from pipeline.pruning.masks import prunable_linears
-from pipeline.pruning.sequential import prune_sequentially
+from pipeline.pruning.sequential import InputStatistics, prune_sequentially
 from pipeline.pruning.sparsegpt import sparsegpt_prune_matrix
 
 DAMPING = 0.01  # SparseGPT's 1% of the Hessian's mean diagonal
@@ -202,3 +202,28 @@ def test_wanda_uses_the_column_norms_of_the_captured_inputs(two_layers):
     for name, module in prunable_linears(model).items():
         if ".layers.0." in name:  # layer 1's inputs come from the pruned layer 0
             assert torch.equal(module.weight == 0, expected_masks[name]), name
+
+
+def test_matrices_handed_one_input_share_its_statistics_and_each_consumes_its_own_copy(two_layers, monkeypatch):
+    """q, k and v read one tensor: its X^T X is computed once per batch, and each matrix may consume what it
+    is handed in place (SparseGPT does) without changing what its siblings get."""
+    model, windows = two_layers
+    dense = copy.deepcopy(model)
+    added = []
+    add = InputStatistics.add
+    monkeypatch.setattr(InputStatistics, "add", lambda self, x, n: (added.append(x.shape[-1]), add(self, x, n))[1])
+    recorded = {}
+
+    def consume(name, module, stats, seconds):
+        recorded[name] = stats.sum.clone()
+        stats.sum.zero_()
+
+    prune_sequentially(
+        model, prunable_linears(model), windows, torch.device("cpu"), True, consume, batch_size=4, progress=False
+    )
+    for name, module in prunable_linears(dense).items():
+        X = inputs_of(dense, module, windows)  # nothing was pruned: every layer sees the dense inputs
+        expected = 2.0 / len(X) * sum(x.double().T @ x.double() for x in X)
+        assert torch.allclose(recorded[name].double(), expected, rtol=1e-4, atol=1e-5), name
+    layers, batches = 2, 2  # 6 windows in batches of 4
+    assert len(added) == layers * batches * 4  # one input for q, k, v; out_proj's; fc1's; fc2's

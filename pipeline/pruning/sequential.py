@@ -11,6 +11,7 @@ being worked on moves to the device.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -119,6 +120,16 @@ class InputStatistics:
         self.full = full
         self.sum = torch.zeros(shape, device=device, dtype=torch.float32)
         self.nsamples = 0
+        self.users = 1  # matrices that read these inputs (q, k and v read the same)
+
+    def for_one_matrix(self) -> InputStatistics:
+        """The statistics for one of their matrices to consume in place: a copy while others still need them."""
+        self.users -= 1
+        if self.users == 0:
+            return self
+        copy = InputStatistics.__new__(InputStatistics)
+        copy.full, copy.sum, copy.nsamples, copy.users = self.full, self.sum.clone(), self.nsamples, 1
+        return copy
 
     def add(self, inputs: torch.Tensor, windows: int) -> None:
         """A batch of `windows` calibration windows' inputs, [windows, tokens, in] or flattened (OPT's MLP)."""
@@ -130,6 +141,38 @@ class InputStatistics:
             self.sum.addmm_(x.t(), x)
         else:
             self.sum += (x * x).sum(dim=0) / self.nsamples
+
+
+class _SharedInputs:
+    """Forward hooks that add each matrix's inputs to its statistics, once per input: matrices handed the
+    same tensor in a forward (q, k and v; gate and up) share one statistics object, computed once."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+        self.windows = 0  # the windows of the batch being run: some layers flatten [windows, tokens] for their MLP
+        self.added = {}  # id of an input tensor -> (the tensor, kept alive so its id is not reused; its statistics)
+
+    @contextlib.contextmanager
+    def batch(self, windows: int):
+        self.windows = windows
+        try:
+            yield
+        finally:
+            self.added.clear()
+
+    def hook(self, name: str):
+        def add(_module, inputs, _output):
+            x = inputs[0]
+            if id(x) in self.added:
+                shared = self.added[id(x)][1]
+                if self.stats[name] is not shared:  # the first batch finds the siblings
+                    self.stats[name] = shared
+                    shared.users += 1
+                return
+            self.added[id(x)] = (x, self.stats[name])
+            self.stats[name].add(x, self.windows)
+
+        return add
 
 
 @dataclass
@@ -181,23 +224,19 @@ def prune_sequentially(
         prefix = f"{layout.layer_prefix}.{index}."
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
         stats = {name: InputStatistics(in_features(m), device, full_statistics) for name, m in targets.items()}
-        windows_now = {}  # the windows of the batch being run: some layers flatten [windows, tokens] for their MLP
-        handles = [
-            # windows_now is read when the hook runs, on purpose: it holds the batch being run then
-            module.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0], windows_now["count"]))  # noqa: B023
-            for name, module in targets.items()
-        ]
+        gather = _SharedInputs(stats)
+        handles = [module.register_forward_hook(gather.hook(name)) for name, module in targets.items()]
         try:
             dense_outputs = []
             for batch in batches:
-                windows_now["count"] = batch.hidden.shape[0]
-                dense_outputs.append(layer_output(layer, batch, kind))
+                with gather.batch(batch.hidden.shape[0]):
+                    dense_outputs.append(layer_output(layer, batch, kind))
         finally:
             for handle in handles:
                 handle.remove()
         record.seconds["statistics"] = time.perf_counter() - started
         for name, module in targets.items():
-            prune_matrix(name, module, stats.pop(name), record.seconds)
+            prune_matrix(name, module, stats.pop(name).for_one_matrix(), record.seconds)
         started = time.perf_counter()
         error, norm = 0.0, 0.0
         for batch, dense in zip(batches, dense_outputs):

@@ -77,36 +77,35 @@ def sparsegpt_prune_matrix(
     losses = torch.zeros(rows, device=W.device)
     for block, i1 in enumerate(block_starts):
         i2 = min(i1 + blocksize, columns)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        # The block transposed, so that a column of W is a contiguous row here.
+        W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
-        kept1 = kept[:, i1:i2]
-        if not prune_n:
-            scores = (W1**2 / d.reshape(1, -1) ** 2).masked_fill(~kept1, float("-inf"))
-            mask1 = lowest_k_mask(scores, int((~kept1).sum()) + block_new_zeros[block])
+        kept1 = kept[:, i1:i2].t()
+        if not prune_n:  # chosen in W's own layout, where ties go to the lower flat index
+            scores = (W[:, i1:i2] ** 2 / d.reshape(1, -1) ** 2).masked_fill(~kept[:, i1:i2], float("-inf"))
+            mask1 = lowest_k_mask(scores, int((~kept1).sum()) + block_new_zeros[block]).t()
         else:
             mask1 = ~kept1
+        # The error a column's pruning makes is w * [pruned] / d: one factor per weight, known once the
+        # mask is, so each column costs two operations (the sweep is a Python loop over the columns).
+        scale1 = mask1 / d.reshape(-1, 1)
         for i in range(i2 - i1):
-            w = W1[:, i]
             if prune_n and i % prune_m == 0:
                 group = slice(i, min(i + prune_m, i2 - i1))
-                scores = (W1[:, group] ** 2 / d[group].reshape(1, -1) ** 2).masked_fill(~kept1[:, group], float("-inf"))
-                take = min(prune_n, scores.shape[1])
-                lowest = torch.topk(scores, take, dim=1, largest=False).indices
-                mask1[:, group] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d[i] ** 2
-            err1 = (w - q) / d[i]
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        losses += torch.sum(Losses1, 1) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+                scores = (W1[group] ** 2 / d[group].reshape(-1, 1) ** 2).masked_fill(~kept1[group], float("-inf"))
+                take = min(prune_n, scores.shape[0])
+                lowest = torch.topk(scores, take, dim=0, largest=False).indices
+                mask1[group] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(0, lowest, True)
+                scale1[group] = mask1[group] / d[group].reshape(-1, 1)
+            err1 = torch.mul(W1[i], scale1[i], out=Err1[i])
+            # OBS: the rest of the block absorbs the error; column i itself becomes w - (w - q) = q
+            W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
+        # (w - q)^2 / d^2 is the squared error; the pruned weights are set to exact zeros (w - w d / d need not be)
+        losses += torch.sum(Err1**2, 0) / 2
+        W[:, i1:i2] = W1.masked_fill_(mask1, 0).t()
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
     if W.device.type == "cuda":
         torch.cuda.synchronize()
     timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - started
