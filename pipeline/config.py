@@ -459,6 +459,11 @@ class IterativeConfig(RunConfig):
     eval_split: str = setting(
         "test", "split evaluated after each pruning and each training step", choices=SPLITS, noun="split"
     )
+    validate: bool = setting(
+        False,
+        "also measure the final model on the validation split (final_val_perplexity: what a learning-rate "
+        "sweep selects on, never the test split)",
+    )
     output_dir: str | None = setting(None, "checkpoint directory", rule=default_checkpoint_dir)
     resume: bool = setting(False, "continue from the last completed iteration in --output-dir")
     save_model: bool = setting(True, "save the final model", negatable=True)
@@ -525,6 +530,14 @@ class GridConfig(Settings):
         hint="give at least one, e.g. none",
         aliases=("recoveries",),
         value_aliases={"ce": "none"},
+    )
+    lrs: list[float] = setting(
+        [],
+        "comma-separated learning rates of a sweep: every trained cell runs at each (each method gets the same "
+        "grid); per method, target and recovery loss the report uses the one with the lowest mean validation "
+        "perplexity over the seeds; --final-lr scales with it; empty: --lr alone",
+        above=0,
+        hint="give positive learning rates, e.g. 1e-4,3e-4,1e-3",
     )
     force: bool = setting(False, "rerun cells that already have a finished run")
     output_dir: str | None = setting(None, "where the grid's tables and report go", rule=default_report_dir)
@@ -617,7 +630,24 @@ class CompareConfig(RunConfig):
             "lr": 1e-3,
             "tasks": ["pydocs-cloze"],
             "tasks_batch_size": 16,
-        }
+        },
+    }
+    # `mlflow run . -e tuned`: the demo's recipe, each trained method at the lr its validation perplexity selects
+    PRESETS["tuned"] = {
+        **PRESETS["demo"],
+        "sparsities": [0.5, 0.7, 0.9],
+        "methods": [
+            "sparsegpt",
+            "magnitude",
+            "wanda",
+            "iterative",
+            "magnitude+ft",
+            "sparsegpt+ft",
+            "wanda+ft",
+            "dense+ft",
+        ],
+        "seeds": [0, 1, 2],
+        "lrs": [1e-4, 3e-4, 1e-3],
     }
 
     grid: GridConfig = group(GridConfig)
@@ -632,7 +662,8 @@ class CompareConfig(RunConfig):
     executor: ExecutorConfig = group(ExecutorConfig)
     preset: str | None = setting(
         None,
-        "settings a preset changes unless given: demo = the MLproject's main entry point",
+        "settings a preset changes unless given: demo = the MLproject's main entry point; tuned = its `tuned` "
+        "entry point (the demo's recipe at 50/70/90%, three seeds, lrs 1e-4,3e-4,1e-3 selected on validation)",
         choices=tuple(PRESETS),
         noun="preset",
     )
@@ -648,6 +679,12 @@ class CompareConfig(RunConfig):
         trained = [name for name in self.grid.methods if METHODS[name].kind == "trained"]
         if trained:
             refuse_float16_training(self.model)
+        if not trained and self.grid.lrs:
+            raise ConfigError(
+                f"{option('lrs')} {','.join(f'{lr:g}' for lr in self.grid.lrs)} are the trained cells' learning "
+                f"rates, and {option('methods')} has none: add iterative or an X+ft method, or leave "
+                f"{option('lrs')} out"
+            )
         if not trained and self.grid.distill != ["none"]:
             raise ConfigError(
                 f"{option('distill')} {','.join(self.grid.distill)} is the recovery loss of the trained "

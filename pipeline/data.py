@@ -49,6 +49,12 @@ class Corpus:
             h.update(split.encode() + b"\0" + self.eval_texts[split].encode("utf-8"))
         return h.hexdigest()
 
+    @property
+    def held_out_validation(self) -> bool:
+        """Whether its validation split is text of its own, not its test split again: what a choice made on
+        validation needs."""
+        return self.eval_texts.get("validation", self.eval_texts["test"]) != self.eval_texts["test"]
+
     def describe(self) -> dict:
         return {
             "dataset": self.name,
@@ -120,12 +126,15 @@ def ptb_corpus(train: list, validation: list, test: list) -> Corpus:
 
 def c4_corpus(train_documents: list, validation_documents: list) -> Corpus:
     """C4 as the reference reads it: the first 1100 validation documents joined with spaces, evaluated on
-    their first 256 windows; calibration draws whole train documents (see calibration_windows)."""
+    their first 256 windows (the `test` split, as the papers report it); the next 1100 documents are the
+    held-out `validation` split a learning-rate sweep selects on. Calibration draws whole train documents
+    (see calibration_windows)."""
     eval_text = " ".join(validation_documents[:C4_EVAL_DOCUMENTS])
+    held_out = " ".join(validation_documents[C4_EVAL_DOCUMENTS : 2 * C4_EVAL_DOCUMENTS]) or eval_text
     return Corpus(
         "c4",
         " ".join(train_documents[:C4_TRAINING_DOCUMENTS]),
-        {"validation": eval_text, "test": eval_text},
+        {"validation": held_out, "test": eval_text},
         eval_max_windows=C4_EVAL_WINDOWS,
         train_documents=list(train_documents),
         source_type="hugging_face",
@@ -154,7 +163,7 @@ def _ptb() -> Corpus:
 def _c4() -> Corpus:
     train = _hub_dataset("c4", "allenai/c4", data_files={"train": C4_TRAIN_SHARD}, split="train")
     valid = _hub_dataset("c4", "allenai/c4", data_files={"validation": C4_VALIDATION_SHARD}, split="validation")
-    return c4_corpus(train["text"], valid[:C4_EVAL_DOCUMENTS]["text"])
+    return c4_corpus(train["text"], valid[: 2 * C4_EVAL_DOCUMENTS]["text"])
 
 
 def _pydocs() -> Corpus:
@@ -181,13 +190,19 @@ def _read_utf8(path: Path) -> str:
     return text
 
 
+VALIDATION_FILES = ("validation.txt", "valid.txt")  # a text:DIR's validation split, the first found
+
+
 def _text_path(path: str) -> Corpus:
     root = Path(path).expanduser()
     if root.is_dir():
         if not (root / "train.txt").exists() or not (root / "test.txt").exists():
-            raise ConfigError(f"directory {root} must hold train.txt and test.txt (validation.txt is optional)")
+            raise ConfigError(
+                f"directory {root} must hold train.txt and test.txt (validation.txt or valid.txt is optional)"
+            )
         test = _read_utf8(root / "test.txt")
-        validation = _read_utf8(root / "validation.txt") if (root / "validation.txt").exists() else test
+        held_out = next((root / name for name in VALIDATION_FILES if (root / name).exists()), None)
+        validation = _read_utf8(held_out) if held_out else test  # without one, evaluating it is the test split
         return Corpus(
             f"text:{path}",
             _read_utf8(root / "train.txt"),

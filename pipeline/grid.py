@@ -4,7 +4,9 @@ Cells, at every target sparsity: the untrained one-shot methods (SparseGPT, magn
 pruning; and its equal-budget controls, which run the same IMP loop with the same training per
 iteration (steps, batch, window, lr, seed) and so the same training tokens: `X+ft` prunes one-shot with
 X at the first iteration and then only trains, `dense+ft` never prunes. Plus the dense baseline. A
-stochastic cell (a calibration draw, a data order) is repeated for every seed.
+stochastic cell (a calibration draw, a data order) is repeated for every seed, and a trained cell for every
+learning rate of a sweep (`--lrs`): the lr is part of its identity, so a sweep reuses the cells it shares
+with an earlier grid and can be extended later.
 
 Each cell's config is composed from the grid's (the model, data, training and calibration settings
 are the grid's own objects, not copies), and a cell is identified by a hash of everything that
@@ -48,6 +50,7 @@ class Cell:
     corpus: str  # digest of the corpus, part of the identity
     pattern: str = "unstructured"  # or N:M (one-shot cells)
     distill: str = "none"  # the trained cells' recovery loss: none (cross-entropy), logits or squarehead
+    lr: float | None = None  # the trained cells' learning rate (one of a sweep's)
 
     @property
     def key(self) -> str:
@@ -60,7 +63,10 @@ class Cell:
         if self.kind == "dense":
             return "dense"
         amount = f"{self.target:.2f}" if self.pattern == "unstructured" else self.pattern
-        return f"{label(self.method, self.distill)} {amount}" + (f" seed {self.seed}" if self.seed is not None else "")
+        rate = f" lr {self.lr:g}" if self.lr is not None else ""
+        return f"{label(self.method, self.distill)} {amount}{rate}" + (
+            f" seed {self.seed}" if self.seed is not None else ""
+        )
 
     @property
     def tags(self) -> dict:
@@ -72,27 +78,33 @@ class Cell:
             "cell_seed": "" if self.seed is None else str(self.seed),
             "cell_pattern": self.pattern,
             "cell_distill": self.distill,
+            "cell_lr": "" if self.lr is None else repr(self.lr),
         }
 
 
 def trained_cell_config(
-    config: CompareConfig, method: str, target: float, seed: int, distill: str = "none"
+    config: CompareConfig, method: str, target: float, seed: int, distill: str = "none", lr: float | None = None
 ) -> IterativeConfig:
     """The IMP loop of one trained cell: the grid's schedule (iterative), one-shot with the method's criterion
     (X+ft) or never pruned (dense+ft), always the grid's training, so every trained cell at a target has one
-    budget."""
+    budget; at `lr` (one of a sweep's; default --lr), with --final-lr scaled by lr / --lr. The final model is
+    also measured on the validation split, which a sweep selects on."""
     entry = METHODS[method]
     schedule = entry.schedule or config.schedule.schedule
     prune_method = entry.criterion.name if entry.criterion else config.prune.method
+    lr = config.train.lr if lr is None else lr
+    final_lr = config.schedule.final_lr
+    final_lr = None if final_lr is None else final_lr * lr / config.train.lr
     return IterativeConfig(
         model=config.model,
         data=config.data,
         tracking=config.tracking,
         tasks=config.tasks,
         eval_tasks_every=0,  # the cell's accuracy is its final model's
-        schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
-        train=replace(config.train, seed=seed, distill=distill),
+        schedule=replace(config.schedule, target_sparsity=target, schedule=schedule, final_lr=final_lr),
+        train=replace(config.train, seed=seed, distill=distill, lr=lr),
         prune=replace(config.prune, method=prune_method, seed=seed),
+        validate=True,
     )
 
 
@@ -126,18 +138,20 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
     for target in config.grid.sparsities:
         for distill in config.grid.distill:
             for method in (m for m in methods if m.kind == "trained"):
-                for seed in seeds:
-                    cells.append(
-                        Cell(
-                            "trained",
-                            method.name,
-                            target,
-                            seed,
-                            trained_cell_config(config, method.name, target, seed, distill),
-                            corpus_digest,
-                            distill=distill,
+                for lr in config.grid.lrs or [config.train.lr]:
+                    for seed in seeds:
+                        cells.append(
+                            Cell(
+                                "trained",
+                                method.name,
+                                target,
+                                seed,
+                                trained_cell_config(config, method.name, target, seed, distill, lr),
+                                corpus_digest,
+                                distill=distill,
+                                lr=lr,
+                            )
                         )
-                    )
     return cells
 
 

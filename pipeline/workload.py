@@ -30,7 +30,7 @@ def check_inputs(
     model: ModelConfig,
     data: DataConfig,
     *,
-    eval_split: str | None = "test",
+    eval_split: str | tuple | None = "test",
     train_seqlen: int | None = None,
     training: bool = False,
     prune: PruneConfig | None = None,
@@ -46,8 +46,8 @@ def check_inputs(
     tokenizer = load_tokenizer(model.model, model.trust_remote_code)
     corpus = load_corpus(data.dataset)
     token_ids = []
-    if eval_split:
-        token_ids.append(eval_tokens(corpus, tokenizer, eval_split, seqlen))
+    for split in (eval_split,) if isinstance(eval_split, str) else eval_split or ():
+        token_ids.append(eval_tokens(corpus, tokenizer, split, seqlen))
     if training:
         window = resolve_seqlen(skeleton, train_seqlen, "train_seqlen") if train_seqlen else seqlen
         token_ids.append(training_blocks(corpus, tokenizer, window))

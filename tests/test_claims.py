@@ -156,6 +156,8 @@ def test_ptb_and_c4_are_read_as_the_reference_reads_them():
     validation = [f"doc{i}" for i in range(1200)]
     c4 = c4_corpus([f"train {i}" for i in range(10)], validation)
     assert c4.eval_text("test") == " ".join(validation[:1100])  # the first 1100 documents, joined with spaces
+    assert c4.eval_text("validation") == " ".join(validation[1100:])  # held out: the documents after them
+    assert c4.held_out_validation and ptb.held_out_validation and wiki.held_out_validation
 
     class Words:  # a tokenizer of whitespace words, enough to count windows
         def __call__(self, text):

@@ -120,6 +120,7 @@ def cell_spec(cell: Cell, grid_run_id: str, experiment: str, claims: Path, threa
             "corpus": cell.corpus,
             "pattern": cell.pattern,
             "distill": cell.distill,
+            "lr": cell.lr,
         },
         "config_class": type(cell.config).__name__,
         "values": flat_values(cell.config),

@@ -41,10 +41,11 @@ def write_tables(tracker, experiment_id: str, keys: set, out: Path) -> pd.DataFr
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "compare.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "compare.md").write_text(markdown_table(main_table(summary)) + "\n")
+    headline = markdown_table(main_table(summary[summary["selected"]]))  # a sweep's selected lrs
+    (out / "compare.md").write_text(headline + "\n")
     for name in ("compare.csv", "summary.csv", "compare.md"):
         tracker.log_artifact(out / name)
-    print("\n" + markdown_table(main_table(summary)))
+    print("\n" + headline)
     return table
 
 
@@ -52,6 +53,12 @@ def checks(config: CompareConfig):
     """Before the grid's run opens: the model and corpus, and what the executor needs."""
     resolve_model_source(config.model.model)
     corpus = load_corpus(config.data.dataset)
+    if config.grid.lrs and not corpus.held_out_validation:
+        raise ConfigError(
+            f"{option('lrs')} selects each method's learning rate on the validation split, and {option('dataset')} "
+            f"{config.data.dataset} has none apart from its test split: give text:DIR a validation.txt or valid.txt"
+            + ("" if config.data.dataset.startswith("text:") else ", or use pydocs, wikitext2, ptb or c4")
+        )
     settings = config.executor
     if settings.executor == "local" and not settings.in_process:
         gpus = torch.cuda.device_count()

@@ -77,7 +77,7 @@ def checks(config: IterativeConfig):
     inputs = check_inputs(
         config.model,
         config.data,
-        eval_split=config.eval_split,
+        eval_split=(config.eval_split, "validation") if config.validate else config.eval_split,
         training=True,
         train_seqlen=config.resolved("train_seqlen"),
         prune=config.prune,
@@ -173,5 +173,9 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
         history = imp.run()
         model_paths = save_final_model(imp, config) if config.save_model and is_main_process() else []
         job.tracker.log_dict(final_metrics(history))
+        if config.validate:
+            validation = imp.work.evaluate("validation").perplexity
+            print(f"Final perplexity on the validation split: {validation:.2f}")
+            job.tracker.log_dict({"final_val_perplexity": validation})
         print_summary(history, model_paths)
     return history

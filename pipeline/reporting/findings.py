@@ -2,8 +2,11 @@
 
 The question a comparison answers is which schedule gives the better sparse model for the same
 training, so the verdict at each sparsity compares the trained cells (iterative and one-shot + training,
-all with one budget), and says whether the gap is larger than the spread over seeds: larger when the
-two ± 1 std ranges do not overlap, unknown with one seed.
+all with one budget, each at its own learning rate selected on the validation split when the grid swept
+them), and says whether the gap is larger than the spread over seeds: larger when the two ± 1 std ranges
+do not overlap, unknown with one seed. Paired by seed, it gives the mean difference with its 95%
+t-interval and on how many seeds the better method was better. The recipe check says whether training
+the unpruned model as long (dense+ft) damages it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pandas as pd
 
 from ..methods import cell_name, methods_where
 from ..perplexity import change_pct
+from .paired import paired_difference
 
 
 def _ppl(row) -> str:
@@ -51,12 +55,91 @@ def _name(row) -> str:
     return cell_name(row["method"], row["distill"])
 
 
-def findings(summary: pd.DataFrame) -> list[str]:
+def _named(row) -> str:
+    """The cell's name, with its learning rate when it has one."""
+    return _name(row) + (f" at lr {row['lr']:g}" if "lr" in row and not pd.isna(row["lr"]) else "")
+
+
+def _runs_of(runs: pd.DataFrame, row) -> pd.DataFrame:
+    same = (runs["method"] == row["method"]) & (runs["target_sparsity"] == row["target_sparsity"])
+    same &= (runs["pattern"] == row["pattern"]) & (runs["distill"] == row["distill"])
+    if "lr" in row and not pd.isna(row["lr"]):
+        same &= runs["lr"] == row["lr"]
+    return runs[same]
+
+
+def paired_verdict(winner, runner, runs: pd.DataFrame) -> str:
+    paired = paired_difference(_runs_of(runs, winner), _runs_of(runs, runner))
+    if paired is None or paired.seeds < 2:
+        return ""
+    return (
+        f" Paired by seed, {_name(runner)} minus {_name(winner)} is {paired.mean:+.2f} (95% t-interval "
+        f"{paired.low:+.2f} to {paired.high:+.2f}); {_name(winner)} is better on {paired.better} of {paired.seeds} "
+        "seeds."
+    )
+
+
+def recipe_check(control, base: float, target: float) -> str:
+    """Whether training the unpruned model as long (dense+ft, the recipe's control) made it worse than the
+    untouched model, beyond the spread over seeds."""
+    rate = f" at lr {control['lr']:g}" if not pd.isna(control.get("lr", math.nan)) else ""
+    if control["n"] < 2:
+        return (
+            f"With one seed, whether the recovery recipe{rate} damages the unpruned model at the {target:.0%} budget "
+            "is unknown."
+        )
+    if control["perplexity"] - base > control["perplexity_std"]:
+        return (
+            f"The recovery recipe{rate} damages the unpruned model: trained as long (the {target:.0%} budget) it ends "
+            f"at {_ppl(control)}, worse than the untouched {base:.2f} beyond the spread over seeds."
+        )
+    return (
+        f"The recovery recipe{rate} does not damage the unpruned model beyond the spread over seeds: trained as long "
+        f"(the {target:.0%} budget) it ends at {_ppl(control)} against the untouched {base:.2f}."
+    )
+
+
+def tuning(summary: pd.DataFrame) -> list[str]:
+    """What the learning rates were: one, not tuned; or a sweep, its cost and the selections at its edge."""
+    trained = summary[summary["kind"] == "trained"]
+    if trained.empty:
+        return []
+    if (trained["lrs_tried"] <= 1).all():
+        rates = ", ".join(f"{lr:g}" for lr in sorted(trained["lr"].dropna().unique()))
+        return [
+            f"Every trained cell ran at one learning rate ({rates or 'its --lr'}), not tuned: a sweep (--lrs) gives "
+            "each method its own, selected on the validation split."
+        ]
+    sentences = [
+        f"Learning rates were swept ({int(trained['lrs_tried'].max())} per method, the same grid for each) and "
+        "each method's selected on the mean validation perplexity over the seeds; tables and verdicts show the "
+        "selected cells' test perplexity."
+    ]
+    for target, group in trained.groupby("target_sparsity", sort=True):
+        cost = ", ".join(f"{_name(row)} {tokens_text(row['sweep_train_tokens'])}" for _, row in group.iterrows())
+        sentences.append(
+            f"At {target:.0%} the sweep spent, over every lr and seed: {cost} training tokens; the selected cells "
+            f"{tokens_text(group['train_tokens'].iloc[0])} each."
+        )
+        for _, row in group[group["lr_at_edge"]].iterrows():
+            sentences.append(
+                f"At {target:.0%} the lr selected for {_name(row)}, {row['lr']:g}, is at the edge of the grid: its "
+                "optimum may lie outside it."
+            )
+    return sentences
+
+
+def findings(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[str]:
+    """Sentences over the selected cells of `summary` (one row per cell) and their runs (for the paired
+    reading; without them, none)."""
+    runs = runs if runs is not None else summary.iloc[0:0]
     sentences = []
     dense = summary[summary["kind"] == "dense"]
     base = float(dense["perplexity"].iloc[0]) if len(dense) else math.nan
     if len(dense):
         sentences.append(f"The unpruned model's perplexity is {base:.2f}.")
+    if "lrs_tried" in summary:
+        sentences += tuning(summary)
     for (target, pattern), group in summary[summary["kind"] != "dense"].groupby(
         ["target_sparsity", "pattern"], sort=True
     ):
@@ -77,19 +160,21 @@ def findings(summary: pd.DataFrame) -> list[str]:
             if len(sparse) > 1:
                 runner = sparse.iloc[1]
                 sentences.append(
-                    f"At {target:.0%} with equal training ({budget} each), {_name(winner)} is best with "
-                    f"{_ppl(winner)}; the next, {_name(runner)}, reaches {_ppl(runner)} "
+                    f"At {target:.0%} with equal training ({budget} each), {_named(winner)} is best with "
+                    f"{_ppl(winner)}; the next, {_named(runner)}, reaches {_ppl(runner)} "
                     f"({change_pct(runner['perplexity'], winner['perplexity']):+.1f}%): "
-                    f"{spread_verdict(winner, runner)}."
+                    f"{spread_verdict(winner, runner)}.{paired_verdict(winner, runner, runs)}"
                 )
             else:
-                sentences.append(f"At {target:.0%} with {budget}, {_name(winner)} reaches {_ppl(winner)}.")
+                sentences.append(f"At {target:.0%} with {budget}, {_named(winner)} reaches {_ppl(winner)}.")
             control = trained[~prunes & (trained["distill"] == "none")]  # the unpruned model, trained as long
             if len(control):
                 dft = control.iloc[0]
                 sentences.append(
-                    f"Trained as long without pruning ({_name(dft)}), the unpruned model reaches {_ppl(dft)} "
+                    f"Trained as long without pruning ({_named(dft)}), the unpruned model reaches {_ppl(dft)} "
                     f"({change_pct(dft['perplexity'], base):+.1f}% vs the untouched model): at {target:.0%} the best "
                     f"pruned model is {change_pct(winner['perplexity'], dft['perplexity']):+.1f}% against it."
                 )
+                if len(dense):
+                    sentences.append(recipe_check(dft, base, target))
     return sentences

@@ -202,3 +202,30 @@ def iterative_curves(runs: pd.DataFrame, out: Path) -> list[Path]:
     curve.legend(fontsize=8)
     recovery.legend(fontsize=8)
     return [_save(fig, out / "iterative_curves.png")]
+
+
+def lr_sensitivity(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """Validation perplexity against the learning rate, one line per trained method, one panel per target
+    (error bars: ± 1 std over seeds), when the grid swept learning rates."""
+    swept = summary[(summary["kind"] == "trained") & (summary["lrs_tried"] > 1)]
+    if swept.empty:
+        return []
+    targets = sorted(swept["target_sparsity"].unique())
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.4 * len(targets), 3.8), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for name, style, group in _by_method(swept[swept["target_sparsity"] == target]):
+            group = group.sort_values("lr")
+            ax.errorbar(
+                group["lr"],
+                group["val_perplexity"],
+                yerr=group["val_perplexity_std"].fillna(0),
+                capsize=3,
+                label=name,
+                **style,
+            )
+            chosen = group[group["selected"]]
+            ax.scatter(chosen["lr"], chosen["val_perplexity"], s=140, facecolors="none", edgecolors=style["color"])
+        ax.set(xscale="log", xlabel="learning rate", ylabel="validation perplexity", title=f"{target:.0%} sparsity")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Learning-rate sensitivity (circled: selected on validation)", fontsize=10)
+    return [_save(fig, out / "lr_sensitivity.png")]

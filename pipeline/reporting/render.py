@@ -17,8 +17,8 @@ from .. import __version__
 from ..errors import UserError
 from ..methods import label, methods_where
 from .findings import findings, tokens_text
-from .plots import accuracy_vs_sparsity, budget_curves, iterative_curves, perplexity_vs_sparsity
-from .results import collect_runs, summarize
+from .plots import accuracy_vs_sparsity, budget_curves, iterative_curves, lr_sensitivity, perplexity_vs_sparsity
+from .results import CELL, collect_runs, summarize
 
 
 def _labels(rows: pd.DataFrame) -> list:
@@ -53,8 +53,48 @@ def main_table(summary: pd.DataFrame) -> pd.DataFrame:
             "n": list(summary["n"]),
             "vs dense": ["-" if d else f"{v:+.1f}%" for d, v in zip(dense, summary["vs_dense_pct"])],
             "Train tokens": [tokens_text(t) for t in summary["train_tokens"]],
+            **_lr_column(summary),
             "Time": ["-" if d else _duration(t) for d, t in zip(dense, summary["seconds"])],
             **_accuracy_columns(summary),
+        }
+    )
+
+
+def _lr_column(summary: pd.DataFrame) -> dict:
+    """The trained cells' learning rate (the selected one, * at the edge of a sweep's grid)."""
+    if "lr" not in summary or summary["lr"].isna().all():
+        return {}
+    return {
+        "lr": [
+            "-" if pd.isna(lr) else f"{lr:g}" + ("*" if edge else "")
+            for lr, edge in zip(summary["lr"], summary.get("lr_at_edge", [False] * len(summary)))
+        ]
+    }
+
+
+def selected(runs: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The summary's selected rows, and the runs of those cells (an untrained cell is always selected)."""
+    chosen = summary[summary["selected"]].reset_index(drop=True)
+    keys = set(zip(*[chosen[c] for c in CELL], chosen["lr"].fillna(0.0)))
+    keep = [key in keys for key in zip(*[runs[c] for c in CELL], runs["lr"].fillna(0.0))]
+    return chosen, runs[keep].reset_index(drop=True)
+
+
+def tuning_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every trained cell of a sweep at every lr: validation and test perplexity, which lr was selected."""
+    rows = summary[(summary["kind"] == "trained") & (summary["lrs_tried"] > 1)]
+    return pd.DataFrame(
+        {
+            "Method": _labels(rows),
+            "Sparsity": [f"{t:.0%}" for t in rows["target_sparsity"]],
+            "lr": [f"{lr:g}" for lr in rows["lr"]],
+            "Validation": [
+                f"{v:.2f}" + (f" ± {sd:.2f}" if n > 1 else "")
+                for v, sd, n in zip(rows["val_perplexity"], rows["val_perplexity_std"], rows["n"])
+            ],
+            "Test": [_perplexity(row) for _, row in rows.iterrows()],
+            "n": list(rows["n"]),
+            "Selected": ["yes" if chosen else "" for chosen in rows["selected"]],
         }
     )
 
@@ -92,6 +132,7 @@ def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
                 else ["-"] * len(rows)
             ),
             "Train tokens": [tokens_text(t) for t in rows["train_tokens"]],
+            **_lr_column(rows),
             **_accuracy_columns(rows),
         }
     )
@@ -130,16 +171,20 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     if runs.empty:
         raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs)
-    sentences = findings(summary)
+    every_lr = summarize(runs)
+    summary, runs = selected(runs, every_lr)  # a sweep's selected cells; every cell of a grid without one
+    sentences = findings(summary, runs)
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
     overview = [perplexity_vs_sparsity(summary, out), *accuracy_vs_sparsity(summary, out), *iterative_curves(runs, out)]
     budgets = dict(zip(targets, budget_curves(runs, summary, out)))
+    sensitivity = lr_sensitivity(every_lr, out)
+    tuned = tuning_table(every_lr)
     name = mlflow.get_experiment(experiment_id).name
     footer = (
         f"Measured on {_environment()}. Wall time of all cells: {_duration(runs['seconds'].sum())}. "
         "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
         "train tokens are those that went into optimizer steps; Time is each run's wall time."
+        + (" lr*: the selected learning rate is at the edge of the swept grid." if summary["lr_at_edge"].any() else "")
     )
 
     md = [
@@ -159,6 +204,15 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
             f"![{budgets[target].stem}]({budgets[target].name})",
             "",
         ]
+    if sensitivity:
+        md += [
+            "## Learning rates (selected on the validation split)",
+            "",
+            markdown_table(tuned),
+            "",
+            *[f"![{p.stem}]({p.name})" for p in sensitivity],
+            "",
+        ]
     md += [*[f"![{p.stem}]({p.name})" for p in overview], "", footer]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
@@ -171,6 +225,11 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
         f"{image(budgets[target])}"
         for target in targets
     )
+    if sensitivity:
+        sections += (
+            f"<h2>Learning rates (selected on the validation split)</h2>{_html_table(tuned, 'learning-rates')}"
+            + "".join(image(p) for p in sensitivity)
+        )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Pruning comparison: {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} table{{border-collapse:collapse}}
