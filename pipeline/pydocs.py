@@ -57,8 +57,10 @@ def _stdlib_source_files(stdlib: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(stdlib).as_posix())
 
 
-def collect_documents() -> list[str]:
-    """All documents in a deterministic order, exact duplicates dropped."""
+@lru_cache(maxsize=1)
+def collect_documents() -> tuple[str, ...]:
+    """All documents in a deterministic order, exact duplicates dropped. Read once per process: the corpus and
+    the pydocs-cloze task both start from them, and a grid builds the task again for every cell."""
     documents = [topics[key].strip() for key in sorted(topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in _stdlib_source_files(stdlib):
@@ -68,7 +70,7 @@ def collect_documents() -> list[str]:
         if doc not in seen:
             seen.add(doc)
             unique.append(doc)
-    return unique
+    return tuple(unique)
 
 
 def split_of(document: str) -> str:

@@ -320,8 +320,8 @@ def test_every_list_setting_takes_each_value_once():
     assert [cell.label for cell in plan_cells(config, "corpus")] == [
         "dense",
         "Magnitude 0.50",
-        "Iterative 0.50 seed 0",
-        "Iterative 0.50 seed 1",
+        "Iterative 0.50 lr 1e-05 seed 0",
+        "Iterative 0.50 lr 1e-05 seed 1",
     ]
 
 
