@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,6 +40,7 @@ from .config import BenchConfig, IterativeConfig, PruneConfig, ScheduleConfig, T
 from .data import eval_tokens
 from .imp import ImpRun
 from .local_server import LocalMlflowServer
+from .machine import cpu_model
 from .memory import PeakRSS, measuring_pool, rss
 from .perplexity import perplexity
 from .pruning import prune_model
@@ -71,17 +71,6 @@ PAIRED_RATIOS = [
     ("distill_logits_step_ratio", "logits", "masked"),
     ("distill_squarehead_step_ratio", "squarehead", "masked"),
 ]
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as the system reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict:

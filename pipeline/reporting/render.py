@@ -15,6 +15,7 @@ import transformers
 
 from .. import __version__
 from ..errors import UserError
+from ..machine import cpu_model
 from ..methods import label, methods_where
 from .findings import findings, tokens_text
 from .plots import accuracy_vs_sparsity, budget_curves, iterative_curves, lr_sensitivity, perplexity_vs_sparsity
@@ -156,9 +157,7 @@ def _html_table(frame: pd.DataFrame, table_id: str) -> str:
 
 def _environment() -> str:
     device = (
-        torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
     )
     return (
         f"{device}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
