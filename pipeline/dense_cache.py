@@ -13,7 +13,7 @@ from .models import resolve_model_source
 from .workload import Workload
 
 
-def _model_identity(source: str) -> str:
+def model_identity(source: str) -> str:
     """A hub id names fixed weights; a local directory's weights can change, so their mtimes count."""
     path = Path(source)
     if not path.is_dir():
@@ -27,7 +27,7 @@ def _model_identity(source: str) -> str:
 
 
 def dense_key(source: str, corpus_digest: str, split: str, seqlen: int, dtype: str) -> str:
-    raw = "\0".join([_model_identity(source), corpus_digest, split, str(seqlen), dtype])
+    raw = "\0".join([model_identity(source), corpus_digest, split, str(seqlen), dtype])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 

@@ -32,6 +32,7 @@ from .pruning import prune_model
 from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of
 from .schedules import learning_rate_for, sparsity_schedule
 from .settings import flat_values
+from .shared_pruning import prune_starting_model
 from .training import NonFiniteLoss, TrainResult, steps_per_epoch, train_keeping_masks
 from .workload import Inputs, load_workload
 from .zeroshot import log_tasks
@@ -137,8 +138,17 @@ class ImpRun:
     """One IMP run over a loaded model: `ImpRun.create(...)` loads (or restores) it, `run()` runs the
     iterations its history does not hold yet."""
 
-    def __init__(self, config: IterativeConfig, work, tracker, out: Path, history: list | None = None):
+    def __init__(
+        self,
+        config: IterativeConfig,
+        work,
+        tracker,
+        out: Path,
+        history: list | None = None,
+        shared_pruning: Path | None = None,
+    ):
         self.config, self.work, self.tracker, self.out = config, work, tracker, Path(out)
+        self.shared_pruning = shared_pruning  # where the first pruning step is shared with same-pruning runs
         self.model = work.model
         self.targets, self.uncapped = planned_schedule(config.schedule)
         self.blocks = work.training_blocks(config.resolved("train_seqlen"))
@@ -158,10 +168,17 @@ class ImpRun:
 
     @classmethod
     def create(
-        cls, config: IterativeConfig, tracker, out: Path, checkpoint: dict | None = None, inputs: Inputs | None = None
+        cls,
+        config: IterativeConfig,
+        tracker,
+        out: Path,
+        checkpoint: dict | None = None,
+        inputs: Inputs | None = None,
+        shared_pruning: Path | None = None,
     ) -> ImpRun:
         """Loads the model (the checkpoint's weights, RNG states and history, when continuing one)."""
-        imp = cls(config, load_workload(config.model, config.data, inputs, training=True), tracker, out)
+        work = load_workload(config.model, config.data, inputs, training=True)
+        imp = cls(config, work, tracker, out, shared_pruning=shared_pruning)
         tracker.set_tags(imp.work.corpus.describe())
         if checkpoint is not None:
             imp.restore(checkpoint)
@@ -220,8 +237,19 @@ class ImpRun:
     def prune(self, k: int) -> float:
         """Prunes to the schedule's k-th target (a zero stays a zero); returns the sparsity reached."""
         target = self.targets[k - 1]
-        if not already_at(self.linears, target, self.config.prune.scope):  # one-shot prunes once, dense never
-            prune_model(self.model, replace(self.config.prune, sparsity=target), self.windows, self.work.device)
+        prune = replace(self.config.prune, sparsity=target)
+        if already_at(self.linears, target, self.config.prune.scope):  # one-shot prunes once, dense never
+            pass
+        elif k == 1:  # the untouched starting model: the same pruning as other cells' (a sweep's), done once
+            _, loaded = prune_starting_model(
+                self.model, self.config.model.model, prune, self.windows, self.work.device, self.shared_pruning
+            )
+            if self.shared_pruning is not None:
+                self.tracker.set_tags({"pruning_shared": "read" if loaded else "computed"})
+            if loaded:
+                print(f"Read the same pruning of the starting model from {self.shared_pruning}")
+        else:
+            prune_model(self.model, prune, self.windows, self.work.device)
         sync_from_main(self.model)  # every process holds the main one's mask, whatever its own calibration gave
         return sparsity_of(self.linears)
 

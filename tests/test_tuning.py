@@ -15,6 +15,7 @@ from test_refusals import here
 
 from pipeline.config import CompareConfig
 from pipeline.jobs.compare import run_compare
+from pipeline.pruning.masks import prunable_linears
 from pipeline.reporting.paired import paired_difference
 from pipeline.settings import build
 
@@ -55,6 +56,10 @@ def report(experiment_id: str, out) -> str:
 
     write_report(experiment_id, out)
     return (out / "report.md").read_text()
+
+
+def directory_of(run, root):
+    return next(p for p in (root / "pruned_models").iterdir() if p.is_dir() and cell_key_of(run) in p.name)
 
 
 def cell_key_of(run) -> str:
@@ -167,13 +172,14 @@ def test_a_sweep_runs_every_trained_cell_at_every_lr_and_selects_on_validation(
         device="cpu",
         experiment="sweep",
         output_dir="reports/sweep",
-        methods=["iterative", "sparsegpt"],  # sparsegpt: an untrained cell, which has no lr and is always kept
+        # sparsegpt: an untrained cell, which has no lr and is always kept; sparsegpt+ft starts from its pruning
+        methods=["iterative", "sparsegpt", "sparsegpt+ft"],
     )
     run_compare(build(CompareConfig, settings))
     runs = pd.read_csv(tmp_path / "reports/sweep/compare.csv")
     trained = runs[runs["kind"] == "trained"]
     assert sorted(zip(trained["method"], trained["lr"], trained["seed"])) == sorted(
-        ("iterative", lr, s) for lr in (3e-4, 3e-3) for s in (0, 1)
+        (m, lr, s) for m in ("iterative", "sparsegpt+ft") for lr in (3e-4, 3e-3) for s in (0, 1)
     )
     assert runs.loc[runs["kind"] == "one-shot", "lr"].isna().all()
     assert trained["val_perplexity"].notna().all() and trained["perplexity"].notna().all()
@@ -181,7 +187,7 @@ def test_a_sweep_runs_every_trained_cell_at_every_lr_and_selects_on_validation(
     # the summary's selection is the argmin of the mean validation perplexity over seeds, recomputed here
     summary = pd.read_csv(tmp_path / "reports/sweep/summary.csv")
     assert summary.loc[summary["kind"] != "trained", "selected"].all()
-    for method in ("iterative",):
+    for method in ("iterative", "sparsegpt+ft"):
         means = trained[trained["method"] == method].groupby("lr")["val_perplexity"].mean()
         chosen = summary[(summary["method"] == method) & summary["selected"]]
         assert list(chosen["lr"]) == [means.idxmin()]
@@ -192,9 +198,32 @@ def test_a_sweep_runs_every_trained_cell_at_every_lr_and_selects_on_validation(
     client = MlflowClient()
     cell = trained.iloc[0]
     run = client.get_run(cell["run_id"])
-    model_dir = next(p for p in (tmp_path / "pruned_models").iterdir() if p.is_dir() and cell_key_of(run) in p.name)
-    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    model, tokenizer = load_model_and_tokenizer(str(directory_of(run, tmp_path)))
     ids = eval_tokens(load_corpus(f"text:{corpus_dir}"), tokenizer, "validation", 64)
     with torch.no_grad():
         assert perplexity(model, ids, 64).perplexity == pytest.approx(cell["val_perplexity"], rel=1e-5)
     assert float(run.data.params["lr"]) == cell["lr"]
+    # each pruning of the starting model was done once and read by every other cell that needed it: SparseGPT's
+    # per seed (its one-shot cell, then sparsegpt+ft at each lr), magnitude's first step once for all iterative
+    shared = {}
+    for row in runs[runs["kind"] != "dense"].itertuples():
+        tags = client.get_run(row.run_id).data.tags
+        criterion = "magnitude" if row.method == "iterative" else "sparsegpt"
+        seed = row.seed if criterion == "sparsegpt" else None
+        shared.setdefault((criterion, seed), []).append(tags["pruning_shared"])
+    assert {key: sorted(v) for key, v in shared.items()} == {
+        ("sparsegpt", 0): ["computed", "read", "read"],
+        ("sparsegpt", 1): ["computed", "read", "read"],
+        ("magnitude", None): ["computed", "read", "read", "read"],
+    }
+    assert len(list(tmp_path.glob("checkpoints/compare-e*-pruning/*.pt"))) == 3
+    for seed in (0, 1):  # the +ft cells kept the one-shot cell's mask: the same zeros in the saved models
+        one_shot, *fine_tuned = [
+            load_model_and_tokenizer(str(directory_of(client.get_run(r.run_id), tmp_path)))[0]
+            for r in runs[(runs["seed"] == seed) & runs["method"].isin(["sparsegpt", "sparsegpt+ft"])]
+            .sort_values("kind")
+            .itertuples()
+        ]
+        for model in fine_tuned:
+            for (name, a), b in zip(prunable_linears(one_shot).items(), prunable_linears(model).values()):
+                assert torch.equal(a.weight == 0, b.weight == 0), name

@@ -90,11 +90,12 @@ def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict 
     model."""
     tags = {**cell.tags, "grid": grid_run_id, **(extra_tags or {})}
     model_dir = cell_directory("pruned_models", cell, experiment_id)
+    shared_pruning = Path(f"checkpoints/compare-e{experiment_id}-pruning")  # one pruning per criterion, target, seed
     if cell.kind == "dense":
         run_evaluate(cell.config, tags)
     elif cell.kind == "one-shot":
         saved = replace(cell.config.saved_model, overwrite=True)
-        run_prune(replace(cell.config, output_dir=model_dir, saved_model=saved), tags)
+        run_prune(replace(cell.config, output_dir=model_dir, saved_model=saved), tags, shared_pruning)
     else:
         out = cell_directory("checkpoints", cell, experiment_id)
         run_iterative(
@@ -106,6 +107,7 @@ def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict 
                 resume=has_checkpoint(Path(out)),
             ),
             tags,
+            shared_pruning,
         )
 
 

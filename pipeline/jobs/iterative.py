@@ -143,9 +143,10 @@ def print_summary(history: list, model_paths: list) -> None:
     print("=" * 60)
 
 
-def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
+def run_iterative(config: IterativeConfig, tags: dict | None = None, shared_pruning: Path | None = None) -> list:
     """Checks, then the IMP run in one MLflow run (reopened when resuming), the checkpoint directory owned by
-    this run throughout; returns the history (entry 0: the unpruned model)."""
+    this run throughout; returns the history (entry 0: the unpruned model). `shared_pruning`: a directory
+    where the first pruning step is shared with other runs that would prune the same (shared_pruning.py)."""
     check_launch(config.train.batch_size)  # first, on every process alike, before the launcher stops them
     out = Path(config.resolved("output_dir"))
     name = (
@@ -169,7 +170,7 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None) -> list:
         stop_hint=f"Stopped. Completed iterations are saved in {out}; continue with the same settings "
         f"plus {option('resume')}",
     ) as job:
-        imp = ImpRun.create(config, job.tracker, out, job.resumed, job.inputs)
+        imp = ImpRun.create(config, job.tracker, out, job.resumed, job.inputs, shared_pruning)
         history = imp.run()
         model_paths = save_final_model(imp, config) if config.save_model and is_main_process() else []
         job.tracker.log_dict(final_metrics(history))

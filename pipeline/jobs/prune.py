@@ -9,10 +9,10 @@ from ..dense_cache import dense_perplexity
 from ..distributed import sync_from_main
 from ..outputs import check_no_saved_model
 from ..perplexity import change_pct
-from ..pruning import prune_model
 from ..pruning.masks import prunable_linears, sparsity_report
 from ..pruning.sequential import layer_table_csv
 from ..settings import flat_values
+from ..shared_pruning import prune_starting_model
 from ..workload import check_inputs
 from ..zeroshot import check_tasks
 from . import finish_model, job_run
@@ -27,8 +27,9 @@ def checks(config: PruneRunConfig):
     return inputs
 
 
-def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
-    """Under `accelerate launch` (a `compare` grid) every process prunes; the main one saves."""
+def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: Path | None = None) -> dict:
+    """Under `accelerate launch` (a `compare` grid) every process prunes; the main one saves. `shared_pruning`:
+    a directory where the pruning is shared with other runs that would prune the same (shared_pruning.py)."""
     model_name, dataset, prune = config.model.model, config.data.dataset, config.prune
     output_dir = Path(config.resolved("output_dir"))
     with job_run(
@@ -48,7 +49,13 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None) -> dict:
         if calibration is not None:
             tracker.set_tags({"calibration_digest": calibration.digest[:16]})
         print(f"pruning {model_name} with {prune.label} ...", flush=True)
-        result = prune_model(work.model, prune, windows, work.device, progress=True)
+        result, loaded = prune_starting_model(
+            work.model, model_name, prune, windows, work.device, shared_pruning, progress=True
+        )
+        if shared_pruning is not None:
+            tracker.set_tags({"pruning_shared": "read" if loaded else "computed"})
+        if loaded:
+            print(f"read the same pruning from {shared_pruning}")
         sync_from_main(work.model)  # one mask on every process, whatever each one's calibration gave
         pruned = work.evaluate(SPLIT).perplexity
         report = sparsity_report(work.model, prunable_linears(work.model, prune.include, prune.exclude))
