@@ -27,6 +27,7 @@ SPLITS = ("test", "validation")
 # both then training as many iterations as geometric would: the equal-budget controls of `compare`
 SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
+SPARSITY_PROFILES = ("uniform", "owl")  # how a target sparsity is spread over the decoder layers
 DISTILL_MODES = ("none", "logits", "squarehead")  # the recovery loss: cross-entropy alone, or with a teacher
 REWIND_HELP = (
     "after each pruning step, reset the surviving weights to their values at a point, then train: none; "
@@ -254,6 +255,18 @@ class PruneConfig(Settings):
         "windows), or the random mask",
         **SEED_RANGE,
     )
+    sparsity_profile: str = setting(
+        "uniform",
+        "how the sparsity is spread over the decoder layers: uniform (each layer, each matrix at the target) or owl "
+        "(outlier-weighed, Yin et al. 2024: a layer with more outlier activations is pruned less, the whole set "
+        "exactly at the target; needs calibration windows, magnitude included)",
+        choices=SPARSITY_PROFILES,
+        noun="sparsity profile",
+    )
+    owl_m: float = setting(5.0, "owl: a score counts as an outlier above M times its layer's mean", above=0)
+    owl_lambda: float = setting(
+        0.08, "owl: the layers' sparsities span 2 x lambda around the target", at_least=0, below=0.5
+    )
 
     def check(self) -> None:
         self.n_m = parse_pattern(self.pattern)
@@ -265,6 +278,12 @@ class PruneConfig(Settings):
             )
         if self.scope == "global" and (not self.criterion.global_scope or self.n_m):
             raise ConfigError(f"{option('scope')} global is for unstructured magnitude pruning only")
+        if self.owl and (self.n_m or self.scope == "global"):
+            raise ConfigError(
+                f"{option('sparsity_profile')} owl gives each decoder layer its own sparsity, which an N:M "
+                f"{option('pattern')} (N of every M in every layer) and {option('scope')} global (one threshold "
+                "over all) leave no room for: use one of them, or the uniform profile"
+            )
         for name in ("include", "exclude"):
             regex = getattr(self, name)
             if regex:
@@ -279,6 +298,15 @@ class PruneConfig(Settings):
         return criterion(self.method)
 
     @property
+    def owl(self) -> bool:
+        return self.sparsity_profile == "owl"
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether it reads calibration windows: its criterion does (SparseGPT, Wanda), or OWL's outlier ratios."""
+        return self.criterion.calibrates or self.owl
+
+    @property
     def fraction(self) -> float:
         """The fraction of zeros this prunes to."""
         if self.n_m:
@@ -288,7 +316,7 @@ class PruneConfig(Settings):
     @property
     def label(self) -> str:
         amount = self.pattern if self.n_m else f"{self.fraction:.2f}"
-        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "")
+        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "") + ("-owl" if self.owl else "")
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -501,7 +529,8 @@ class GridConfig(Settings):
         list(DEFAULT_GRID),
         "comma-separated methods: one-shot sparsegpt, magnitude, wanda (untrained); "
         "iterative; X+ft = one-shot X then the iterative cell's training budget; dense+ft = "
-        "the unpruned model trained as long",
+        "the unpruned model trained as long; X-owl, X-owl+ft, iterative-owl = the same with OWL's layer "
+        "sparsities (--owl-m, --owl-lambda)",
         choices=GRID_METHODS,
         min_items=1,
         noun="method",
@@ -661,7 +690,8 @@ class CompareConfig(RunConfig):
         TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3}, exclude=("seed", "distill")
     )
     prune: PruneConfig = group(
-        PruneConfig, exclude=("method", "sparsity", "pattern", "scope", "include", "exclude", "seed")
+        PruneConfig,
+        exclude=("method", "sparsity", "pattern", "scope", "include", "exclude", "seed", "sparsity_profile"),
     )
     tasks: TasksConfig = group(TasksConfig)
     executor: ExecutorConfig = group(ExecutorConfig)

@@ -103,7 +103,7 @@ def trained_cell_config(
         eval_tasks_every=0,  # the cell's accuracy is its final model's
         schedule=replace(config.schedule, target_sparsity=target, schedule=schedule, final_lr=final_lr),
         train=replace(config.train, seed=seed, distill=distill, lr=lr),
-        prune=replace(config.prune, method=prune_method, seed=seed),
+        prune=replace(config.prune, method=prune_method, seed=seed, sparsity_profile=entry.profile),
         validate=True,
     )
 
@@ -115,7 +115,9 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
     amounts = [(target, "unstructured") for target in config.grid.sparsities]
     amounts += [(n / m, pattern) for pattern in config.grid.patterns for n, m in [parse_pattern(pattern)]]
     for target, pattern in amounts:
-        for method in (m for m in methods if m.kind == "one-shot"):
+        # OWL spreads an unstructured target over the layers; an N:M pattern is the same in every layer
+        one_shot = [m for m in methods if m.kind == "one-shot" and (pattern == "unstructured" or m.profile != "owl")]
+        for method in one_shot:
             for seed in seeds if method.seeded else [None]:  # magnitude draws nothing
                 prune = replace(
                     config.prune,
@@ -123,6 +125,7 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                     pattern=pattern,
                     sparsity=None if pattern != "unstructured" else target,
                     seed=config.prune.seed if seed is None else seed,
+                    sparsity_profile=method.profile,
                 )
                 cells.append(
                     Cell(

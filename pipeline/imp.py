@@ -29,7 +29,8 @@ from .config import IterativeConfig, ScheduleConfig, TrainConfig
 from .distributed import is_main_process, sync_from_main
 from .errors import UserError, option
 from .pruning import prune_model
-from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of
+from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of, sparsity_report
+from .pruning.owl import layer_sparsity_metrics
 from .schedules import learning_rate_for, sparsity_schedule
 from .settings import flat_values
 from .shared_pruning import prune_starting_model
@@ -128,6 +129,8 @@ def log_iteration(tracker, entry: dict) -> None:
     (`ppl_at_tokens`, from the first pruning step at 0 tokens on), so the UI overlays runs of one budget
     (iterative, one-shot + training, dense + training) on one axis."""
     tracker.log_dict({key: entry[key] for key in ITERATION_METRICS if key in entry}, step=entry["iteration"])
+    if entry.get("layer_sparsities"):
+        tracker.log_dict(layer_sparsity_metrics(entry["layer_sparsities"]), step=entry["iteration"])
     if entry["iteration"] == 1:
         tracker.log_dict({"ppl_at_tokens": entry["ppl_after_prune"]}, step=0)
     if entry["iteration"] >= 1:
@@ -217,6 +220,7 @@ class ImpRun:
                     self.history[-1],
                 )
             )
+            self.history[-1]["layer_sparsities"] = sparsity_report(self.model, self.linears)["layers"]
             self.checkpoint(on_iteration)
             self.report_progress()
         return self.history
@@ -238,7 +242,9 @@ class ImpRun:
         """Prunes to the schedule's k-th target (a zero stays a zero); returns the sparsity reached."""
         target = self.targets[k - 1]
         prune = replace(self.config.prune, sparsity=target)
-        if already_at(self.linears, target, self.config.prune.scope):  # one-shot prunes once, dense never
+        # the count that says whether a step is due: OWL's layers differ, only the whole set is at the target
+        scope = "global" if self.config.prune.owl else self.config.prune.scope
+        if already_at(self.linears, target, scope):  # one-shot prunes once, dense never
             pass
         elif k == 1:  # the untouched starting model: the same pruning as other cells' (a sweep's), done once
             _, loaded = prune_starting_model(

@@ -62,13 +62,14 @@ class Method:
     schedule: str | None = None  # a trained cell's sparsity schedule; None: the grid's own --schedule
     control: bool = False  # a control (dense+ft, random, random+ft): read beside the methods, not ranked
     #                               against them as a recommendation
+    profile: str = "uniform"  # how its sparsity is spread over the layers: uniform, or owl (the `-owl` methods)
 
     @property
     def seeded(self) -> bool:
         """Whether the cell draws randomness, so that each seed is a cell of its own."""
         if self.kind == "trained":
             return True  # the data order
-        return self.criterion is not None and self.criterion.seeded
+        return self.profile == "owl" or (self.criterion is not None and self.criterion.seeded)  # calibration
 
     @property
     def order(self) -> int:
@@ -86,11 +87,20 @@ class Method:
 
 
 def _methods() -> dict:
+    """Each criterion untrained and +ft, each with the uniform profile and OWL's (`wanda-owl`, `wanda-owl+ft`);
+    iterative with either; dense+ft; the baseline."""
     entries = [Method("unpruned", "dense", "Unpruned", "C4", None)]
+    owl = [c for c in CRITERIA if not c.control]
     entries += [Method(c.name, "one-shot", c.display, c.color, c, control=c.control) for c in CRITERIA]
+    entries += [Method(f"{c.name}-owl", "one-shot", f"{c.display} OWL", c.color, c, profile="owl") for c in owl]
     entries += [Method("iterative", "trained", "Iterative", "C3", None)]
+    entries += [Method("iterative-owl", "trained", "Iterative OWL", "C3", None, profile="owl")]
     entries += [
         Method(f"{c.name}+ft", "trained", f"{c.display} + FT", c.color, c, "one-shot", c.control) for c in CRITERIA
+    ]
+    entries += [
+        Method(f"{c.name}-owl+ft", "trained", f"{c.display} OWL + FT", c.color, c, "one-shot", profile="owl")
+        for c in owl
     ]
     entries += [Method("dense+ft", "trained", "Dense + FT", "C4", None, "dense", control=True)]
     return {m.name: m for m in entries}

@@ -28,7 +28,7 @@ from .config import PruneConfig
 from .dense_cache import model_identity
 from .distributed import num_processes
 from .models import resolve_model_source
-from .pruning import PruneResult, prune_model
+from .pruning import LayerProfile, PruneResult, prune_model
 from .pruning.masks import prunable_linears, sparsity_of
 from .pruning.sequential import LayerRecord
 from .settings import flat_values
@@ -86,13 +86,15 @@ def prune_starting_model(
                 for name, module in linears.items():
                     module.weight.copy_(saved["weights"][name])
             layers = [LayerRecord(**record) for record in saved["layers"]]
-            return PruneResult(sparsity_of(linears), saved["seconds"], layers), True
+            profile = [LayerProfile(**layer) for layer in saved["profile"]]
+            return PruneResult(sparsity_of(linears), saved["seconds"], layers, profile), True
         started = time.perf_counter()
         result = prune_model(model, prune, windows, device, progress)
         atomic_torch_save(
             {
                 "weights": {name: module.weight.detach().cpu() for name, module in linears.items()},
                 "layers": [asdict(record) for record in result.layers],
+                "profile": [asdict(layer) for layer in result.profile],
                 "seconds": time.perf_counter() - started,
             },
             path,

@@ -128,8 +128,8 @@ class Workload:
         return training_blocks(self.corpus, self.tokenizer, resolve_seqlen(self.model, seqlen or self.seqlen))
 
     def calibration(self, prune: PruneConfig) -> tuple[torch.Tensor | None, Corpus | None]:
-        """(windows, the corpus they come from) for a calibrated method; (None, None) for magnitude."""
-        if not prune.criterion.calibrates:
+        """(windows, the corpus they come from) for a calibrated method or profile; (None, None) for magnitude."""
+        if not prune.calibrates:
             return None, None
         name = prune.resolved("calibration_dataset", self.model_config.model, self.data_config.dataset)
         corpus = self.corpus if name == self.data_config.dataset else load_corpus(name)

@@ -10,6 +10,7 @@ from ..distributed import sync_from_main
 from ..outputs import check_no_saved_model
 from ..perplexity import change_pct
 from ..pruning.masks import prunable_linears, sparsity_report
+from ..pruning.owl import layer_sparsity_csv, layer_sparsity_metrics
 from ..pruning.sequential import layer_table_csv
 from ..settings import flat_values
 from ..shared_pruning import prune_starting_model
@@ -70,6 +71,8 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
             }
         )
         tracker.log_dict_artifact(report, "sparsity_report.json")
+        tracker.log_dict(layer_sparsity_metrics(report["layers"]))
+        tracker.log_text(layer_sparsity_csv(report["layers"], result.profile), "layer_sparsity.csv")
         if result.layers:
             tracker.log_text(layer_table_csv(result.layers), "layers.csv")
         finish_model(
@@ -79,6 +82,12 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
             config.saved_model,
             output_dir,
             {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label},
+        )
+    for layer in result.profile:
+        print(
+            f"  layer {layer.layer}: outlier ratio {layer.outlier_ratio:.3f}%, sparsity "
+            f"{report['layers'][str(layer.layer)]:.4f} (OWL's formula {layer.owl_sparsity:.4f}, bounded "
+            f"{layer.bounded_sparsity:.4f})"
         )
     print(
         f"{prune.label}: sparsity {report['prunable']:.4f} of prunable weights "

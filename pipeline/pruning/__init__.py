@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..architecture import in_features
+from ..architecture import decoder_layout, in_features, matrix_of
 from ..config import PruneConfig
 from ..errors import ConfigError, option
 from ..methods import criterion
 from .masks import prunable_linears, sparsity_of
-from .sequential import LayerRecord
+from .owl import matrix_zero_counts, outlier_ratio, owl_layer_sparsities, within_bounds
+from .sequential import LayerRecord, dense_input_norms
 
 
 @dataclass
@@ -22,6 +23,41 @@ class PruneResult:
     sparsity: float
     seconds: float
     layers: list = field(default_factory=list)  # LayerRecord per decoder layer (calibrated methods)
+    profile: list = field(default_factory=list)  # OWL: per decoder layer, its outlier ratio and OWL sparsity
+
+
+@dataclass
+class LayerProfile:
+    layer: int
+    outlier_ratio: float  # percent of its Wanda scores above --owl-m times their mean
+    owl_sparsity: float  # what OWL's formula gives it
+    bounded_sparsity: float  # held within the target +- lambda (the counts then land the whole set exactly)
+
+
+def matrix_sparsities(model: nn.Module, linears: dict, config: PruneConfig, windows, device) -> tuple[dict, list]:
+    """(name -> the fraction of zeros each matrix is pruned to, the OWL profile): every matrix at the target
+    (uniform), or each layer's share from its outlier ratio in the dense model (owl), in exact counts."""
+    if not config.owl:
+        return {name: config.fraction for name in linears}, []
+    norms = dense_input_norms(model, linears, windows, device, config.calibration_batch_size)
+    prefix = decoder_layout(model).layer_prefix + "."
+    groups = {}  # decoder layer index -> its prunable matrices
+    for name, module in linears.items():
+        groups.setdefault(int(name[len(prefix) :].split(".")[0]), {})[name] = module
+    ratios = []
+    for group in groups.values():
+        scores = [
+            (matrix_of(m).detach().abs().float() * norms[n].sqrt().reshape(1, -1).to(m.weight.device)).reshape(-1)
+            for n, m in group.items()
+        ]
+        ratios.append(outlier_ratio(torch.cat([s.cpu() for s in scores]), config.owl_m))
+    formula = owl_layer_sparsities(ratios, config.fraction, config.owl_lambda)
+    holdings = [{n: (m.weight.numel(), int((m.weight == 0).sum())) for n, m in g.items()} for g in groups.values()]
+    sizes = [sum(numel for numel, _ in layer.values()) for layer in holdings]
+    bounded = within_bounds(formula, sizes, config.fraction, config.owl_lambda)
+    counts = matrix_zero_counts(holdings, bounded, config.fraction)
+    profile = [LayerProfile(*values) for values in zip(groups, ratios, formula, bounded)]
+    return {name: counts[name] / linears[name].weight.numel() for name in linears}, profile
 
 
 def check_prunable(model: nn.Module, config: PruneConfig) -> dict:
@@ -47,14 +83,16 @@ def prune_model(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> PruneResult:
-    """Prunes the model's decoder Linear weights in place to the config's sparsity (or N:M pattern)."""
+    """Prunes the model's decoder Linear weights in place to the config's sparsity (or N:M pattern), spread over
+    the layers by its sparsity profile."""
     linears = check_prunable(model, config)
-    chosen = criterion(config.method)
-    if chosen.calibrates and windows is None:
-        raise ValueError(f"{config.method} needs calibration windows")
+    if config.calibrates and windows is None:
+        raise ValueError(f"{config.label} needs calibration windows")
     started = time.perf_counter()
-    layers = chosen.prune_function()(model, linears, config, windows, torch.device(device), progress)
-    return PruneResult(sparsity_of(linears), time.perf_counter() - started, layers)
+    sparsities, profile = matrix_sparsities(model, linears, config, windows, torch.device(device))
+    prune = criterion(config.method).prune_function()
+    layers = prune(model, linears, config, windows, torch.device(device), progress, sparsities)
+    return PruneResult(sparsity_of(linears), time.perf_counter() - started, layers, profile)
 
 
 __all__ = [

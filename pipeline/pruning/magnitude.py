@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 
 from ..architecture import in_features, matrix_of, set_matrix
-from .masks import lowest_k_mask, zeros_to_reach
+from .masks import lowest_k_mask, of_matrix, zeros_to_reach
 from .wanda import wanda_prune_matrix
 
 
 @torch.no_grad()
-def magnitude_prune_layerwise(linears: dict, sparsity: float) -> None:
-    """Every matrix to exactly round(sparsity * numel) zeros (never fewer than it already has)."""
-    for module in linears.values():
+def magnitude_prune_layerwise(linears: dict, sparsity: float | dict) -> None:
+    """Every matrix to exactly round(sparsity * numel) zeros (never fewer than it already has); `sparsity` one
+    fraction for all, or name -> each matrix's own."""
+    for name, module in linears.items():
         weight = matrix_of(module)  # [out, in], so ties break in the same order for Linear and Conv1D
         zeros = int((weight == 0).sum())
-        k = zeros + zeros_to_reach(weight.numel(), zeros, sparsity)
+        k = zeros + zeros_to_reach(weight.numel(), zeros, of_matrix(sparsity, name))
         weight[lowest_k_mask(weight.abs(), k)] = 0
 
 
@@ -34,7 +35,7 @@ def magnitude_prune_global(linears: dict, sparsity: float) -> None:
         offset += n
 
 
-def prune_by_magnitude(model, linears: dict, config, windows, device, progress) -> list:
+def prune_by_magnitude(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
     """The registry's magnitude criterion: per matrix, one global threshold (`scope`), or N:M."""
     if config.n_m:  # N:M by magnitude is Wanda's selection with unit input norms
         for module in linears.values():
@@ -43,5 +44,5 @@ def prune_by_magnitude(model, linears: dict, config, windows, device, progress) 
     elif config.scope == "global":
         magnitude_prune_global(linears, config.fraction)
     else:
-        magnitude_prune_layerwise(linears, config.fraction)
+        magnitude_prune_layerwise(linears, sparsities)
     return []

@@ -102,6 +102,11 @@ def zeros_to_reach(numel: int, current_zeros: int, sparsity: float) -> int:
     return max(0, round(sparsity * numel) - current_zeros)
 
 
+def of_matrix(sparsity: float | dict, name: str) -> float:
+    """A matrix's target: one fraction for every matrix, or name -> fraction (a non-uniform profile)."""
+    return sparsity[name] if isinstance(sparsity, dict) else sparsity
+
+
 @dataclass
 class MatrixSparsity:
     name: str

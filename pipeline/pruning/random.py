@@ -8,11 +8,11 @@ import zlib
 import torch
 
 from ..architecture import matrix_of
-from .masks import lowest_k_mask, lowest_n_of_m, zeros_to_reach
+from .masks import lowest_k_mask, lowest_n_of_m, of_matrix, zeros_to_reach
 
 
 @torch.no_grad()
-def random_prune(linears: dict, sparsity: float, seed: int, n_m: tuple | None = None) -> None:
+def random_prune(linears: dict, sparsity: float | dict, seed: int, n_m: tuple | None = None) -> None:
     """Every matrix to exactly round(sparsity * numel) zeros (or N of every M), the new ones drawn uniformly
     from its non-zeros.
 
@@ -27,11 +27,11 @@ def random_prune(linears: dict, sparsity: float, seed: int, n_m: tuple | None = 
         if n_m:
             prune = lowest_n_of_m(scores, *n_m)
         else:
-            prune = lowest_k_mask(scores, zeros + zeros_to_reach(weight.numel(), zeros, sparsity))
+            prune = lowest_k_mask(scores, zeros + zeros_to_reach(weight.numel(), zeros, of_matrix(sparsity, name)))
         weight[prune.to(weight.device)] = 0
 
 
-def prune_at_random(model, linears: dict, config, windows, device, progress) -> list:
+def prune_at_random(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
     """The registry's random control: the criterion's counts, drawn from `config.seed`."""
-    random_prune(linears, config.fraction, config.seed, config.n_m)
+    random_prune(linears, sparsities, config.seed, config.n_m)
     return []

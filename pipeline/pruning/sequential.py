@@ -175,6 +175,33 @@ class _SharedInputs:
         return add
 
 
+@torch.no_grad()
+def dense_input_norms(model: nn.Module, linears: dict, windows: torch.Tensor, device, batch_size: int = 8) -> dict:
+    """Name -> the squared norm of each input column of the matrix (Wanda's statistics) in the unpruned model:
+    the calibration windows once through the dense layers, one forward each, nothing pruned."""
+    layout = decoder_layout(model)
+    batches = capture_layer_inputs(model, windows, device, batch_size)
+    norms = {}
+    for index, layer in enumerate(layout.layers):
+        original_device = next(layer.parameters()).device
+        layer.to(device)
+        prefix = f"{layout.layer_prefix}.{index}."
+        targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
+        stats = {name: InputStatistics(in_features(m), device, False) for name, m in targets.items()}
+        gather = _SharedInputs(stats)
+        handles = [module.register_forward_hook(gather.hook(name)) for name, module in targets.items()]
+        try:
+            for batch in batches:
+                with gather.batch(batch.hidden.shape[0]):
+                    batch.hidden = layer_output(layer, batch, layout.layer_types[index])
+        finally:
+            for handle in handles:
+                handle.remove()
+        layer.to(original_device)
+        norms.update({name: stat.sum for name, stat in stats.items()})
+    return norms
+
+
 @dataclass
 class LayerRecord:
     layer: int

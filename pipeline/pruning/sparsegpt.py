@@ -112,14 +112,14 @@ def sparsegpt_prune_matrix(
     return W.to(weight.dtype), losses
 
 
-def prune_with_sparsegpt(model, linears: dict, config, windows, device, progress) -> list:
+def prune_with_sparsegpt(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
     """The registry's SparseGPT: decoder layer by decoder layer, each matrix from its inputs' Hessian."""
     n, m = config.n_m or (0, 0)
 
     def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
         try:
             pruned, _ = sparsegpt_prune_matrix(
-                matrix_of(module), stats.sum, config.fraction, n, m, config.blocksize, config.percdamp, timings=seconds
+                matrix_of(module), stats.sum, sparsities[name], n, m, config.blocksize, config.percdamp, timings=seconds
             )
         except SingularHessian:
             raise UserError(

@@ -36,13 +36,13 @@ def wanda_prune_matrix(
     return weight.detach().masked_fill(prune, 0)
 
 
-def prune_with_wanda(model, linears: dict, config, windows, device, progress) -> list:
+def prune_with_wanda(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
     """The registry's Wanda: decoder layer by decoder layer, each matrix scored by its inputs' norms."""
     n, m = config.n_m or (0, 0)
 
     def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
         started = time.perf_counter()
-        set_matrix(module, wanda_prune_matrix(matrix_of(module), stats.sum, config.fraction, n, m))
+        set_matrix(module, wanda_prune_matrix(matrix_of(module), stats.sum, sparsities[name], n, m))
         seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
 
     return prune_sequentially(

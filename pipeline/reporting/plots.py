@@ -229,3 +229,34 @@ def lr_sensitivity(summary: pd.DataFrame, out: Path) -> list[Path]:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Learning-rate sensitivity (circled: selected on validation)", fontsize=10)
     return [_save(fig, out / "lr_sensitivity.png")]
+
+
+def layer_sparsities(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """The sparsity of each decoder layer in the OWL cells (their first seed), one panel per target, the
+    target as a line: how OWL spread it."""
+    profiles = [METHODS[m].profile if m in METHODS else "uniform" for m in runs["method"]]
+    owl = runs[[p == "owl" for p in profiles]].drop_duplicates(["method", "target_sparsity"])
+    if owl.empty:
+        return []
+    client = MlflowClient()
+    targets = sorted(owl["target_sparsity"].unique())
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.4 * len(targets), 3.4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        cells = owl[owl["target_sparsity"] == target]
+        width = 0.8 / len(cells)
+        for number, (_, row) in enumerate(cells.iterrows()):
+            metrics = client.get_run(row["run_id"]).data.metrics
+            layers = sorted((int(k.split("/")[1]), v) for k, v in metrics.items() if k.startswith("layer_sparsity/"))
+            ax.bar(
+                [layer + (number - (len(cells) - 1) / 2) * width for layer, _ in layers],
+                [v * 100 for _, v in layers],
+                width=width,
+                label=METHODS[row["method"]].display,
+                color=method_style(row["method"])["color"],
+                alpha=0.4 + 0.6 * (number + 1) / len(cells),
+            )
+        ax.axhline(target * 100, color="gray", linestyle=":")
+        ax.set(xlabel="decoder layer", ylabel="sparsity (%)", title=f"OWL at {target:.0%}")
+        ax.set_ylim(target * 100 - 25, min(100, target * 100 + 25))
+    axes[0][0].legend(fontsize=7)
+    return [_save(fig, out / "layer_sparsity.png")]

@@ -18,7 +18,14 @@ from ..errors import UserError
 from ..machine import cpu_model
 from ..methods import label, methods_where
 from .findings import findings, tokens_text
-from .plots import accuracy_vs_sparsity, budget_curves, iterative_curves, lr_sensitivity, perplexity_vs_sparsity
+from .plots import (
+    accuracy_vs_sparsity,
+    budget_curves,
+    iterative_curves,
+    layer_sparsities,
+    lr_sensitivity,
+    perplexity_vs_sparsity,
+)
 from .results import CELL, collect_runs, summarize
 
 
@@ -174,7 +181,12 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     summary, runs = selected(runs, every_lr)  # a sweep's selected cells; every cell of a grid without one
     sentences = findings(summary, runs)
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
-    overview = [perplexity_vs_sparsity(summary, out), *accuracy_vs_sparsity(summary, out), *iterative_curves(runs, out)]
+    overview = [
+        perplexity_vs_sparsity(summary, out),
+        *accuracy_vs_sparsity(summary, out),
+        *iterative_curves(runs, out),
+        *layer_sparsities(runs, out),
+    ]
     budgets = dict(zip(targets, budget_curves(runs, summary, out)))
     sensitivity = lr_sensitivity(every_lr, out)
     tuned = tuning_table(every_lr)
