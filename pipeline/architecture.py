@@ -90,3 +90,11 @@ def set_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
 
 def in_features(module: nn.Module) -> int:
     return matrix_of(module).shape[1]
+
+
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """Every normalization layer: torch's LayerNorm / RMSNorm, and the families' own RMSNorm classes
+    (LlamaRMSNorm, Qwen2RMSNorm, ...), which every family names `...Norm`."""
+    return [
+        m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("Norm")
+    ]

@@ -28,6 +28,7 @@ SPLITS = ("test", "validation")
 SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
 SPARSITY_PROFILES = ("uniform", "owl")  # how a target sparsity is spread over the decoder layers
+TRAIN_PARAMS = ("all", "norms-biases", "lora")  # what a recovery trains
 DISTILL_MODES = ("none", "logits", "squarehead")  # the recovery loss: cross-entropy alone, or with a teacher
 REWIND_HELP = (
     "after each pruning step, reset the surviving weights to their values at a point, then train: none; "
@@ -358,6 +359,25 @@ class TrainConfig(Settings):
         0.5, "the logits term's weight: (1 - alpha) CE + alpha T^2 KL(teacher || student)", at_least=0, at_most=1
     )
     distill_temperature: float = setting(2.0, "the softmax temperature T of the logits term", above=0)
+    train_params: str = setting(
+        "all",
+        "what a recovery trains: all (every parameter); norms-biases (the norms' weights and biases and every "
+        "bias: matrices frozen); lora (low-rank adapters on the prunable matrices, their update masked so the "
+        "zeros stay, merged after each training phase)",
+        choices=TRAIN_PARAMS,
+        noun="train-params mode",
+    )
+    lora_rank: int = setting(8, "lora: the adapters' rank r", above=0)
+    lora_alpha: float = setting(16.0, "lora: the update is scaled by alpha / r", above=0)
+    lora_targets: str | None = setting(None, "lora: regex of the prunable matrices that get an adapter (default: all)")
+
+    def check(self) -> None:
+        if self.lora_targets:
+            try:
+                re.compile(self.lora_targets)
+            except re.error as error:
+                message = f"{option('lora_targets')} '{self.lora_targets}' is not a valid regex: {error}"
+                raise ConfigError(message) from None
 
 
 @dataclass
@@ -560,6 +580,15 @@ class GridConfig(Settings):
         aliases=("recoveries",),
         value_aliases={"ce": "none"},
     )
+    train_params: list[str] = setting(
+        ["all"],
+        "comma-separated: what each trained cell trains, each a cell of its own: all, norms-biases or lora "
+        "(--lora-rank, --lora-alpha, --lora-targets)",
+        choices=TRAIN_PARAMS,
+        min_items=1,
+        noun="train-params mode",
+        hint="give at least one, e.g. all",
+    )
     lrs: list[float] = setting(
         [],
         "comma-separated learning rates of a sweep: every trained cell runs at each (each method gets the same "
@@ -687,7 +716,10 @@ class CompareConfig(RunConfig):
     grid: GridConfig = group(GridConfig)
     schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
     train: TrainConfig = group(
-        TrainConfig, rename={"epochs": "epochs_per_iteration"}, defaults={"epochs": 3}, exclude=("seed", "distill")
+        TrainConfig,
+        rename={"epochs": "epochs_per_iteration"},
+        defaults={"epochs": 3},
+        exclude=("seed", "distill", "train_params"),
     )
     prune: PruneConfig = group(
         PruneConfig,
@@ -721,12 +753,15 @@ class CompareConfig(RunConfig):
                 f"rates, and {option('methods')} has none: add iterative or an X+ft method, or leave "
                 f"{option('lrs')} out"
             )
-        if not trained and self.grid.distill != ["none"]:
-            raise ConfigError(
-                f"{option('distill')} {','.join(self.grid.distill)} is the recovery loss of the trained "
-                f"cells, and {option('methods')} has none: add iterative or an X+ft method, or leave "
-                f"{option('distill')} out"
-            )
+        for name, value, plain, what in (
+            ("distill", self.grid.distill, ["none"], "the recovery loss"),
+            ("train_params", self.grid.train_params, ["all"], "what a recovery trains"),
+        ):
+            if not trained and value != plain:
+                raise ConfigError(
+                    f"{option(name)} {','.join(value)} is {what} of the trained cells, and {option('methods')} has "
+                    f"none: add iterative or an X+ft method, or leave {option(name)} out"
+                )
         if self.schedule.schedule not in ("geometric", "cubic"):
             raise ConfigError(
                 f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "

@@ -18,6 +18,7 @@ unless `force`. Which cells a method makes, and how they train, the method regis
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, replace
 
@@ -51,6 +52,7 @@ class Cell:
     pattern: str = "unstructured"  # or N:M (one-shot cells)
     distill: str = "none"  # the trained cells' recovery loss: none (cross-entropy), logits or squarehead
     lr: float | None = None  # the trained cells' learning rate (one of a sweep's)
+    train_params: str = "all"  # what the trained cells train: all, norms-biases or lora
 
     @property
     def key(self) -> str:
@@ -64,7 +66,7 @@ class Cell:
             return "dense"
         amount = f"{self.target:.2f}" if self.pattern == "unstructured" else self.pattern
         rate = f" lr {self.lr:g}" if self.lr is not None else ""
-        return f"{label(self.method, self.distill)} {amount}{rate}" + (
+        return f"{label(self.method, self.distill, self.train_params)} {amount}{rate}" + (
             f" seed {self.seed}" if self.seed is not None else ""
         )
 
@@ -78,12 +80,19 @@ class Cell:
             "cell_seed": "" if self.seed is None else str(self.seed),
             "cell_pattern": self.pattern,
             "cell_distill": self.distill,
+            "cell_train_params": self.train_params,
             "cell_lr": "" if self.lr is None else repr(self.lr),
         }
 
 
 def trained_cell_config(
-    config: CompareConfig, method: str, target: float, seed: int, distill: str = "none", lr: float | None = None
+    config: CompareConfig,
+    method: str,
+    target: float,
+    seed: int,
+    distill: str = "none",
+    lr: float | None = None,
+    train_params: str = "all",
 ) -> IterativeConfig:
     """The IMP loop of one trained cell: the grid's schedule (iterative), one-shot with the method's criterion
     (X+ft) or never pruned (dense+ft), always the grid's training, so every trained cell at a target has one
@@ -102,7 +111,7 @@ def trained_cell_config(
         tasks=config.tasks,
         eval_tasks_every=0,  # the cell's accuracy is its final model's
         schedule=replace(config.schedule, target_sparsity=target, schedule=schedule, final_lr=final_lr),
-        train=replace(config.train, seed=seed, distill=distill, lr=lr),
+        train=replace(config.train, seed=seed, distill=distill, lr=lr, train_params=train_params),
         prune=replace(config.prune, method=prune_method, seed=seed, sparsity_profile=entry.profile),
         validate=True,
     )
@@ -139,7 +148,7 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                     )
                 )
     for target in config.grid.sparsities:
-        for distill in config.grid.distill:
+        for distill, trains in itertools.product(config.grid.distill, config.grid.train_params):
             for method in (m for m in methods if m.kind == "trained"):
                 for lr in config.grid.lrs or [config.train.lr]:
                     for seed in seeds:
@@ -149,10 +158,11 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                                 method.name,
                                 target,
                                 seed,
-                                trained_cell_config(config, method.name, target, seed, distill, lr),
+                                trained_cell_config(config, method.name, target, seed, distill, lr, trains),
                                 corpus_digest,
                                 distill=distill,
                                 lr=lr,
+                                train_params=trains,
                             )
                         )
     return cells

@@ -53,6 +53,7 @@ ITERATION_METRICS = (
     "train_tokens",
     "train_steps",
     "train_flops",
+    "trained_parameters",
 )
 STEP_METRIC_NAMES = {"loss": "train_step_loss", "lr": "train_lr"}  # the loss's parts keep their own names
 
@@ -111,6 +112,7 @@ def iteration_record(
         "train_tokens": previous["train_tokens"] + trained.tokens,
         "train_steps": previous["train_steps"] + trained.steps,
         "train_flops": previous["train_flops"] + trained.flops,
+        "trained_parameters": trained.trained_parameters,  # what the optimizer updated (--train-params)
     }
 
 

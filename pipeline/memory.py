@@ -43,12 +43,13 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
 
+from .adapters import norm_and_bias_parameters
 from .architecture import decoder_layout, in_features, prunable_modules
 from .config import TrainConfig
 from .distillation import CHUNK_BYTES, LIVE_CHUNKS
 from .pruning.magnitude import magnitude_prune_layerwise
-from .pruning.masks import MaskKeeper, prunable_linears
-from .training import train_causal_lm
+from .pruning.masks import prunable_linears
+from .training import train_keeping_masks
 
 # name: (hidden, layers, ffn, heads, word_embed_proj_dim) of the published OPT checkpoints
 OPT_SIZES = {
@@ -169,9 +170,35 @@ def parameter_counts(config) -> tuple[int, int]:
     return shape.params, shape.prunable
 
 
+def trained_counts(config, lora_rank: int = 8) -> dict:
+    """Parameter elements each --train-params mode trains: all; the norms and biases; LoRA's A and B on every
+    prunable matrix (r x (in + out) each)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = prunable_linears(model)
+    return {
+        "all": sum(p.numel() for p in model.parameters()),
+        "norms-biases": sum(p.numel() for p in norm_and_bias_parameters(model)),
+        "lora": sum(lora_rank * sum(m.weight.shape) for m in linears.values()),
+    }
+
+
 def training_bytes(
-    config, batch: int, seqlen: int, param_bytes: int, act_bytes: int, gradient_checkpointing: bool = False
+    config,
+    batch: int,
+    seqlen: int,
+    param_bytes: int,
+    act_bytes: int,
+    gradient_checkpointing: bool = False,
+    train_params: str = "all",
+    lora_rank: int = 8,
 ) -> dict:
+    """all: weights, gradients and AdamW's two moments of every parameter, and the masks in the weight dtype.
+    norms-biases: the weights, and gradients and moments of the norms and biases only; no masks to keep
+    (frozen matrices keep their zeros). Every mode also keeps a bool copy of the masks to check them after.
+    lora: the weights, the adapters' weights, gradients and moments, a bool mask
+    per prunable matrix, and the effective weight W + (B A) * M of each, which the forward makes and keeps
+    for backward (in the compute dtype). Activations and logits the same in every mode."""
     shape = shape_of(config)
     h, tokens = shape.hidden, batch * seqlen
     per_layer = (7 * h + 2 * shape.kv + (4 if shape.gated else 2) * shape.ffn) * act_bytes + (
@@ -181,9 +208,12 @@ def training_bytes(
         activations = tokens * (shape.layers * h * act_bytes + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
+    trained = trained_counts(config, lora_rank)[train_params]
     parts = {
-        "states": 4 * shape.params * param_bytes,
-        "masks": shape.prunable * param_bytes,
+        "states": (shape.params + 3 * trained + (trained if train_params == "lora" else 0)) * param_bytes,
+        # the masks the training keeps (all: in the weight dtype; lora: bool), and the bool copy it checks after
+        "masks": shape.prunable * ({"all": param_bytes, "norms-biases": 0, "lora": 1}[train_params] + 1),
+        "effective weights": shape.prunable * act_bytes if train_params == "lora" else 0,
         "activations": activations,
         "logits": tokens * shape.vocab * (act_bytes + 8),
     }
@@ -273,7 +303,12 @@ def measuring_pool(fresh_process_per_task: bool = True):
 
 
 def _train_two_steps(
-    config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool, distill: str = "none"
+    config_dict: dict,
+    batch: int,
+    seqlen: int,
+    gradient_checkpointing: bool,
+    distill: str = "none",
+    train_params: str = "all",
 ) -> None:
     torch.manual_seed(0)
     blocks = torch.randint(0, config_dict["vocab_size"], (2 * batch, seqlen))
@@ -281,8 +316,9 @@ def _train_two_steps(
     teacher = copy.deepcopy(model) if distill != "none" else None
     linears = prunable_linears(model)
     magnitude_prune_layerwise(linears, 0.5)
-    train_causal_lm(
+    train_keeping_masks(
         model,
+        linears,
         blocks,
         TrainConfig(
             lr=1e-5,
@@ -291,15 +327,20 @@ def _train_two_steps(
             log_every=2,
             gradient_checkpointing=gradient_checkpointing,
             distill=distill,
+            train_params=train_params,
         ),
-        mask_keeper=MaskKeeper(linears),
         teacher=teacher,
         show_progress=False,
     )
 
 
 def measure_training_peak(
-    config_dict: dict, batch: int, seqlen: int, gradient_checkpointing: bool, distill: str = "none"
+    config_dict: dict,
+    batch: int,
+    seqlen: int,
+    gradient_checkpointing: bool,
+    distill: str = "none",
+    train_params: str = "all",
 ) -> int:
     """Runs in a fresh process: resident memory added by building a float32 model (and its teacher) and
     training two steps."""
@@ -314,10 +355,11 @@ def measure_training_peak(
         "word_embed_proj_dim": 8,
         "vocab_size": 16,
     }
-    _train_two_steps(tiny, 1, 8, gradient_checkpointing, distill)  # imports and one-time state are not the model's
+    # imports and one-time state are not the model's
+    _train_two_steps(tiny, 1, 8, gradient_checkpointing, distill, train_params)
     before = rss()
     sampler = PeakRSS()
-    _train_two_steps(config_dict, batch, seqlen, gradient_checkpointing, distill)
+    _train_two_steps(config_dict, batch, seqlen, gradient_checkpointing, distill, train_params)
     return sampler.stop() - before
 
 
@@ -325,17 +367,24 @@ def memory_table(measure: bool = True) -> str:
     """The README's memory table: the formula for published sizes, and formula vs measurement on small widths."""
     lines = [
         "| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
+        "| same, --train-params norms-biases / lora (r 8), one GPU "
         "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
         "| + teacher for --distill logits / squarehead (fp32 weights, one sequence) "
         "| SparseGPT device peak (fp16, 128 x 2048) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, config in published_configs().items():
         fp32 = training_bytes(config, 1, 2048, 4, 2)
+
+        def efficient(mode: str, config=config) -> int:  # weights, trained states, masks, lora's effective weights
+            parts = training_bytes(config, 1, 2048, 4, 2, train_params=mode)
+            return parts["states"] + parts["masks"] + parts["effective weights"]
+
         checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
         lines.append(
             f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
             f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
+            f" | {efficient('norms-biases') / GIB:.1f} / {efficient('lora') / GIB:.1f} GiB"
             f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
             f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
             f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} / "
@@ -349,15 +398,19 @@ def memory_table(measure: bool = True) -> str:
         "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
         "|---|---|---|---|",
     ]
-    for hidden, checkpointing, family, distill in (
-        (128, False, "opt", "none"),
-        (256, False, "opt", "none"),
-        (512, False, "opt", "none"),
-        (512, True, "opt", "none"),
-        (256, False, "opt", "logits"),
-        (256, False, "llama", "none"),
-        (512, False, "llama", "none"),
-        (512, False, "llama", "squarehead"),
+    for hidden, checkpointing, family, distill, mode in (
+        (128, False, "opt", "none", "all"),
+        (256, False, "opt", "none", "all"),
+        (512, False, "opt", "none", "all"),
+        (512, True, "opt", "none", "all"),
+        (256, False, "opt", "logits", "all"),
+        (256, False, "llama", "none", "all"),
+        (512, False, "llama", "none", "all"),
+        (512, False, "llama", "squarehead", "all"),
+        (512, False, "opt", "none", "norms-biases"),
+        (512, False, "opt", "none", "lora"),
+        (512, False, "llama", "none", "norms-biases"),
+        (512, False, "llama", "none", "lora"),
     ):
         config = (
             opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256)
@@ -372,14 +425,15 @@ def memory_table(measure: bool = True) -> str:
                 max_position_embeddings=256,
             )
         )
-        predicted = training_bytes(config, 4, 256, 4, 4, checkpointing)["total"]
+        predicted = training_bytes(config, 4, 256, 4, 4, checkpointing, mode)["total"]
         if distill != "none":
             predicted += teacher_bytes(config, 4, 256, 4, 4, features=distill == "squarehead", device="cpu")
         with measuring_pool() as pool:
-            measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing, distill))
+            measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing, distill, mode))
         label = (
             f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
             f"{f', --distill {distill}' if distill != 'none' else ''}"
+            f"{f', --train-params {mode}' if mode != 'all' else ''}"
         )
         lines.append(
             f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |"

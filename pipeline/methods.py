@@ -140,15 +140,21 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def cell_name(name: str, distill: str = "none") -> str:
-    """A cell's method as the grid names it, with its recovery loss when that is not plain cross-entropy:
+def _recovery(distill: str = "none", train_params: str = "all") -> str:
+    """` [logits]`, ` [lora]`, ` [logits, lora]`: a trained cell's recovery where it is not the plain one
+    (cross-entropy, every parameter)."""
+    parts = [p for p, plain in ((distill, "none"), (train_params, "all")) if p not in (plain, "", None)]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def cell_name(name: str, distill: str = "none", train_params: str = "all") -> str:
+    """A cell's method as the grid names it, with its recovery where that is not the plain one:
     `sparsegpt+ft [logits]`."""
-    return name if distill in ("none", "", None) else f"{name} [{distill}]"
+    return name + _recovery(distill, train_params)
 
 
-def label(name: str, distill: str = "none") -> str:
-    """The display name of a cell's method, with its recovery loss when that is not plain cross-entropy:
-    `SparseGPT + FT [logits]`."""
+def label(name: str, distill: str = "none", train_params: str = "all") -> str:
+    """The display name of a cell's method, with its recovery where that is not the plain one:
+    `SparseGPT + FT [logits, lora]`."""
     known = METHODS.get(name)
-    text = known.display if known else name
-    return text if distill in ("none", "", None) else f"{text} [{distill}]"
+    return (known.display if known else name) + _recovery(distill, train_params)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import trained_parameters
 from .config import TrainConfig
 from .distillation import Distillation, cross_entropy
 from .distributed import (
@@ -38,7 +39,7 @@ from .distributed import (
     sync_from_main,
     training_accelerator,
 )
-from .pruning.masks import MaskKeeper
+from .pruning.masks import MaskKeeper, model_masks
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainResult:
     parallelism: str = "NO"  # Accelerate's distributed type: NO, MULTI_GPU / MULTI_CPU (DDP), FSDP
     held_parameters: int = 0  # parameter elements this process held while training (its shards under FSDP)
     teacher_held_parameters: int = 0  # the same, of the distillation teacher
+    trained_parameters: int = 0  # parameter elements the optimizer updated (--train-params)
+    optimizer_state_elements: int = 0  # elements of AdamW's state (two moments per trained parameter)
 
     @property
     def final_loss(self) -> float:
@@ -261,6 +264,10 @@ def train_causal_lm(
             tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
     result.steps, result.seconds = step, time.perf_counter() - started
     result.flops = result.tokens * training_flops_per_token(model, blocks.shape[1])
+    result.trained_parameters = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+    result.optimizer_state_elements = sum(
+        value.numel() for state in trainer.optimizer.state.values() for value in state.values() if value.ndim
+    )
     trainer.finish()
     return result
 
@@ -295,19 +302,24 @@ def train_keeping_masks(
     on_log: Callable[[int, dict], None] | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Recovery training: every pruned weight of `linears` stays exactly zero, which is checked after."""
-    keeper = MaskKeeper(linears)
-    result = train_causal_lm(
-        model,
-        blocks,
-        config,
-        mask_keeper=keeper,
-        teacher=teacher,
-        desc=desc,
-        on_log=on_log,
-        show_progress=show_progress,
-    )
-    changed = keeper.changed_matrices()
+    """Recovery training of the parameters `config.train_params` names: every pruned weight of `linears` stays
+    exactly zero, which is checked after (lora's adapters merged by then)."""
+    masks = model_masks(linears)
+    settings = (config.lora_rank, config.lora_alpha, config.lora_targets)
+    with trained_parameters(model, linears, config.train_params, *settings):
+        # frozen matrices (norms-biases) and masked updates (lora) cannot revive a zero: nothing to keep
+        keeper = MaskKeeper(linears) if config.train_params == "all" else None
+        result = train_causal_lm(
+            model,
+            blocks,
+            config,
+            mask_keeper=keeper,
+            teacher=teacher,
+            desc=desc,
+            on_log=on_log,
+            show_progress=show_progress,
+        )
+    changed = [name for name, module in linears.items() if not torch.equal(module.weight.detach() != 0, masks[name])]
     if changed:
         raise RuntimeError(f"the mask changed during training in {changed[:3]}: a bug, please report it")
     return result

@@ -123,6 +123,7 @@ def cell_spec(cell: Cell, grid_run_id: str, experiment: str, claims: Path, threa
             "pattern": cell.pattern,
             "distill": cell.distill,
             "lr": cell.lr,
+            "train_params": cell.train_params,
         },
         "config_class": type(cell.config).__name__,
         "values": flat_values(cell.config),

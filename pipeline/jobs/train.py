@@ -90,6 +90,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
                 "train_tokens": result.tokens,
                 "train_steps": result.steps,
                 "train_flops": result.flops,
+                "trained_parameters": result.trained_parameters,
             }
         )
         finish_model(

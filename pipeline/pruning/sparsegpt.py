@@ -26,15 +26,23 @@ class SingularHessian(ValueError):
 
 
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """U, upper triangular with a positive diagonal, such that H^-1 = U^T U (after dampening H in place).
+
+    The reference takes a Cholesky factor of H, inverts H from it and factors the inverse again. The same U
+    comes from one Cholesky factor and one triangular solve, both BLAS-3: with J the order-reversing
+    permutation, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with
+    a positive diagonal, so it is H^-1's Cholesky factor (unique). Same FLOPs (4/3 c^3), half the time."""
     damp = percdamp * torch.mean(torch.diag(hessian))
     diagonal = torch.arange(hessian.shape[0], device=hessian.device)
     hessian[diagonal, diagonal] += damp
     try:
-        factor = torch.linalg.cholesky(hessian)
-        inverse = torch.cholesky_inverse(factor)
-        return torch.linalg.cholesky(inverse, upper=True)
+        factor = torch.linalg.cholesky(hessian.flip(0, 1))
     except torch.linalg.LinAlgError:
         raise SingularHessian() from None
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
+    del factor, identity  # at most three matrices of c^2 beside the Hessian at once, as before
+    return inverse.flip(0, 1)
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ def spread_verdict(winner, runner) -> str:
 
 
 def _name(row) -> str:
-    return cell_name(row["method"], row["distill"])
+    return cell_name(row["method"], row["distill"], row.get("train_params", "all"))
 
 
 def _named(row) -> str:
@@ -63,6 +63,7 @@ def _named(row) -> str:
 def _runs_of(runs: pd.DataFrame, row) -> pd.DataFrame:
     same = (runs["method"] == row["method"]) & (runs["target_sparsity"] == row["target_sparsity"])
     same &= (runs["pattern"] == row["pattern"]) & (runs["distill"] == row["distill"])
+    same &= runs["train_params"] == row.get("train_params", "all")
     if "lr" in row and not pd.isna(row["lr"]):
         same &= runs["lr"] == row["lr"]
     return runs[same]
@@ -167,7 +168,8 @@ def findings(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[st
                 )
             else:
                 sentences.append(f"At {target:.0%} with {budget}, {_named(winner)} reaches {_ppl(winner)}.")
-            control = trained[~prunes & (trained["distill"] == "none")]  # the unpruned model, trained as long
+            plain = (trained["distill"] == "none") & (trained["train_params"] == "all")
+            control = trained[~prunes & plain]  # the unpruned model, trained as long
             if len(control):
                 dft = control.iloc[0]
                 sentences.append(

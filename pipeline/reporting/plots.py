@@ -27,15 +27,22 @@ def _save(fig, path: Path) -> Path:
 MARKERS = {"none": "o", "logits": "^", "squarehead": "D"}
 
 
-def method_style(method: str, distill: str = "none") -> dict:
-    """Colour and marker of a cell's method and recovery loss."""
-    return {"color": METHODS[method].color if method in METHODS else "C6", "marker": MARKERS.get(distill, "o")}
+FILLS = {"all": "full", "norms-biases": "none", "lora": "left"}  # what a trained cell trains: the marker's fill
+
+
+def method_style(method: str, distill: str = "none", train_params: str = "all") -> dict:
+    """Colour, marker and fill of a cell's method, recovery loss and trained parameters."""
+    return {
+        "color": METHODS[method].color if method in METHODS else "C6",
+        "marker": MARKERS.get(distill, "o"),
+        "fillstyle": FILLS.get(train_params, "full"),
+    }
 
 
 def _by_method(frame: pd.DataFrame):
-    """(name as the grid says it, style, rows) per method and recovery loss, in the frame's order."""
-    for (method, distill), group in frame.groupby(["method", "distill"], sort=False):
-        yield cell_name(method, distill), method_style(method, distill), group
+    """(name as the grid says it, style, rows) per method and recovery, in the frame's order."""
+    for (method, distill, trains), group in frame.groupby(["method", "distill", "train_params"], sort=False):
+        yield cell_name(method, distill, trains), method_style(method, distill, trains), group
 
 
 def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:

@@ -31,7 +31,7 @@ from .results import CELL, collect_runs, summarize
 
 def _labels(rows: pd.DataFrame) -> list:
     """Each row's method as the tables show it: `SparseGPT + FT [logits]`."""
-    return [label(m, d) for m, d in zip(rows["method"], rows["distill"])]
+    return [label(m, d, t) for m, d, t in zip(rows["method"], rows["distill"], rows["train_params"])]
 
 
 def _duration(seconds: float) -> str:
@@ -126,7 +126,8 @@ def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     """The trained cells at one sparsity: one budget, so their perplexities compare."""
     rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
     prunes = pd.Series(methods_where(rows["method"], "prunes"), index=rows.index, dtype=bool)
-    control = rows.loc[~prunes & (rows["distill"] == "none"), "perplexity"]  # the unpruned model, trained as long
+    plain = (rows["distill"] == "none") & (rows["train_params"] == "all")
+    control = rows.loc[~prunes & plain, "perplexity"]  # the unpruned model, trained as long
     return pd.DataFrame(
         {
             "Method": _labels(rows),

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from ..config import DISTILL_MODES
+from ..config import DISTILL_MODES, TRAIN_PARAMS
 from ..methods import BASELINE, KINDS, METHODS
 from ..perplexity import change_pct
 from ..tracking.store import finished_cell_runs
@@ -17,6 +17,7 @@ RUN_COLUMNS = [
     "target_sparsity",
     "pattern",
     "distill",
+    "train_params",
     "lr",
     "seed",
     "sparsity",
@@ -62,6 +63,7 @@ def _row(run) -> dict:
         "method": method,
         "kind": kind,
         "distill": _distill(tags),
+        "train_params": tags.get("cell_train_params", "all"),  # runs made before the tag trained everything
         "lr": _lr(run, kind),
         "target_sparsity": float(tags["cell_target"]),
         "pattern": tags.get("cell_pattern", "unstructured"),
@@ -87,11 +89,13 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
         _method=table["method"].map(lambda m: METHODS[m].order if m in METHODS else 99),
         _pattern=table["pattern"] != "unstructured",
         _distill=table["distill"].map(lambda d: DISTILL_MODES.index(d) if d in DISTILL_MODES else 9),
+        _trains=table["train_params"].map(lambda t: TRAIN_PARAMS.index(t) if t in TRAIN_PARAMS else 9),
     )
-    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_distill", "_method", "lr"] + (
+    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_distill", "_trains", "_method", "lr"] + (
         ["seed"] if "seed" in table else []
     )
-    return keys.sort_values(by).drop(columns=["_kind", "_method", "_pattern", "_distill"]).reset_index(drop=True)
+    helpers = ["_kind", "_method", "_pattern", "_distill", "_trains"]
+    return keys.sort_values(by).drop(columns=helpers).reset_index(drop=True)
 
 
 def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
@@ -106,7 +110,8 @@ def task_columns(table: pd.DataFrame) -> list:
     return [column for column in table.columns if column.startswith("acc:")]
 
 
-CELL = ["method", "kind", "target_sparsity", "pattern", "distill"]  # a table row: a cell over its seeds and lrs
+# a table row: a cell over its seeds and lrs
+CELL = ["method", "kind", "target_sparsity", "pattern", "distill", "train_params"]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
