@@ -141,6 +141,7 @@ def test_every_unset_default_is_a_rule_declared_with_its_setting_or_means_none()
         "register_model",
         "include",
         "exclude",
+        "lora_targets",
         "num_fewshot",
         "limit",
         "preset",
