@@ -458,3 +458,24 @@ def test_a_killed_compare_is_marked_killed_by_the_next_one_which_says_how_to_con
     runs = mlflow.search_runs(experiment_names=["stop"]).set_index("run_id")
     assert set(runs.loc[killed, "status"]) == {"KILLED"}
     assert "RUNNING" not in set(runs["status"])
+
+
+@pytest.mark.parametrize(
+    "args, flag_name, fragment",
+    [
+        (("prune", "--sparsity-profile", "owl", "--pattern", "2:4"), "--sparsity-profile", "N:M"),
+        (
+            ("prune", "--prune-method", "magnitude", "--sparsity-profile", "owl", "--scope", "global"),
+            "--sparsity-profile",
+            "--scope global",
+        ),
+        (("prune", "--sparsity-profile", "nonuniform"), "--sparsity-profile", "uniform"),
+        (("train", "--lora-targets", "fc(", "--train-params", "lora"), "--lora-targets", "not a valid regex"),
+        (("train", "--train-params", "lora-all"), "--train-params", "norms-biases"),
+        (("compare", "--methods", "sparsegpt", "--train-params", "lora"), "--train-params", "add iterative"),
+    ],
+)
+def test_owl_and_train_params_settings_are_refused_in_one_line(tmp_path, args, flag_name, fragment):
+    result = here(*args, cwd=tmp_path, env=store_env(tmp_path))
+    assert_one_line(result, 2, flag_name, fragment)
+    assert not (tmp_path / "mlflow.db").exists() or mlflow.search_runs(search_all_experiments=True).empty

@@ -187,19 +187,29 @@ def dense_input_norms(model: nn.Module, linears: dict, windows: torch.Tensor, de
         layer.to(device)
         prefix = f"{layout.layer_prefix}.{index}."
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
-        stats = {name: InputStatistics(in_features(m), device, False) for name, m in targets.items()}
-        gather = _SharedInputs(stats)
-        handles = [module.register_forward_hook(gather.hook(name)) for name, module in targets.items()]
-        try:
-            for batch in batches:
-                with gather.batch(batch.hidden.shape[0]):
-                    batch.hidden = layer_output(layer, batch, layout.layer_types[index])
-        finally:
-            for handle in handles:
-                handle.remove()
+        stats, outputs = layer_statistics(layer, targets, batches, layout.layer_types[index], device, False)
+        for batch, output in zip(batches, outputs):
+            batch.hidden = output
         layer.to(original_device)
         norms.update({name: stat.sum for name, stat in stats.items()})
     return norms
+
+
+def layer_statistics(layer, targets: dict, batches: list, kind, device, full: bool) -> tuple[dict, list]:
+    """One forward of the layer over the batches, gathering its matrices' input statistics on the way:
+    (name -> InputStatistics, the layer's output per batch)."""
+    stats = {name: InputStatistics(in_features(m), device, full) for name, m in targets.items()}
+    gather = _SharedInputs(stats)
+    handles = [module.register_forward_hook(gather.hook(name)) for name, module in targets.items()]
+    outputs = []
+    try:
+        for batch in batches:
+            with gather.batch(batch.hidden.shape[0]):
+                outputs.append(layer_output(layer, batch, kind))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gather.stats, outputs
 
 
 @dataclass
@@ -250,17 +260,7 @@ def prune_sequentially(
         layer.to(device)
         prefix = f"{layout.layer_prefix}.{index}."
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
-        stats = {name: InputStatistics(in_features(m), device, full_statistics) for name, m in targets.items()}
-        gather = _SharedInputs(stats)
-        handles = [module.register_forward_hook(gather.hook(name)) for name, module in targets.items()]
-        try:
-            dense_outputs = []
-            for batch in batches:
-                with gather.batch(batch.hidden.shape[0]):
-                    dense_outputs.append(layer_output(layer, batch, kind))
-        finally:
-            for handle in handles:
-                handle.remove()
+        stats, dense_outputs = layer_statistics(layer, targets, batches, kind, device, full_statistics)
         record.seconds["statistics"] = time.perf_counter() - started
         for name, module in targets.items():
             prune_matrix(name, module, stats.pop(name).for_one_matrix(), record.seconds)
