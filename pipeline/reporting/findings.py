@@ -153,7 +153,7 @@ def findings(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[st
                 f"with {_ppl(best)} ({best['vs_dense_pct']:+.1f}% vs dense)."
             )
         trained = group[group["kind"] == "trained"]
-        prunes = pd.Series(methods_where(trained["method"], "prunes"), index=trained.index)
+        prunes = pd.Series(methods_where(trained["method"], "prunes"), index=trained.index, dtype=bool)
         sparse = trained[prunes].sort_values("perplexity")
         if len(sparse):
             winner = sparse.iloc[0]
