@@ -60,7 +60,8 @@ def compare(tmp_path, model, corpus, *extra, experiment="grid", wait=True, **pop
             args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
         )
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    cell_logs = "".join(log.read_text()[-3000:] for log in (tmp_path / "reports" / experiment / "logs").glob("*.log"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:] + cell_logs
     return done.stdout
 
 

@@ -35,6 +35,41 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, tiny_m
     assert time.monotonic() - started < 20  # about 10 s of it is starting Python and torch
 
 
+def test_cells_logging_one_new_dataset_at_once_all_link_it(mlflow_server):
+    """Parallel cells read the same evaluation text: each logs it as an input in the same instant. The server
+    checks for the dataset, then inserts it, so all but one insert collide; each run still gets its input."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.journal import log_input
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.create_experiment(f"dataset-race-{time.time_ns()}")
+    errors = []
+    for trial in range(20):  # a collision needs two inserts in one window: about one trial in three has one
+        runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+        entry = dict(name=f"text-{trial}", digest=f"{trial:016x}", source_type="local", source="/corpus")
+        entry.update(context="evaluation", profile={"split": "test"})
+        together = threading.Barrier(len(runs))
+
+        def log(run_id, entry=entry, together=together):
+            together.wait()
+            try:
+                log_input(client, run_id, entry)
+            except Exception as error:  # collected: an exception in a thread would not fail the test
+                errors.append(error)
+
+        threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors[0]
+        inputs = [client.get_run(run_id).inputs.dataset_inputs for run_id in runs]
+        assert all(len(linked) == 1 and linked[0].dataset.name == f"text-{trial}" for linked in inputs)
+
+
 def test_metrics_sent_during_an_outage_land_when_the_server_is_back(tmp_path, mlflow_server, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -59,6 +59,20 @@ def dataset_input(entry: dict) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", entry["context"])])
 
 
+_DUPLICATE_ROW = ("UNIQUE constraint failed", "Duplicate entry", "duplicate key value")  # sqlite, MySQL, PostgreSQL
+
+
+def log_input(client, run_id: str, entry: dict) -> None:
+    """Links the dataset entry describes to the run. Two runs logging one new dataset at once can both find it
+    missing and both insert it (the store checks, then inserts): the loser's retry finds the row and links it."""
+    try:
+        client.log_inputs(run_id, [dataset_input(entry)])
+    except MlflowException as error:
+        if not any(collision in str(error) for collision in _DUPLICATE_ROW):
+            raise
+        client.log_inputs(run_id, [dataset_input(entry)])
+
+
 def register_model(client, run_id: str, entry: dict) -> None:
     """A new version of registered model entry["name"], from the run's model artifact, with its tags."""
     try:
@@ -176,7 +190,7 @@ def send_entries(client, run_id: str, entries: list) -> None:
         elif kind == "status":
             client.set_terminated(run_id, entry["status"], entry["end_time"])
         elif kind == "input":
-            client.log_inputs(run_id, [dataset_input(entry)])
+            log_input(client, run_id, entry)
         elif kind == "register":
             register_model(client, run_id, entry)
 

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from .. import __version__
 from ..config import DEFAULT_EXPERIMENT
 from ..distributed import is_main_process
-from .journal import Journal, dataset_input, is_outage, journal_path, metric_entries, register_model
+from .journal import Journal, is_outage, journal_path, log_input, metric_entries, register_model
 from .store import (
     OWNER_TAGS,
     git_commit,
@@ -122,7 +122,7 @@ class MLflowTracker:
             "context": context,
             "profile": profile,
         }
-        self._deliver(lambda: self.client.log_inputs(self.run_id, [dataset_input(entry)]), [entry])
+        self._deliver(lambda: log_input(self.client, self.run_id, entry), [entry])
 
     def register_model(self, name: str, artifact_path: str, tags: dict) -> None:
         """Registers the run's `artifact_path` as a new version of model `name`, tagged (sparsity, perplexity)."""
