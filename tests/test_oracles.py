@@ -126,6 +126,20 @@ def test_blocked_sparsegpt_equals_the_sweep_with_each_blocks_exact_share(blocksi
     assert int((ours == 0).sum()) == round(0.6 * W.numel())
 
 
+@pytest.mark.parametrize("order", [700, 1537])
+def test_the_inverse_hessians_factor_is_the_cholesky_factor_of_the_inverse(order):
+    """H^-1 = U^T U with U upper triangular: from LAPACK directly at and below 768 columns, from halves (the
+    blocked factor and inverse) above it; 1537 splits unevenly and twice."""
+    from pipeline.pruning.sparsegpt import _upper_cholesky_of_inverse
+
+    _, _, H = correlated_problem(rows=1, columns=order, samples=2 * order)
+    dampened = H + DAMPING * torch.mean(torch.diag(H)) * torch.eye(order, dtype=H.dtype)
+    expected = torch.linalg.cholesky(torch.linalg.inv(dampened), upper=True)
+    ours = _upper_cholesky_of_inverse(H.clone(), DAMPING)
+    assert torch.equal(ours, ours.triu())
+    assert torch.allclose(ours, expected, atol=1e-9 * expected.abs().max(), rtol=0)
+
+
 @pytest.fixture()
 def two_layers(tiny_model_dir):
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))

@@ -25,23 +25,60 @@ class SingularHessian(ValueError):
     """The dampened Hessian has no Cholesky factor: too little damping for too few calibration tokens."""
 
 
+# Orders above which, on a CPU, the factorization recurses on halves (blocked right-looking Cholesky, blocked
+# triangular inverse): at 1024 and above, LAPACK's own Cholesky and triangular solve ran at 20-60% of the
+# matrix product's FLOP rate on 2 Xeon cores, and the halves' products run at its full rate (3072: 0.28 s ->
+# 0.16 s). At and below 768 (every matrix of the embedded models) LAPACK is called as it is, on every device.
+_LAPACK_ORDER = 768
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor L of a symmetric positive definite `matrix` (L L^T = matrix)."""
+    order = matrix.shape[0]
+    if order <= _LAPACK_ORDER or matrix.device.type != "cpu":
+        return torch.linalg.cholesky(matrix)
+    half = order // 2
+    top = _cholesky(matrix[:half, :half])
+    # [[A, B^T], [B, C]] = [[T, 0], [S, D]] [[T^T, S^T], [0, D^T]]: S = B T^-T, D D^T = C - S S^T
+    side = torch.linalg.solve_triangular(top.T, matrix[half:, :half], upper=True, left=False)
+    factor = torch.zeros_like(matrix)
+    factor[:half, :half] = top
+    factor[half:, :half] = side
+    factor[half:, half:] = _cholesky(torch.addmm(matrix[half:, half:], side, side.T, alpha=-1))
+    return factor
+
+
+def _lower_triangular_inverse(factor: torch.Tensor) -> torch.Tensor:
+    """L^-1 for a lower triangular L with a non-zero diagonal."""
+    order = factor.shape[0]
+    if order <= _LAPACK_ORDER or factor.device.type != "cpu":
+        identity = torch.eye(order, dtype=factor.dtype, device=factor.device)
+        return torch.linalg.solve_triangular(factor, identity, upper=False)
+    half = order // 2
+    inverse = torch.zeros_like(factor)
+    inverse[:half, :half] = top = _lower_triangular_inverse(factor[:half, :half])
+    inverse[half:, half:] = bottom = _lower_triangular_inverse(factor[half:, half:])
+    # [[T, 0], [S, D]]^-1 = [[T^-1, 0], [-D^-1 S T^-1, D^-1]]
+    inverse[half:, :half] = -(bottom @ (factor[half:, :half] @ top))
+    return inverse
+
+
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """U, upper triangular with a positive diagonal, such that H^-1 = U^T U (after dampening H in place).
 
     The reference takes a Cholesky factor of H, inverts H from it and factors the inverse again. The same U
-    comes from one Cholesky factor and one triangular solve, both BLAS-3: with J the order-reversing
-    permutation, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with
-    a positive diagonal, so it is H^-1's Cholesky factor (unique). Same FLOPs (4/3 c^3), half the time."""
+    comes from one Cholesky factor and one triangular inverse: with J the order-reversing permutation,
+    J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive
+    diagonal, so it is H^-1's Cholesky factor (unique). Fewer FLOPs (c^3/3 + c^3/3 against 4/3 c^3)."""
     damp = percdamp * torch.mean(torch.diag(hessian))
     diagonal = torch.arange(hessian.shape[0], device=hessian.device)
     hessian[diagonal, diagonal] += damp
     try:
-        factor = torch.linalg.cholesky(hessian.flip(0, 1))
+        factor = _cholesky(hessian.flip(0, 1))
     except torch.linalg.LinAlgError:
         raise SingularHessian() from None
-    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
-    del factor, identity  # at most three matrices of c^2 beside the Hessian at once, as before
+    inverse = _lower_triangular_inverse(factor)
+    del factor  # at most three matrices of c^2 beside the Hessian at once, as before
     return inverse.flip(0, 1)
 
 
