@@ -179,6 +179,7 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
         raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
     out.mkdir(parents=True, exist_ok=True)
     every_lr = summarize(runs)
+    wall_seconds = runs["seconds"].sum()  # every cell the grid ran, at every lr, not only the selected ones
     summary, runs = selected(runs, every_lr)  # a sweep's selected cells; every cell of a grid without one
     sentences = findings(summary, runs)
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
@@ -193,7 +194,7 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     tuned = tuning_table(every_lr)
     name = mlflow.get_experiment(experiment_id).name
     footer = (
-        f"Measured on {_environment()}. Wall time of all cells: {_duration(runs['seconds'].sum())}. "
+        f"Measured on {_environment()}. Wall time of all cells: {_duration(wall_seconds)}. "
         "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
         "train tokens are those that went into optimizer steps; Time is each run's wall time."
         + (" lr*: the selected learning rate is at the edge of the swept grid." if summary["lr_at_edge"].any() else "")
