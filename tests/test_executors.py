@@ -39,6 +39,11 @@ GRID = [
 ]
 
 
+def failed_cell_logs(grid_dir) -> str:
+    """The cells' own logs, read only when a compare failed: what its one-line summary points to."""
+    return "".join(log.read_text()[-3000:] for log in (grid_dir / "logs").glob("*.log"))
+
+
 def compare(tmp_path, model, corpus, *extra, experiment="grid", wait=True, **popen):
     args = [
         sys.executable,
@@ -60,8 +65,8 @@ def compare(tmp_path, model, corpus, *extra, experiment="grid", wait=True, **pop
             args, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen
         )
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    cell_logs = "".join(log.read_text()[-3000:] for log in (tmp_path / "reports" / experiment / "logs").glob("*.log"))
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:] + cell_logs
+    output = (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, output + failed_cell_logs(tmp_path / "reports" / experiment)
     return done.stdout
 
 
