@@ -69,10 +69,20 @@ def default_calibration_dataset(prune, model_name: str, dataset: str) -> str:
     return dataset if os.path.isdir(model_name) else "c4"
 
 
+# float32 logits held at once, which decides the windows per forward. A GPU gains from wide batches; a
+# CPU loses: logits beyond its caches cost more memory traffic than the batching saves (measured by
+# `bench`: on opt-tiny 64 windows per forward ran at 0.86x the one-window loop, 2 windows at 1.1x).
+LOGITS_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
+
+
+def windows_per_forward(seqlen: int, vocab_size: int, device) -> int:
+    """Evaluation windows whose float32 logits fit the device's budget (`device`: a torch.device)."""
+    budget = LOGITS_BUDGET_BYTES.get(device.type, LOGITS_BUDGET_BYTES["cuda"])
+    return max(1, budget // (seqlen * vocab_size * 4))
+
+
 def default_eval_batch_size(evaluate, model, seqlen: int, device) -> int:
     """as many windows as fit the memory"""
-    from .perplexity import windows_per_forward  # deferred: the settings import no torch
-
     return windows_per_forward(seqlen, model.config.vocab_size, device)
 
 
@@ -227,6 +237,24 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 
 @dataclass
+class SparseGPTSettings(Settings):
+    """SparseGPT's own settings (its criterion's `settings` group in the method registry)."""
+
+    blocksize: int = setting(128, "SparseGPT: columns per block", at_least=1)
+    percdamp: float = setting(0.01, "SparseGPT: dampening, a fraction of the Hessian's mean diagonal", at_least=0)
+
+
+@dataclass
+class OwlSettings(Settings):
+    """OWL's own settings (--sparsity-profile owl)."""
+
+    owl_m: float = setting(5.0, "owl: a score counts as an outlier above M times its layer's mean", above=0)
+    owl_lambda: float = setting(
+        0.08, "owl: the layers' sparsities span 2 x lambda around the target", at_least=0, below=0.5
+    )
+
+
+@dataclass
 class PruneConfig(Settings):
     method: str = setting(
         "magnitude",
@@ -253,8 +281,6 @@ class PruneConfig(Settings):
     include: str | None = setting(None, "regex: prune only matrices whose name matches")
     exclude: str | None = setting(None, "regex: never prune matrices whose name matches")
     nsamples: int = setting(128, "calibration windows (SparseGPT, Wanda)", at_least=1)
-    blocksize: int = setting(128, "SparseGPT: columns per block", at_least=1)
-    percdamp: float = setting(0.01, "SparseGPT: dampening, a fraction of the Hessian's mean diagonal", at_least=0)
     calibration_dataset: str | None = setting(
         None, "where SparseGPT and Wanda draw their calibration windows", rule=default_calibration_dataset
     )
@@ -273,10 +299,8 @@ class PruneConfig(Settings):
         choices=SPARSITY_PROFILES,
         noun="sparsity profile",
     )
-    owl_m: float = setting(5.0, "owl: a score counts as an outlier above M times its layer's mean", above=0)
-    owl_lambda: float = setting(
-        0.08, "owl: the layers' sparsities span 2 x lambda around the target", at_least=0, below=0.5
-    )
+    sparsegpt: SparseGPTSettings = group(SparseGPTSettings)
+    owl: OwlSettings = group(OwlSettings)
 
     def check(self) -> None:
         self.n_m = parse_pattern(self.pattern)
@@ -288,7 +312,7 @@ class PruneConfig(Settings):
             )
         if self.scope == "global" and (not self.criterion.global_scope or self.n_m):
             raise ConfigError(f"{option('scope')} global is for unstructured magnitude pruning only")
-        if self.owl and (self.n_m or self.scope == "global"):
+        if self.uses_owl and (self.n_m or self.scope == "global"):
             raise ConfigError(
                 f"{option('sparsity_profile')} owl gives each decoder layer its own sparsity, which an N:M "
                 f"{option('pattern')} (N of every M in every layer) and {option('scope')} global (one threshold "
@@ -303,13 +327,13 @@ class PruneConfig(Settings):
         return criterion(self.method)
 
     @property
-    def owl(self) -> bool:
+    def uses_owl(self) -> bool:
         return self.sparsity_profile == "owl"
 
     @property
     def calibrates(self) -> bool:
         """Whether it reads calibration windows: its criterion does (SparseGPT, Wanda), or OWL's outlier ratios."""
-        return self.criterion.calibrates or self.owl
+        return self.criterion.calibrates or self.uses_owl
 
     @property
     def fraction(self) -> float:
@@ -321,7 +345,11 @@ class PruneConfig(Settings):
     @property
     def label(self) -> str:
         amount = self.pattern if self.n_m else f"{self.fraction:.2f}"
-        return f"{self.method}-{amount}" + ("-global" if self.scope == "global" else "") + ("-owl" if self.owl else "")
+        return (
+            f"{self.method}-{amount}"
+            + ("-global" if self.scope == "global" else "")
+            + ("-owl" if self.uses_owl else "")
+        )
 
 
 # --- training ------------------------------------------------------------------------------------

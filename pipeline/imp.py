@@ -245,7 +245,7 @@ class ImpRun:
         target = self.targets[k - 1]
         prune = replace(self.config.prune, sparsity=target)
         # the count that says whether a step is due: OWL's layers differ, only the whole set is at the target
-        scope = "global" if self.config.prune.owl else self.config.prune.scope
+        scope = "global" if self.config.prune.uses_owl else self.config.prune.scope
         if already_at(self.linears, target, scope):  # one-shot prunes once, dense never
             pass
         elif k == 1:  # the untouched starting model: the same pruning as other cells' (a sweep's), done once

@@ -15,13 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import windows_per_forward
 from .data import Corpus, eval_tokens
 from .distributed import gather_window_nlls, num_processes, process_index
-
-# float32 logits held at once, which decides the windows per forward. A GPU gains from wide batches; a
-# CPU loses: logits beyond its caches cost more memory traffic than the batching saves (measured by
-# `bench`: on opt-tiny 64 windows per forward ran at 0.86x the one-window loop, 2 windows at 1.1x).
-LOGITS_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 16 << 20}
 
 
 @dataclass(frozen=True)
@@ -38,16 +34,6 @@ class PerplexityResult:
             "eval_windows": self.windows,
             "eval_seconds": self.seconds,
         }
-
-
-def change_pct(perplexity: float, baseline: float) -> float:
-    """How much higher `perplexity` is than `baseline`, in percent (negative: lower)."""
-    return 100.0 * (perplexity - baseline) / baseline
-
-
-def windows_per_forward(seqlen: int, vocab_size: int, device: torch.device) -> int:
-    budget = LOGITS_BUDGET_BYTES.get(device.type, LOGITS_BUDGET_BYTES["cuda"])
-    return max(1, budget // (seqlen * vocab_size * 4))
 
 
 def window_nlls(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int | None = None) -> torch.Tensor:

@@ -60,7 +60,7 @@ def make_tiny_opt(
     directory: Path, text: str, *, hidden=64, layers=2, ffn=128, heads=2, positions=128, vocab=400, seed=0
 ) -> Path:
     """A randomly initialised OPT with a BPE tokenizer trained on `text`, saved with save_pretrained."""
-    from pipeline.pretrain import PretrainConfig, build_model, train_tokenizer
+    from pipeline.tools.pretrain import PretrainConfig, build_model, train_tokenizer
 
     tokenizer = train_tokenizer(text, vocab)
     config = PretrainConfig(

@@ -11,10 +11,10 @@ import pytest
 def test_bench_quick_runs_and_reports_every_target(mlflow_store, tmp_path, tiny_model_dir, corpus_dir):
     import mlflow
 
-    from pipeline.bench import PAIRED_RATIOS, TARGETS
     from pipeline.config import BenchConfig
     from pipeline.jobs.bench import run_bench
     from pipeline.settings import build
+    from pipeline.tools.bench import PAIRED_RATIOS, TARGETS
 
     results = run_bench(
         build(
@@ -67,7 +67,7 @@ def test_sparsegpt_arithmetic_of_an_opt_layer_by_hand():
     import torch
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from pipeline.bench import inputs_shared, sparsegpt_layer_flops
+    from pipeline.tools.bench import inputs_shared, sparsegpt_layer_flops
 
     config = OPTConfig(
         hidden_size=8, word_embed_proj_dim=8, ffn_dim=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=50

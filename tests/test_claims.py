@@ -116,7 +116,7 @@ def test_cubic_global_final_lr_and_include_in_a_real_run(mlflow_store, tiny_mode
 def test_memory_command_prints_the_formula_for_each_published_size(tmp_path):
     from transformers import OPTConfig
 
-    from pipeline.memory import GIB, training_bytes
+    from pipeline.tools.memory import GIB, training_bytes
 
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "memory", "--no-measure"],

@@ -312,7 +312,7 @@ def build_store(experiment: str, cells: dict, tokens: int = 3000) -> str:
 
 
 def report_text(experiment_id: str, out: Path) -> tuple[str, str]:
-    from pipeline.reporting import write_report
+    from pipeline.reporting.render import write_report
 
     write_report(experiment_id, out)
     return (out / "report.md").read_text(), (out / "report.html").read_text()

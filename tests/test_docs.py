@@ -97,7 +97,9 @@ def test_every_mlflow_run_names_an_entry_point_and_its_parameters(document):
         for position, word in enumerate(words):
             if word == "-P":
                 parameter = words[position + 1].split("=")[0]
-                assert parameter in entry_points[entry].get("parameters", {}), f"{document.name}: {entry} -P {parameter}"
+                assert parameter in entry_points[entry].get("parameters", {}), (
+                    f"{document.name}: {entry} -P {parameter}"
+                )
 
 
 def test_the_shown_commands_were_found():

@@ -4,6 +4,9 @@ known only to the method registry, and MLproject's parameters equal to the flags
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +24,33 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path) -> set:
-    """The pipeline modules a module imports, wherever the import statement is."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+def _type_checking_only(tree: ast.Module) -> set:
+    """The import nodes under `if TYPE_CHECKING:`: annotations only, never run."""
+    return {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
+
+
+def _existing_module(candidate: str) -> bool:
+    base = PACKAGE.parent / candidate.replace(".", "/")
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+
+
+def imports_of(name: str, source: str, is_package: bool = False) -> set:
+    """The pipeline modules module `name` imports when it runs, wherever the statement is: `import` and `from`
+    statements (not those under `if TYPE_CHECKING`), and "pipeline.module:function" strings, which the registry
+    imports when first used. Importing a submodule runs its package too, unless the importer is inside it."""
+    package = name if is_package else name.rsplit(".", 1)[0]
+    tree = ast.parse(source)
+    annotations_only = _type_checking_only(tree)
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in annotations_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = package
             for _ in range(node.level - 1):
@@ -34,13 +58,41 @@ def imports_of(path: Path) -> set:
             target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
             for alias in node.names:
                 candidate = f"{target}.{alias.name}"
-                found.add(candidate if (PACKAGE.parent / (candidate.replace(".", "/") + ".py")).exists() else target)
+                found.add(candidate if _existing_module(candidate) else target)
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            match = re.fullmatch(r"(pipeline(?:\.\w+)+):\w+", node.value)
+            if match:
+                found.add(match[1])
+    parents = {m.rsplit(".", i)[0] for m in found for i in range(1, m.count("."))}
+    found |= {p for p in parents if not (name + ".").startswith(p + ".")}
     return {m for m in found if m == "pipeline" or m.startswith("pipeline.")} - {name}
 
 
-MODULES = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+def find_cycle(modules: dict) -> list | None:
+    """One import cycle of the graph (module -> the modules it imports), or None."""
+    done = set()
+
+    def visit(module, stack):
+        if module in stack:
+            return stack[stack.index(module) :] + [module]
+        if module in done:
+            return None
+        for target in sorted(modules.get(module, ())):
+            if target != "pipeline":
+                cycle = visit(target, stack + [module])
+                if cycle:
+                    return cycle
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(modules) if (cycle := visit(module, []))), None)
+
+
+MODULES = {
+    module_name(p): imports_of(module_name(p), p.read_text(), p.name == "__init__.py") for p in PACKAGE.rglob("*.py")
+}
 
 
 def test_the_library_and_the_jobs_import_no_cli():
@@ -103,15 +155,51 @@ def test_no_module_but_the_registry_compares_a_method_name_with_a_literal():
 
 
 def test_no_import_cycle():
-    def visit(module, stack):
-        if module in stack:
-            raise AssertionError(" -> ".join(stack[stack.index(module) :] + [module]))
-        for target in MODULES.get(module, ()):
-            if target.startswith("pipeline.") and target != "pipeline":
-                visit(target, stack + [module])
+    assert find_cycle(MODULES) is None, " -> ".join(find_cycle(MODULES))
 
-    for module in MODULES:
-        visit(module, [])
+
+def test_the_cycle_check_sees_a_loop_through_a_registered_string():
+    """A module low in the drawing that names a higher one's function as "module:function" closes a loop the
+    check must see, as it sees a plain import (and one under TYPE_CHECKING, which never runs, it must not)."""
+    planted = dict(MODULES)
+    planted["pipeline.errors"] = imports_of("pipeline.errors", 'HOOK = "pipeline.grid:plan_cells"\n')
+    cycle = find_cycle(planted)
+    assert cycle and "pipeline.errors" in cycle and "pipeline.grid" in cycle
+    annotation = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pipeline.grid import Cell\n"
+    assert imports_of("pipeline.errors", annotation) == set()
+
+
+def test_every_registered_function_resolves_with_the_pruning_signature():
+    import inspect
+
+    from pipeline.methods import CRITERIA
+    from pipeline.pruning import PruningFunction
+
+    expected = list(inspect.signature(PruningFunction.__call__).parameters)[1:]
+    for entry in CRITERIA:
+        function = entry.prune_function()
+        assert callable(function), entry.pruner
+        assert list(inspect.signature(function).parameters) == expected, entry.pruner
+
+
+def test_the_settings_import_no_torch_and_nothing_above_them():
+    code = "import sys, pipeline.config, pipeline.reporting.numbers; assert 'torch' not in sys.modules, 'torch'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    below = {"pipeline.config", "pipeline.settings", "pipeline.errors", "pipeline.methods", "pipeline"}
+    reached, frontier = set(), {"pipeline.config"}
+    while frontier:
+        module = frontier.pop()
+        reached.add(module)
+        frontier |= {m for m in MODULES.get(module, ()) if m not in reached and not m.startswith("pipeline.pruning")}
+    assert reached <= below, reached - below
+
+
+def test_the_measuring_tools_sit_beside_the_pipeline():
+    """bench, memory and pretrain are tools of their own (pipeline/tools): only their jobs and other tools
+    import them, so nothing on the way from a job to the IMP loop depends on them."""
+    for module, imported in MODULES.items():
+        if not module.startswith(("pipeline.tools", "pipeline.jobs")):
+            assert not {m for m in imported if m.startswith("pipeline.tools")}, module
 
 
 def test_the_cli_and_its_settings_import_nothing_heavy_at_the_top():

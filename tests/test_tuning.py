@@ -54,7 +54,7 @@ def plant(experiment: str, dense: float, rows: list) -> str:
 
 
 def report(experiment_id: str, out) -> str:
-    from pipeline.reporting import write_report
+    from pipeline.reporting.render import write_report
 
     write_report(experiment_id, out)
     return (out / "report.md").read_text()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..bench import format_table, measure, verdicts
 from ..config import BenchConfig
 from ..settings import flat_values
+from ..tools.bench import format_table, measure, verdicts
 from ..workload import check_inputs
 from . import job_run
 

@@ -22,8 +22,8 @@ from ..errors import ConfigError, UserError, option
 from ..grid import plan_cells, shard_of
 from ..local_server import LocalMlflowServer
 from ..models import resolve_model_source
-from ..reporting import collect_runs, markdown_table, summarize
-from ..reporting.render import main_table
+from ..reporting.render import main_table, markdown_table
+from ..reporting.results import collect_runs, summarize
 from ..settings import flat_values
 from ..tracking.store import finished_cell_runs, mark_orphaned_runs, tracking_uri
 from . import job_run

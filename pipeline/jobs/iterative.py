@@ -12,7 +12,7 @@ from ..errors import ConfigError, option
 from ..imp import ImpRun, planned_schedule
 from ..models import save_model
 from ..outputs import check_no_saved_model, check_writable_dir
-from ..perplexity import change_pct
+from ..reporting.numbers import change_pct
 from ..settings import flat_values
 from ..workload import check_inputs
 from ..zeroshot import check_tasks

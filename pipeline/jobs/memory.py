@@ -4,7 +4,7 @@ it reads nothing and saves nothing, and its table is what it prints."""
 from __future__ import annotations
 
 from ..config import MemoryConfig
-from ..memory import memory_table
+from ..tools.memory import memory_table
 
 
 def run_memory(config: MemoryConfig) -> str:

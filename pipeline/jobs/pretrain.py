@@ -9,9 +9,9 @@ import psutil
 
 from ..config import PretrainConfig
 from ..errors import ConfigError, option
-from ..memory import GIB, training_bytes
-from ..pretrain import model_config, pretrain
 from ..settings import flat_values
+from ..tools.memory import GIB, training_bytes
+from ..tools.pretrain import model_config, pretrain
 from . import job_run
 
 

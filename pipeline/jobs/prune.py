@@ -8,10 +8,10 @@ from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
 from ..distributed import sync_from_main
 from ..outputs import check_no_saved_model
-from ..perplexity import change_pct
 from ..pruning.masks import prunable_linears, sparsity_report
 from ..pruning.owl import layer_sparsity_csv, layer_sparsity_metrics
 from ..pruning.sequential import layer_table_csv
+from ..reporting.numbers import change_pct
 from ..settings import flat_values
 from ..shared_pruning import prune_starting_model
 from ..workload import check_inputs

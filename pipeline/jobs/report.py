@@ -11,7 +11,8 @@ import mlflow
 from ..config import DEFAULT_EXPERIMENT, ReportConfig, TrackingConfig
 from ..errors import UserError
 from ..outputs import check_writable_dir
-from ..reporting import collect_runs, write_report
+from ..reporting.render import write_report
+from ..reporting.results import collect_runs
 from ..tracking.store import experiment_id_named, under_mlflow_run, use_tracking_store
 from . import job_run
 

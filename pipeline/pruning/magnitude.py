@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch import nn
 
 from ..architecture import in_features, matrix_of, set_matrix
 from .masks import lowest_k_mask, of_matrix, zeros_to_reach
 from .wanda import wanda_prune_matrix
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
+    from .sequential import LayerRecord
 
 
 @torch.no_grad()
@@ -35,7 +42,15 @@ def magnitude_prune_global(linears: dict, sparsity: float) -> None:
         offset += n
 
 
-def prune_by_magnitude(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
+def prune_by_magnitude(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    config: PruneConfig,
+    windows: torch.Tensor | None,
+    device: torch.device,
+    progress: bool,
+    sparsities: dict[str, float],
+) -> list[LayerRecord]:
     """The registry's magnitude criterion: per matrix, one global threshold (`scope`), or N:M."""
     if config.n_m:  # N:M by magnitude is Wanda's selection with unit input norms
         for module in linears.values():

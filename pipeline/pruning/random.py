@@ -4,11 +4,17 @@ weights carries information (the lottery-ticket experiments' random pruning)."""
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..architecture import matrix_of
 from .masks import lowest_k_mask, lowest_n_of_m, of_matrix, zeros_to_reach
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
+    from .sequential import LayerRecord
 
 
 @torch.no_grad()
@@ -31,7 +37,15 @@ def random_prune(linears: dict, sparsity: float | dict, seed: int, n_m: tuple | 
         weight[prune.to(weight.device)] = 0
 
 
-def prune_at_random(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
+def prune_at_random(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    config: PruneConfig,
+    windows: torch.Tensor | None,
+    device: torch.device,
+    progress: bool,
+    sparsities: dict[str, float],
+) -> list[LayerRecord]:
     """The registry's random control: the criterion's counts, drawn from `config.seed`."""
     random_prune(linears, sparsities, config.seed, config.n_m)
     return []

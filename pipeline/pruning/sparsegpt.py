@@ -11,6 +11,7 @@ matrix's zeros, so the matrix lands on exactly round(s * numel). Already-zero we
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,7 +19,10 @@ from torch import nn
 from ..architecture import matrix_of, set_matrix
 from ..errors import UserError, option
 from .masks import allocate_exactly, lowest_k_mask, zeros_to_reach
-from .sequential import InputStatistics, prune_sequentially
+from .sequential import InputStatistics, LayerRecord, prune_sequentially
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
 
 
 class SingularHessian(ValueError):
@@ -158,19 +162,34 @@ def sparsegpt_prune_matrix(
     return W.to(weight.dtype), losses
 
 
-def prune_with_sparsegpt(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
+def prune_with_sparsegpt(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    config: PruneConfig,
+    windows: torch.Tensor | None,
+    device: torch.device,
+    progress: bool,
+    sparsities: dict[str, float],
+) -> list[LayerRecord]:
     """The registry's SparseGPT: decoder layer by decoder layer, each matrix from its inputs' Hessian."""
     n, m = config.n_m or (0, 0)
 
     def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
         try:
             pruned, _ = sparsegpt_prune_matrix(
-                matrix_of(module), stats.sum, sparsities[name], n, m, config.blocksize, config.percdamp, timings=seconds
+                matrix_of(module),
+                stats.sum,
+                sparsities[name],
+                n,
+                m,
+                config.sparsegpt.blocksize,
+                config.sparsegpt.percdamp,
+                timings=seconds,
             )
         except SingularHessian:
             raise UserError(
                 f"SparseGPT cannot invert the Hessian of {name}: it is singular with "
-                f"{option('percdamp')} {config.percdamp:g} over {windows.shape[0]} calibration windows; "
+                f"{option('percdamp')} {config.sparsegpt.percdamp:g} over {windows.shape[0]} calibration windows; "
                 f"raise {option('percdamp')} (the reference uses 0.01) or {option('nsamples')}"
             ) from None
         set_matrix(module, pruned)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..architecture import matrix_of, set_matrix
 from .masks import allocate_exactly, lowest_n_of_m, zeros_to_reach
-from .sequential import InputStatistics, prune_sequentially
+from .sequential import InputStatistics, LayerRecord, prune_sequentially
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
 
 
 def _lowest_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tensor:
@@ -36,7 +40,15 @@ def wanda_prune_matrix(
     return weight.detach().masked_fill(prune, 0)
 
 
-def prune_with_wanda(model, linears: dict, config, windows, device, progress, sparsities: dict) -> list:
+def prune_with_wanda(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    config: PruneConfig,
+    windows: torch.Tensor | None,
+    device: torch.device,
+    progress: bool,
+    sparsities: dict[str, float],
+) -> list[LayerRecord]:
     """The registry's Wanda: decoder layer by decoder layer, each matrix scored by its inputs' norms."""
     n, m = config.n_m or (0, 0)
 

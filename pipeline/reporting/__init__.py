@@ -1,9 +1,4 @@
 """The comparison report, from MLflow alone: results (the runs of a grid, summarized over seeds), findings
-(sentences computed from them), plots, and render (Markdown + self-contained HTML). The report job
-(jobs/report.py) publishes it as a run."""
-
-from .findings import findings
-from .render import markdown_table, write_report
-from .results import collect_runs, summarize
-
-__all__ = ["collect_runs", "summarize", "findings", "markdown_table", "write_report"]
+(sentences computed from them), paired (per-seed differences), numbers (how they are compared and written),
+plots, and render (Markdown + self-contained HTML). The report job (jobs/report.py) publishes it as a run.
+Each module is imported by name, so the torch-free ones (numbers, paired, findings) load without the rest."""

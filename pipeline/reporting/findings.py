@@ -16,7 +16,7 @@ import math
 import pandas as pd
 
 from ..methods import cell_name, methods_where
-from ..perplexity import change_pct
+from .numbers import change_pct, tokens_text
 from .paired import paired_difference
 
 
@@ -24,16 +24,6 @@ def _ppl(row) -> str:
     if row["n"] > 1 and not math.isnan(row["perplexity_std"]):
         return f"{row['perplexity']:.2f} ± {row['perplexity_std']:.2f} (n={row['n']})"
     return f"{row['perplexity']:.2f}"
-
-
-def tokens_text(tokens: float) -> str:
-    if tokens >= 1e9:
-        return f"{tokens / 1e9:.2f} G"
-    if tokens >= 1e6:
-        return f"{tokens / 1e6:.2f} M"
-    if tokens >= 1e3:
-        return f"{tokens / 1e3:.1f} k"
-    return f"{tokens:.0f}"
 
 
 def spread_verdict(winner, runner) -> str:

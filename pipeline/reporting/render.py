@@ -17,7 +17,8 @@ from .. import __version__
 from ..errors import UserError
 from ..machine import cpu_model
 from ..methods import label, methods_where
-from .findings import findings, tokens_text
+from .findings import findings
+from .numbers import tokens_text
 from .plots import (
     accuracy_vs_sparsity,
     budget_curves,

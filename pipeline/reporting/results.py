@@ -8,8 +8,8 @@ import pandas as pd
 
 from ..config import DISTILL_MODES, TRAIN_PARAMS
 from ..methods import BASELINE, KINDS, METHODS
-from ..perplexity import change_pct
 from ..tracking.store import finished_cell_runs
+from .numbers import change_pct
 
 RUN_COLUMNS = [
     "method",

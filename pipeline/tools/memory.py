@@ -43,13 +43,13 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen2Config
 
-from .adapters import norm_and_bias_parameters
-from .architecture import decoder_layout, in_features, prunable_modules
-from .config import TrainConfig
-from .distillation import CHUNK_BYTES, LIVE_CHUNKS
-from .pruning.magnitude import magnitude_prune_layerwise
-from .pruning.masks import prunable_linears
-from .training import train_keeping_masks
+from ..adapters import norm_and_bias_parameters
+from ..architecture import decoder_layout, in_features, prunable_modules
+from ..config import TrainConfig
+from ..distillation import CHUNK_BYTES, LIVE_CHUNKS
+from ..pruning.magnitude import magnitude_prune_layerwise
+from ..pruning.masks import prunable_linears
+from ..training import train_keeping_masks
 
 # name: (hidden, layers, ffn, heads, word_embed_proj_dim) of the published OPT checkpoints
 OPT_SIZES = {

@@ -34,23 +34,23 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, OPTConfig
 
-from . import allocator
-from .architecture import decoder_layout
-from .config import BenchConfig, IterativeConfig, PruneConfig, ScheduleConfig, TrainConfig
-from .data import eval_tokens
-from .imp import ImpRun
-from .local_server import LocalMlflowServer
-from .machine import cpu_model
+from .. import allocator
+from ..architecture import decoder_layout
+from ..config import BenchConfig, IterativeConfig, PruneConfig, ScheduleConfig, TrainConfig
+from ..data import eval_tokens
+from ..imp import ImpRun
+from ..local_server import LocalMlflowServer
+from ..machine import cpu_model
+from ..perplexity import perplexity
+from ..pruning import prune_model
+from ..pruning.magnitude import magnitude_prune_layerwise
+from ..pruning.masks import MaskKeeper, prunable_linears
+from ..settings import flat_values
+from ..tracking import MLflowTracker, tracked_run
+from ..tracking.store import use_tracking_store
+from ..training import train_causal_lm, training_flops_per_token
+from ..workload import load_workload
 from .memory import PeakRSS, measuring_pool, rss
-from .perplexity import perplexity
-from .pruning import prune_model
-from .pruning.magnitude import magnitude_prune_layerwise
-from .pruning.masks import MaskKeeper, prunable_linears
-from .settings import flat_values
-from .tracking import MLflowTracker, tracked_run
-from .tracking.store import use_tracking_store
-from .training import train_causal_lm, training_flops_per_token
-from .workload import load_workload
 
 # (result key, comparison, target, what it measures)
 TARGETS = [

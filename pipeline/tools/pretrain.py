@@ -15,13 +15,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from .architecture import decoder_layout
-from .config import PretrainConfig, TrainConfig
-from .data import eval_tokens, load_corpus, training_blocks
-from .models import save_model
-from .perplexity import perplexity
-from .settings import flat_values
-from .training import train_causal_lm
+from ..architecture import decoder_layout
+from ..config import PretrainConfig, TrainConfig
+from ..data import eval_tokens, load_corpus, training_blocks
+from ..models import save_model
+from ..perplexity import perplexity
+from ..settings import flat_values
+from ..training import train_causal_lm
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: pad 1, bos/eos 2
 
