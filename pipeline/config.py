@@ -694,7 +694,7 @@ class ExecutorConfig(Settings):
 
     @property
     def in_process(self) -> bool:
-        """The cells one after another in the compare process itself (today's default)."""
+        """The cells one after another in the compare process itself (the default: nothing to start or wait for)."""
         return self.executor == "local" and self.parallel == 1
 
     @property
@@ -703,44 +703,57 @@ class ExecutorConfig(Settings):
         return int(k), int(n)
 
 
+# The settings each `compare --preset` changes unless given; MLproject's `main` and `tuned` entry points run
+# `compare --preset demo` and `--preset tuned` with these values as their defaults (a test holds them equal).
+PRESETS = {
+    # the main job: the whole comparison on opt-tiny in 11 to 18 minutes on 2 cores, one lr (its report says so)
+    "demo": {
+        "prune_percentage": 0.3,
+        "epochs_per_iteration": 1,
+        "max_steps": 40,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "tasks": ["pydocs-cloze"],
+        "tasks_batch_size": 16,
+    },
+}
+# every trained method at the lr its validation perplexity selects from five spanning 100x (wide enough that
+# each pruned method's optimum on the embedded models lies inside; a selection at an edge is reported), three
+# seeds, three targets: 225 trained cells, so each trains a quarter of the demo's tokens (half its steps of half
+# its batch) and no task runs, about two hours on 2 cores
+PRESETS["tuned"] = {
+    **PRESETS["demo"],
+    "max_steps": 20,
+    "batch_size": 8,
+    "tasks": [],
+    "sparsities": [0.5, 0.7, 0.9],
+    "methods": ["sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", "sparsegpt+ft", "wanda+ft", "dense+ft"],
+    "seeds": [0, 1, 2],
+    "lrs": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
+}
+
+
+def _preset_value(value) -> str:
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_help() -> str:
+    """What each preset sets, written from PRESETS itself."""
+    described = "; ".join(
+        f"{name}: " + ", ".join(f"{key.replace('_', '-')} {_preset_value(value)}" for key, value in values.items())
+        for name, values in PRESETS.items()
+    )
+    return (
+        "settings a preset changes unless given (demo: the MLproject's main entry point; tuned: its `tuned` entry "
+        f"point, each method's lr selected on validation) - {described}"
+    )
+
+
 @dataclass
 class CompareConfig(RunConfig):
-    # `mlflow run .` (the MLproject's main entry point) runs `compare --preset demo`
-    PRESETS: ClassVar[dict] = {
-        "demo": {
-            "prune_percentage": 0.3,
-            "epochs_per_iteration": 1,
-            "max_steps": 40,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "tasks": ["pydocs-cloze"],
-            "tasks_batch_size": 16,
-        },
-    }
-    # `mlflow run . -e tuned`: every trained method at the lr its validation perplexity selects, from five lrs
-    # spanning 100x (on 1e-4 to 1e-3 every pruned method selected 1e-3, the top, on llama-tiny at 90%; on
-    # 1e-4 to 3e-3 the one-shot + ft cells at 50% and every dense + ft selected 1e-4, the bottom, on opt-tiny),
-    # three seeds, three targets: 225 trained cells, so each trains half the demo's steps of half its batch (a
-    # quarter of its tokens) and the tasks are left out: about two hours on 2 cores, not 8 to 10
-    PRESETS["tuned"] = {
-        **PRESETS["demo"],
-        "max_steps": 20,
-        "batch_size": 8,
-        "tasks": [],
-        "sparsities": [0.5, 0.7, 0.9],
-        "methods": [
-            "sparsegpt",
-            "magnitude",
-            "wanda",
-            "iterative",
-            "magnitude+ft",
-            "sparsegpt+ft",
-            "wanda+ft",
-            "dense+ft",
-        ],
-        "seeds": [0, 1, 2],
-        "lrs": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
-    }
+    PRESETS: ClassVar[dict] = PRESETS
 
     grid: GridConfig = group(GridConfig)
     schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
@@ -756,14 +769,7 @@ class CompareConfig(RunConfig):
     )
     tasks: TasksConfig = group(TasksConfig)
     executor: ExecutorConfig = group(ExecutorConfig)
-    preset: str | None = setting(
-        None,
-        "settings a preset changes unless given: demo = the MLproject's main entry point; tuned = its `tuned` "
-        "entry point (50/70/90%, three seeds, lrs 1e-4,3e-4,1e-3 selected on validation, each trained cell a "
-        "quarter of the demo's tokens: 20 steps of 8 sequences per iteration)",
-        choices=tuple(PRESETS),
-        noun="preset",
-    )
+    preset: str | None = setting(None, preset_help(), choices=tuple(PRESETS), noun="preset")
 
     def check(self) -> None:
         for pattern in self.grid.patterns:

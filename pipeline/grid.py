@@ -22,8 +22,9 @@ import itertools
 import json
 from dataclasses import dataclass, replace
 
+from .axes import AXES, RECOVERY_AXES, SELECTION, display_name
 from .config import CompareConfig, EvaluateConfig, IterativeConfig, PruneRunConfig, parse_pattern
-from .methods import KINDS, METHODS, label
+from .methods import BASELINE, KINDS, METHODS
 from .settings import flat_values
 
 # Settings that change where or how a cell runs, not its result.
@@ -43,16 +44,18 @@ NOT_IDENTITY = {
 
 @dataclass
 class Cell:
-    kind: str  # dense | one-shot | trained (iterative, X+ft, dense+ft: the IMP loop)
-    method: str  # a name of the method registry
-    target: float
-    seed: int | None  # None: nothing in the cell is random
+    """One cell: its job's config, the corpus digest, and its place on each axis of the grid (pipeline/axes.py),
+    read as attributes: `cell.kind`, `cell.method`, `cell.target_sparsity`, `cell.lr`, ..."""
+
     config: object  # the job's config: EvaluateConfig, PruneRunConfig or IterativeConfig
     corpus: str  # digest of the corpus, part of the identity
-    pattern: str = "unstructured"  # or N:M (one-shot cells)
-    distill: str = "none"  # the trained cells' recovery loss: none (cross-entropy), logits or squarehead
-    lr: float | None = None  # the trained cells' learning rate (one of a sweep's)
-    train_params: str = "all"  # what the trained cells train: all, norms-biases or lora
+    values: dict  # axis name -> value; None where nothing in the cell is random (seed) or trained (lr)
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
 
     @property
     def key(self) -> str:
@@ -64,70 +67,58 @@ class Cell:
     def label(self) -> str:
         if self.kind == "dense":
             return "dense"
-        amount = f"{self.target:.2f}" if self.pattern == "unstructured" else self.pattern
-        rate = f" lr {self.lr:g}" if self.lr is not None else ""
-        return f"{label(self.method, self.distill, self.train_params)} {amount}{rate}" + (
-            f" seed {self.seed}" if self.seed is not None else ""
-        )
+        amount = f"{self.target_sparsity:.2f}" if self.pattern == "unstructured" else self.pattern
+        described = [a.describe(self.values[a.name]) for a in AXES if a.describe and self.values[a.name] is not None]
+        return " ".join([display_name(self.values), amount, *described])
 
     @property
     def tags(self) -> dict:
-        return {
-            "cell_key": self.key,
-            "cell_kind": self.kind,
-            "cell_method": self.method,
-            "cell_target": f"{self.target:.4f}",
-            "cell_seed": "" if self.seed is None else str(self.seed),
-            "cell_pattern": self.pattern,
-            "cell_distill": self.distill,
-            "cell_train_params": self.train_params,
-            "cell_lr": "" if self.lr is None else repr(self.lr),
-        }
+        return {"cell_key": self.key, **{axis.tag: axis.encode(self.values[axis.name]) for axis in AXES}}
+
+
+def cell_values(kind: str, method: str, target: float, seed: int | None, pattern="unstructured", **recovery) -> dict:
+    """A cell's place on every axis; an untrained cell sits at each recovery axis' plain value (None for lr)."""
+    values = {"kind": kind, "method": method, "target_sparsity": target, "pattern": pattern, "seed": seed}
+    return {**values, **{axis.name: axis.plain for axis in RECOVERY_AXES}, **recovery}
 
 
 def trained_cell_config(
-    config: CompareConfig,
-    method: str,
-    target: float,
-    seed: int,
-    distill: str = "none",
-    lr: float | None = None,
-    train_params: str = "all",
+    config: CompareConfig, method: str, target: float, seed: int, recovery: dict
 ) -> IterativeConfig:
     """The IMP loop of one trained cell: the grid's schedule (iterative), one-shot with the method's criterion
     (X+ft) or never pruned (dense+ft), always the grid's training, so every trained cell at a target has one
-    budget; at `lr` (one of a sweep's; default --lr), with --final-lr scaled by lr / --lr. The final model is
-    also measured on the validation split, which a sweep selects on."""
+    budget; then each recovery axis at its value in `recovery` (the grid's default where it has none). The
+    final model is also measured on the validation split, which a sweep selects on."""
     entry = METHODS[method]
     schedule = entry.schedule or config.schedule.schedule
     prune_method = entry.criterion.name if entry.criterion else config.prune.method
-    lr = config.train.lr if lr is None else lr
-    final_lr = config.schedule.final_lr
-    final_lr = None if final_lr is None else final_lr * lr / config.train.lr
-    return IterativeConfig(
+    cell_config = IterativeConfig(
         model=config.model,
         data=config.data,
         tracking=config.tracking,
         tasks=config.tasks,
         eval_tasks_every=0,  # the cell's accuracy is its final model's
-        schedule=replace(config.schedule, target_sparsity=target, schedule=schedule, final_lr=final_lr),
-        train=replace(config.train, seed=seed, distill=distill, lr=lr, train_params=train_params),
+        schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
+        train=replace(config.train, seed=seed),
         prune=replace(config.prune, method=prune_method, seed=seed, sparsity_profile=entry.profile),
         validate=True,
     )
+    for axis in RECOVERY_AXES:
+        value = recovery[axis.name] if axis.name in recovery else axis.sweep(config)[0]
+        cell_config = axis.apply(cell_config, value, config)
+    return cell_config
 
 
-def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
-    shared = {"model": config.model, "data": config.data, "tracking": config.tracking, "tasks": config.tasks}
-    methods, seeds = [METHODS[name] for name in config.grid.methods], config.grid.seeds
-    cells = [Cell("dense", "unpruned", 0.0, None, EvaluateConfig(**shared, split="test"), corpus_digest)]
+def _one_shot_cells(config: CompareConfig, corpus_digest: str, shared: dict) -> list[Cell]:
+    """Every untrained pruning: each one-shot method at each target and N:M pattern, per seed where it draws."""
+    methods, cells = [METHODS[name] for name in config.grid.methods], []
     amounts = [(target, "unstructured") for target in config.grid.sparsities]
     amounts += [(n / m, pattern) for pattern in config.grid.patterns for n, m in [parse_pattern(pattern)]]
     for target, pattern in amounts:
         # OWL spreads an unstructured target over the layers; an N:M pattern is the same in every layer
         one_shot = [m for m in methods if m.kind == "one-shot" and (pattern == "unstructured" or m.profile != "owl")]
         for method in one_shot:
-            for seed in seeds if method.seeded else [None]:  # magnitude draws nothing
+            for seed in config.grid.seeds if method.seeded else [None]:  # magnitude draws nothing
                 prune = replace(
                     config.prune,
                     method=method.criterion.name,
@@ -136,36 +127,35 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                     seed=config.prune.seed if seed is None else seed,
                     sparsity_profile=method.profile,
                 )
-                cells.append(
-                    Cell(
-                        "one-shot",
-                        method.name,
-                        target,
-                        seed,
-                        PruneRunConfig(**shared, prune=prune),
-                        corpus_digest,
-                        pattern,
-                    )
-                )
-    for target in config.grid.sparsities:
-        for distill, trains in itertools.product(config.grid.distill, config.grid.train_params):
-            for method in (m for m in methods if m.kind == "trained"):
-                for lr in config.grid.lrs or [config.train.lr]:
-                    for seed in seeds:
-                        cells.append(
-                            Cell(
-                                "trained",
-                                method.name,
-                                target,
-                                seed,
-                                trained_cell_config(config, method.name, target, seed, distill, lr, trains),
-                                corpus_digest,
-                                distill=distill,
-                                lr=lr,
-                                train_params=trains,
-                            )
-                        )
+                values = cell_values("one-shot", method.name, target, seed, pattern)
+                cells.append(Cell(PruneRunConfig(**shared, prune=prune), corpus_digest, values))
     return cells
+
+
+def _trained_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
+    """Every trained cell: each trained method at each target, at every combination of the recovery axes'
+    values, per seed."""
+    trained = [METHODS[name] for name in config.grid.methods if METHODS[name].kind == "trained"]
+    rows = [axis for axis in RECOVERY_AXES if axis.role != SELECTION]
+    selections = [axis for axis in RECOVERY_AXES if axis.role == SELECTION]
+    cells = []
+    for target in config.grid.sparsities:
+        for row in itertools.product(*(axis.sweep(config) for axis in rows)):
+            for method in trained:
+                for selection in itertools.product(*(axis.sweep(config) for axis in selections)):
+                    recovery = dict(zip([a.name for a in rows + selections], row + selection))
+                    for seed in config.grid.seeds:
+                        cell_config = trained_cell_config(config, method.name, target, seed, recovery)
+                        values = cell_values("trained", method.name, target, seed, **recovery)
+                        cells.append(Cell(cell_config, corpus_digest, values))
+    return cells
+
+
+def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
+    """The grid's cells: the dense baseline, the untrained prunings, the trained cells."""
+    shared = {"model": config.model, "data": config.data, "tracking": config.tracking, "tasks": config.tasks}
+    dense = Cell(EvaluateConfig(**shared, split="test"), corpus_digest, cell_values("dense", BASELINE, 0.0, None))
+    return [dense, *_one_shot_cells(config, corpus_digest, shared), *_trained_cells(config, corpus_digest)]
 
 
 def shard_of(cells: list, k: int, n: int) -> list:

@@ -6,7 +6,7 @@ untrained one-shot cell (`wanda`) and the same one-shot mask trained with the it
 (`wanda+ft`). Beside them stand `iterative` (the IMP loop), `dense+ft` (the unpruned model trained as
 long) and `unpruned` (the dense baseline). Flags' choices, the grid, the tables and the figures all ask
 this module; none of them spells a method name. Adding a criterion is one entry here plus its pruning
-function, `function(model, linears, config, windows, device, progress) -> [LayerRecord]`.
+function, a `pipeline.pruning.PruningFunction`, which the entry names as "module:function".
 
 Nothing here imports torch: the CLI reads the choices before any heavy import.
 """
@@ -138,23 +138,3 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'{_did_you_mean(name, METHODS)}: use one of {', '.join(METHODS)}")
     return METHODS[name]
-
-
-def _recovery(distill: str = "none", train_params: str = "all") -> str:
-    """` [logits]`, ` [lora]`, ` [logits, lora]`: a trained cell's recovery where it is not the plain one
-    (cross-entropy, every parameter)."""
-    parts = [p for p, plain in ((distill, "none"), (train_params, "all")) if p not in (plain, "", None)]
-    return f" [{', '.join(parts)}]" if parts else ""
-
-
-def cell_name(name: str, distill: str = "none", train_params: str = "all") -> str:
-    """A cell's method as the grid names it, with its recovery where that is not the plain one:
-    `sparsegpt+ft [logits]`."""
-    return name + _recovery(distill, train_params)
-
-
-def label(name: str, distill: str = "none", train_params: str = "all") -> str:
-    """The display name of a cell's method, with its recovery where that is not the plain one:
-    `SparseGPT + FT [logits, lora]`."""
-    known = METHODS.get(name)
-    return (known.display if known else name) + _recovery(distill, train_params)

@@ -57,7 +57,7 @@ def keyed_cells(settings) -> dict:
     from pipeline.data import load_corpus
 
     digest = load_corpus(settings["dataset"]).digest[:16]
-    return {(c.method, c.target): c for c in plan_cells(build(CompareConfig, settings), digest)}
+    return {(c.method, c.target_sparsity): c for c in plan_cells(build(CompareConfig, settings), digest)}
 
 
 def train_like_iteration(model, linears, blocks, k: int, seed: int = 0):

@@ -306,3 +306,14 @@ def test_help_prints_each_computed_default_from_its_rule():
     text = command.get_help(command.make_context("iterative", [], terminal_width=1000, max_content_width=1000))
     for rule in (default_window, default_checkpoint_dir):
         assert " ".join(rule.__doc__.split()) in " ".join(text.split())
+
+
+def test_every_function_fits_one_screen():
+    """None in pipeline/ over 60 lines: a reader holds each one whole."""
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert not long, long

@@ -13,9 +13,9 @@ from loading import load_model_and_tokenizer
 from mlflow.tracking import MlflowClient
 from test_refusals import here
 
-from pipeline.config import CompareConfig
+from pipeline.config import CompareConfig, PruneConfig
 from pipeline.jobs.compare import run_compare
-from pipeline.pruning import PruneConfig, prune_model
+from pipeline.pruning import prune_model
 from pipeline.pruning.masks import count_zeros, prunable_linears, sparsity_report
 from pipeline.pruning.owl import allocate_with_floors, matrix_zero_counts
 from pipeline.settings import build

@@ -10,8 +10,9 @@ import torch.nn.utils.prune as torch_prune
 from loading import load_model_and_tokenizer
 from torch import nn
 
+from pipeline.config import PruneConfig
 from pipeline.errors import UserError
-from pipeline.pruning import PruneConfig, prune_model
+from pipeline.pruning import prune_model
 from pipeline.pruning.magnitude import magnitude_prune_global, magnitude_prune_layerwise
 from pipeline.pruning.masks import (
     MaskKeeper,

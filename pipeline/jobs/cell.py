@@ -114,17 +114,8 @@ def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict 
 def cell_spec(cell: Cell, grid_run_id: str, experiment: str, claims: Path, threads: int | None, gpus: int) -> dict:
     """What a cell's own process needs (JSON): its config by flat keys, where it records, its claim."""
     return {
-        "cell": {
-            "kind": cell.kind,
-            "method": cell.method,
-            "target": cell.target,
-            "seed": cell.seed,
-            "corpus": cell.corpus,
-            "pattern": cell.pattern,
-            "distill": cell.distill,
-            "lr": cell.lr,
-            "train_params": cell.train_params,
-        },
+        "cell": dict(cell.values),
+        "corpus": cell.corpus,
         "config_class": type(cell.config).__name__,
         "values": flat_values(cell.config),
         "key": cell.key,
@@ -145,7 +136,7 @@ def write_spec(spec: dict, directory: Path) -> Path:
 
 def cell_from_spec(spec: dict) -> Cell:
     values = {**spec["values"], "experiment": spec["experiment"]}  # the grid's experiment, by name
-    cell = Cell(**spec["cell"], config=build(CONFIGS[spec["config_class"]], values))
+    cell = Cell(build(CONFIGS[spec["config_class"]], values), spec["corpus"], spec["cell"])
     if cell.key != spec["key"]:
         raise RuntimeError(f"the cell's spec rebuilds another cell ({cell.key}, not {spec['key']}): a bug")
     return cell

@@ -116,8 +116,8 @@ def store_for_cell_processes(config: CompareConfig, root: Path):
 
 
 def run_in_process(cells: list, grid_run_id: str, experiment_id: str, claims: Path) -> list:
-    """One after another in this process (a failure stops the grid, as it always has); returns the cells
-    another process had claimed."""
+    """One after another in this process; a failure stops the grid (the cells share this process, which a failed
+    cell may have left in a state the next should not inherit). Returns the cells another process had claimed."""
     claimed = []
     for number, cell in enumerate(cells, start=1):
         try:  # under `accelerate launch` every process runs every cell: one launch is one grid's only runner

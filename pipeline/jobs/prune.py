@@ -28,6 +28,39 @@ def checks(config: PruneRunConfig):
     return inputs
 
 
+def log_pruning(tracker, report: dict, result, pruned: float, dense: float) -> None:
+    """The pruned model's numbers, its per-matrix and per-layer sparsity, and the calibrated layers' table."""
+    tracker.log_dict(
+        {
+            "sparsity": report["prunable"],
+            "sparsity_all_parameters": report["all_parameters"],
+            "perplexity": pruned,
+            "dense_perplexity": dense,
+            "prune_seconds": result.seconds,
+            "vs_dense_pct": change_pct(pruned, dense),
+        }
+    )
+    tracker.log_dict_artifact(report, "sparsity_report.json")
+    tracker.log_dict(layer_sparsity_metrics(report["layers"]))
+    tracker.log_text(layer_sparsity_csv(report["layers"], result.profile), "layer_sparsity.csv")
+    if result.layers:
+        tracker.log_text(layer_table_csv(result.layers), "layers.csv")
+
+
+def print_pruning(label: str, report: dict, result, pruned: float, dense: float, output_dir: Path) -> None:
+    for layer in result.profile:
+        print(
+            f"  layer {layer.layer}: outlier ratio {layer.outlier_ratio:.3f}%, sparsity "
+            f"{report['layers'][str(layer.layer)]:.4f} (OWL's formula {layer.owl_sparsity:.4f}, bounded "
+            f"{layer.bounded_sparsity:.4f})"
+        )
+    print(
+        f"{label}: sparsity {report['prunable']:.4f} of prunable weights "
+        f"({report['all_parameters']:.4f} of all), perplexity {pruned:.4f} (dense {dense:.4f}, "
+        f"{change_pct(pruned, dense):+.1f}%), {result.seconds:.1f}s; saved to {output_dir}"
+    )
+
+
 def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: Path | None = None) -> dict:
     """Under `accelerate launch` (a `compare` grid) every process prunes; the main one saves. `shared_pruning`:
     a directory where the pruning is shared with other runs that would prune the same (shared_pruning.py)."""
@@ -60,21 +93,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
         sync_from_main(work.model)  # one mask on every process, whatever each one's calibration gave
         pruned = work.evaluate(SPLIT).perplexity
         report = sparsity_report(work.model, prunable_linears(work.model, prune.include, prune.exclude))
-        tracker.log_dict(
-            {
-                "sparsity": report["prunable"],
-                "sparsity_all_parameters": report["all_parameters"],
-                "perplexity": pruned,
-                "dense_perplexity": dense,
-                "prune_seconds": result.seconds,
-                "vs_dense_pct": change_pct(pruned, dense),
-            }
-        )
-        tracker.log_dict_artifact(report, "sparsity_report.json")
-        tracker.log_dict(layer_sparsity_metrics(report["layers"]))
-        tracker.log_text(layer_sparsity_csv(report["layers"], result.profile), "layer_sparsity.csv")
-        if result.layers:
-            tracker.log_text(layer_table_csv(result.layers), "layers.csv")
+        log_pruning(tracker, report, result, pruned, dense)
         finish_model(
             tracker,
             work,
@@ -83,17 +102,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
             output_dir,
             {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label},
         )
-    for layer in result.profile:
-        print(
-            f"  layer {layer.layer}: outlier ratio {layer.outlier_ratio:.3f}%, sparsity "
-            f"{report['layers'][str(layer.layer)]:.4f} (OWL's formula {layer.owl_sparsity:.4f}, bounded "
-            f"{layer.bounded_sparsity:.4f})"
-        )
-    print(
-        f"{prune.label}: sparsity {report['prunable']:.4f} of prunable weights "
-        f"({report['all_parameters']:.4f} of all), perplexity {pruned:.4f} (dense {dense:.4f}, "
-        f"{change_pct(pruned, dense):+.1f}%), {result.seconds:.1f}s; saved to {output_dir}"
-    )
+    print_pruning(prune.label, report, result, pruned, dense, output_dir)
     return {
         "sparsity": report["prunable"],
         "perplexity": pruned,

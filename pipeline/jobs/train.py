@@ -45,6 +45,25 @@ def load_teacher(config: TrainRunConfig, model):
     )
 
 
+def train_logged(work, linears: dict, blocks, config: TrainRunConfig, tracker):
+    """The recovery training, each logged step in the run; a loss gone nan or inf is one line, nothing saved."""
+    teacher = load_teacher(config, work.model)
+    try:
+        return train_keeping_masks(
+            work.model,
+            linears,
+            blocks,
+            config.train,
+            teacher=teacher,
+            on_log=lambda step, metrics: tracker.log_dict(step_metrics(metrics), step),
+        )
+    except NonFiniteLoss as fault:
+        raise UserError(
+            f"training stopped: the loss became {fault.loss} at step {fault.step}; nothing "
+            f"was saved: lower {option('lr')}"
+        ) from None
+
+
 def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
     check_launch(config.train.batch_size)  # first, on every process alike, before the launcher stops them
     model_name, dataset = config.model.model, config.data.dataset
@@ -64,21 +83,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
         linears = prunable_linears(work.model)
         sparsity = sparsity_of(linears)
         print(f"training {model_name} ({sparsity:.2%} sparse, mask kept) on {blocks.shape[0]} blocks of {work.seqlen}")
-        teacher = load_teacher(config, work.model)
-        try:
-            result = train_keeping_masks(
-                work.model,
-                linears,
-                blocks,
-                config.train,
-                teacher=teacher,
-                on_log=lambda step, metrics: tracker.log_dict(step_metrics(metrics), step),
-            )
-        except NonFiniteLoss as fault:
-            raise UserError(
-                f"training stopped: the loss became {fault.loss} at step {fault.step}; nothing "
-                f"was saved: lower {option('lr')}"
-            ) from None
+        result = train_logged(work, linears, blocks, config, tracker)
         for epoch, loss in enumerate(result.epoch_losses, start=1):
             tracker.log_dict({"epoch_loss": loss}, step=epoch)
         ppl = work.evaluate(SPLIT).perplexity

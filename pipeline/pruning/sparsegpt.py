@@ -88,6 +88,46 @@ def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> torch.
 
 
 @torch.no_grad()
+def _sweep_block(W, Hinv, kept, i1: int, i2: int, new_zeros: int, prune_n: int, prune_m: int) -> torch.Tensor:
+    """Prunes columns i1:i2 of W in place, the OBS update carried to the rest of the block column by column and
+    to the columns after it at once; returns each row's loss (w - q)^2 / d^2 / 2 over the block."""
+    # The block transposed, so that a column of W is a contiguous row here.
+    W1 = W[:, i1:i2].t().contiguous()
+    Err1 = torch.zeros_like(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    d = torch.diag(Hinv1)
+    kept1 = kept[:, i1:i2].t()
+    if not prune_n:  # chosen in W's own layout, where ties go to the lower flat index
+        scores = (W[:, i1:i2] ** 2 / d.reshape(1, -1) ** 2).masked_fill(~kept[:, i1:i2], float("-inf"))
+        mask1 = lowest_k_mask(scores, int((~kept1).sum()) + new_zeros).t()
+    else:
+        mask1 = ~kept1
+    # The error a column's pruning makes is w * [pruned] / d: one factor per weight, known once the
+    # mask is, so each column costs two operations (the sweep is a Python loop over the columns).
+    scale1 = mask1 / d.reshape(-1, 1)
+    for i in range(i2 - i1):
+        if prune_n and i % prune_m == 0:
+            group = slice(i, min(i + prune_m, i2 - i1))
+            scores = (W1[group] ** 2 / d[group].reshape(-1, 1) ** 2).masked_fill(~kept1[group], float("-inf"))
+            take = min(prune_n, scores.shape[0])
+            lowest = torch.topk(scores, take, dim=0, largest=False).indices
+            mask1[group] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(0, lowest, True)
+            scale1[group] = mask1[group] / d[group].reshape(-1, 1)
+        err1 = torch.mul(W1[i], scale1[i], out=Err1[i])
+        # OBS: the rest of the block absorbs the error; column i itself becomes w - (w - q) = q
+        W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
+    # (w - q)^2 / d^2 is the squared error; the pruned weights are set to exact zeros (w - w d / d need not be)
+    W[:, i1:i2] = W1.masked_fill_(mask1, 0).t()
+    W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
+    return torch.sum(Err1**2, 0) / 2
+
+
+def _synchronized_seconds(device: torch.device, started: float) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def sparsegpt_prune_matrix(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -101,7 +141,8 @@ def sparsegpt_prune_matrix(
     """Returns (pruned weight in weight's dtype, per-row loss sum of (w - q)^2 / d^2 / 2).
 
     `hessian` is consumed (modified in place). With prune_n > 0 the N:M pattern is used and `sparsity`
-    is ignored: in every group of prune_m columns of a row, the prune_n lowest scores go.
+    is ignored: in every group of prune_m columns of a row, the prune_n lowest scores go. `timings` gains the
+    seconds of the factorization and of the sweep.
     """
     timings = timings if timings is not None else {}
     started = time.perf_counter()
@@ -113,12 +154,11 @@ def sparsegpt_prune_matrix(
     W[:, dead] = 0
     kept[:, dead] = False
     Hinv = _upper_cholesky_of_inverse(hessian, percdamp)
-    if W.device.type == "cuda":
-        torch.cuda.synchronize()
-    timings["factorization"] = timings.get("factorization", 0.0) + time.perf_counter() - started
+    timings["factorization"] = timings.get("factorization", 0.0) + _synchronized_seconds(W.device, started)
 
     started = time.perf_counter()
     block_starts = list(range(0, columns, blocksize))
+    block_new_zeros = [0] * len(block_starts)
     if not prune_n:
         # New zeros for the whole matrix, shared among the blocks by their remaining non-zeros.
         new_zeros = zeros_to_reach(W.numel(), int((~kept).sum()), sparsity)
@@ -127,38 +167,8 @@ def sparsegpt_prune_matrix(
     losses = torch.zeros(rows, device=W.device)
     for block, i1 in enumerate(block_starts):
         i2 = min(i1 + blocksize, columns)
-        # The block transposed, so that a column of W is a contiguous row here.
-        W1 = W[:, i1:i2].t().contiguous()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
-        kept1 = kept[:, i1:i2].t()
-        if not prune_n:  # chosen in W's own layout, where ties go to the lower flat index
-            scores = (W[:, i1:i2] ** 2 / d.reshape(1, -1) ** 2).masked_fill(~kept[:, i1:i2], float("-inf"))
-            mask1 = lowest_k_mask(scores, int((~kept1).sum()) + block_new_zeros[block]).t()
-        else:
-            mask1 = ~kept1
-        # The error a column's pruning makes is w * [pruned] / d: one factor per weight, known once the
-        # mask is, so each column costs two operations (the sweep is a Python loop over the columns).
-        scale1 = mask1 / d.reshape(-1, 1)
-        for i in range(i2 - i1):
-            if prune_n and i % prune_m == 0:
-                group = slice(i, min(i + prune_m, i2 - i1))
-                scores = (W1[group] ** 2 / d[group].reshape(-1, 1) ** 2).masked_fill(~kept1[group], float("-inf"))
-                take = min(prune_n, scores.shape[0])
-                lowest = torch.topk(scores, take, dim=0, largest=False).indices
-                mask1[group] |= torch.zeros_like(scores, dtype=torch.bool).scatter_(0, lowest, True)
-                scale1[group] = mask1[group] / d[group].reshape(-1, 1)
-            err1 = torch.mul(W1[i], scale1[i], out=Err1[i])
-            # OBS: the rest of the block absorbs the error; column i itself becomes w - (w - q) = q
-            W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
-        # (w - q)^2 / d^2 is the squared error; the pruned weights are set to exact zeros (w - w d / d need not be)
-        losses += torch.sum(Err1**2, 0) / 2
-        W[:, i1:i2] = W1.masked_fill_(mask1, 0).t()
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
-    if W.device.type == "cuda":
-        torch.cuda.synchronize()
-    timings["sweep"] = timings.get("sweep", 0.0) + time.perf_counter() - started
+        losses += _sweep_block(W, Hinv, kept, i1, i2, block_new_zeros[block], prune_n, prune_m)
+    timings["sweep"] = timings.get("sweep", 0.0) + _synchronized_seconds(W.device, started)
     return W.to(weight.dtype), losses
 
 

@@ -15,7 +15,8 @@ import math
 
 import pandas as pd
 
-from ..methods import cell_name, methods_where
+from ..axes import ROW_AXES, SELECTION_AXES, cell_name, is_plain
+from ..methods import methods_where
 from .numbers import change_pct, tokens_text
 from .paired import paired_difference
 
@@ -42,7 +43,7 @@ def spread_verdict(winner, runner) -> str:
 
 
 def _name(row) -> str:
-    return cell_name(row["method"], row["distill"], row.get("train_params", "all"))
+    return cell_name(row)
 
 
 def _named(row) -> str:
@@ -51,11 +52,11 @@ def _named(row) -> str:
 
 
 def _runs_of(runs: pd.DataFrame, row) -> pd.DataFrame:
-    same = (runs["method"] == row["method"]) & (runs["target_sparsity"] == row["target_sparsity"])
-    same &= (runs["pattern"] == row["pattern"]) & (runs["distill"] == row["distill"])
-    same &= runs["train_params"] == row.get("train_params", "all")
-    if "lr" in row and not pd.isna(row["lr"]):
-        same &= runs["lr"] == row["lr"]
+    """The runs of the summary row's cell: the same place on every row axis and, where it has one, the same lr."""
+    same = pd.Series(True, index=runs.index)
+    for name in ROW_AXES + SELECTION_AXES:
+        if name in row and not (isinstance(row[name], float) and math.isnan(row[name])):
+            same &= runs[name] == row[name]
     return runs[same]
 
 
@@ -158,7 +159,7 @@ def findings(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[st
                 )
             else:
                 sentences.append(f"At {target:.0%} with {budget}, {_named(winner)} reaches {_ppl(winner)}.")
-            plain = (trained["distill"] == "none") & (trained["train_params"] == "all")
+            plain = pd.Series([is_plain(row) for _, row in trained.iterrows()], index=trained.index, dtype=bool)
             control = trained[~prunes & plain]  # the unpruned model, trained as long
             if len(control):
                 dft = control.iloc[0]

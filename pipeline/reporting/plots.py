@@ -9,7 +9,8 @@ import matplotlib
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from ..methods import METHODS, cell_name, methods_where
+from ..axes import NAMED_AXES, cell_name, cell_style
+from ..methods import METHODS, methods_where
 
 matplotlib.use("Agg")  # files only: no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -22,27 +23,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-# The registry gives one colour per pruning criterion, so `magnitude` (untrained) and `magnitude+ft` read as one
-# family in every figure; the recovery loss of a trained cell is its marker.
-MARKERS = {"none": "o", "logits": "^", "squarehead": "D"}
-
-
-FILLS = {"all": "full", "norms-biases": "none", "lora": "left"}  # what a trained cell trains: the marker's fill
-
-
-def method_style(method: str, distill: str = "none", train_params: str = "all") -> dict:
-    """Colour, marker and fill of a cell's method, recovery loss and trained parameters."""
-    return {
-        "color": METHODS[method].color if method in METHODS else "C6",
-        "marker": MARKERS.get(distill, "o"),
-        "fillstyle": FILLS.get(train_params, "full"),
-    }
-
-
 def _by_method(frame: pd.DataFrame):
-    """(name as the grid says it, style, rows) per method and recovery, in the frame's order."""
-    for (method, distill, trains), group in frame.groupby(["method", "distill", "train_params"], sort=False):
-        yield cell_name(method, distill, trains), method_style(method, distill, trains), group
+    """(name as the grid says it, style, rows) per method and named recovery (pipeline/axes.py: a criterion's
+    colour, a recovery loss's marker, a train-params mode's fill), in the frame's order."""
+    columns = ["method", *[axis.name for axis in NAMED_AXES if axis.name in frame]]
+    for values, group in frame.groupby(columns, sort=False):
+        named = dict(zip(columns, values))
+        yield cell_name(named), cell_style(named), group
 
 
 def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
@@ -64,7 +51,7 @@ def perplexity_vs_sparsity(summary: pd.DataFrame, out: Path) -> Path:
             [row["sparsity"] * 100],
             [row["perplexity"]],
             marker="s",
-            color=method_style(row["method"])["color"],
+            color=cell_style(row)["color"],
             label=f"{row['method']} {row['pattern']}",
         )
     dense = summary[summary["kind"] == "dense"]
@@ -151,7 +138,7 @@ def budget_curves(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> list[
                 [row["perplexity"]],
                 marker="x",
                 s=40,
-                color=method_style(row["method"])["color"],
+                color=cell_style(row)["color"],
                 label=f"{row['method']} (no training)",
             )
         if len(dense):
@@ -259,7 +246,7 @@ def layer_sparsities(runs: pd.DataFrame, out: Path) -> list[Path]:
                 [v * 100 for _, v in layers],
                 width=width,
                 label=METHODS[row["method"]].display,
-                color=method_style(row["method"])["color"],
+                color=cell_style(row)["color"],
                 alpha=0.4 + 0.6 * (number + 1) / len(cells),
             )
         ax.axhline(target * 100, color="gray", linestyle=":")

@@ -14,9 +14,10 @@ import torch
 import transformers
 
 from .. import __version__
+from ..axes import ROW_AXES, SELECTION_AXES, display_name, is_plain
 from ..errors import UserError
 from ..machine import cpu_model
-from ..methods import label, methods_where
+from ..methods import methods_where
 from .findings import findings
 from .numbers import tokens_text
 from .plots import (
@@ -27,12 +28,12 @@ from .plots import (
     lr_sensitivity,
     perplexity_vs_sparsity,
 )
-from .results import CELL, collect_runs, summarize
+from .results import collect_runs, summarize
 
 
 def _labels(rows: pd.DataFrame) -> list:
     """Each row's method as the tables show it: `SparseGPT + FT [logits]`."""
-    return [label(m, d, t) for m, d, t in zip(rows["method"], rows["distill"], rows["train_params"])]
+    return [display_name(row) for _, row in rows.iterrows()]
 
 
 def _duration(seconds: float) -> str:
@@ -84,8 +85,12 @@ def _lr_column(summary: pd.DataFrame) -> dict:
 def selected(runs: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary's selected rows, and the runs of those cells (an untrained cell is always selected)."""
     chosen = summary[summary["selected"]].reset_index(drop=True)
-    keys = set(zip(*[chosen[c] for c in CELL], chosen["lr"].fillna(0.0)))
-    keep = [key in keys for key in zip(*[runs[c] for c in CELL], runs["lr"].fillna(0.0))]
+
+    def keys(table: pd.DataFrame) -> list:
+        return list(zip(*[table[c] for c in ROW_AXES], *[table[c].fillna(0.0) for c in SELECTION_AXES]))
+
+    chosen_keys = set(keys(chosen))
+    keep = [key in chosen_keys for key in keys(runs)]
     return chosen, runs[keep].reset_index(drop=True)
 
 
@@ -127,7 +132,7 @@ def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     """The trained cells at one sparsity: one budget, so their perplexities compare."""
     rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
     prunes = pd.Series(methods_where(rows["method"], "prunes"), index=rows.index, dtype=bool)
-    plain = (rows["distill"] == "none") & (rows["train_params"] == "all")
+    plain = pd.Series([is_plain(row) for _, row in rows.iterrows()], index=rows.index, dtype=bool)
     control = rows.loc[~prunes & plain, "perplexity"]  # the unpruned model, trained as long
     return pd.DataFrame(
         {
@@ -174,7 +179,47 @@ def _environment() -> str:
     )
 
 
-def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path:
+# The report is one list of blocks, written twice: as Markdown beside its PNGs and as one HTML page that
+# embeds them. A block is (kind, content): ("h1" | "h2" | "p", text), ("list", sentences),
+# ("table", (frame, its HTML id)) or ("images", paths).
+
+
+def _markdown(kind: str, content) -> str:
+    if kind == "table":
+        return markdown_table(content[0])
+    if kind == "images":
+        return "\n".join(f"![{path.stem}]({path.name})" for path in content)
+    if kind == "list":
+        return "\n".join(f"- {sentence}" for sentence in content)
+    return {"h1": "# ", "h2": "## ", "p": ""}[kind] + content
+
+
+def _html(kind: str, content) -> str:
+    if kind == "table":
+        return _html_table(*content)
+    if kind == "images":
+        return "".join(
+            f'<img alt="{path.stem}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+            for path in content
+        )
+    if kind == "list":
+        return "<ul>" + "".join(f"<li>{html.escape(sentence)}</li>" for sentence in content) + "</ul>"
+    return f"<{kind}>{html.escape(content)}</{kind}>"
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width:100%;display:block;margin:1em 0}}</style>
+</head><body>
+{body}
+</body></html>
+"""
+
+
+def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> list:
+    """The report's blocks, its figures drawn into `out`: the main table and the sentences, one equal-budget
+    section per target, the learning rates of a sweep, the overview figures and the footer."""
     runs = collect_runs(experiment_id, keys)
     if runs.empty:
         raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
@@ -182,79 +227,44 @@ def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path
     every_lr = summarize(runs)
     wall_seconds = runs["seconds"].sum()  # every cell the grid ran, at every lr, not only the selected ones
     summary, runs = selected(runs, every_lr)  # a sweep's selected cells; every cell of a grid without one
-    sentences = findings(summary, runs)
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
-    overview = [
-        perplexity_vs_sparsity(summary, out),
-        *accuracy_vs_sparsity(summary, out),
-        *iterative_curves(runs, out),
-        *layer_sparsities(runs, out),
-    ]
     budgets = dict(zip(targets, budget_curves(runs, summary, out)))
     sensitivity = lr_sensitivity(every_lr, out)
-    tuned = tuning_table(every_lr)
-    name = mlflow.get_experiment(experiment_id).name
-    footer = (
+    overview = [perplexity_vs_sparsity(summary, out), *accuracy_vs_sparsity(summary, out)]
+    overview += [*iterative_curves(runs, out), *layer_sparsities(runs, out)]
+    blocks = [
+        ("h1", f"Pruning comparison: {mlflow.get_experiment(experiment_id).name}"),
+        ("table", (main_table(summary), "results")),
+        ("list", findings(summary, runs)),
+    ]
+    for target in targets:
+        blocks += [
+            ("h2", f"Equal training budget at {target:.0%} sparsity"),
+            ("table", (equal_budget_table(summary, target), f"budget-{round(target * 100)}")),
+            ("images", [budgets[target]]),
+        ]
+    if sensitivity:
+        blocks += [
+            ("h2", "Learning rates (selected on the validation split)"),
+            ("table", (tuning_table(every_lr), "learning-rates")),
+            ("images", sensitivity),
+        ]
+    return blocks + [("images", overview), ("p", _footer(wall_seconds, summary["lr_at_edge"].any()))]
+
+
+def _footer(wall_seconds: float, lr_at_edge: bool) -> str:
+    return (
         f"Measured on {_environment()}. Wall time of all cells: {_duration(wall_seconds)}. "
         "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
         "train tokens are those that went into optimizer steps; Time is each run's wall time."
-        + (" lr*: the selected learning rate is at the edge of the swept grid." if summary["lr_at_edge"].any() else "")
+        + (" lr*: the selected learning rate is at the edge of the swept grid." if lr_at_edge else "")
     )
 
-    md = [
-        f"# Pruning comparison: {name}",
-        "",
-        markdown_table(main_table(summary)),
-        "",
-        *[f"- {s}" for s in sentences],
-        "",
-    ]
-    for target in targets:
-        md += [
-            f"## Equal training budget at {target:.0%} sparsity",
-            "",
-            markdown_table(equal_budget_table(summary, target)),
-            "",
-            f"![{budgets[target].stem}]({budgets[target].name})",
-            "",
-        ]
-    if sensitivity:
-        md += [
-            "## Learning rates (selected on the validation split)",
-            "",
-            markdown_table(tuned),
-            "",
-            *[f"![{p.stem}]({p.name})" for p in sensitivity],
-            "",
-        ]
-    md += [*[f"![{p.stem}]({p.name})" for p in overview], "", footer]
-    (out / "report.md").write_text("\n".join(md) + "\n")
 
-    def image(path: Path) -> str:
-        return f'<img alt="{path.stem}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
-
-    sections = "".join(
-        f"<h2>Equal training budget at {target:.0%} sparsity</h2>"
-        f"{_html_table(equal_budget_table(summary, target), f'budget-{round(target * 100)}')}"
-        f"{image(budgets[target])}"
-        for target in targets
-    )
-    if sensitivity:
-        sections += (
-            f"<h2>Learning rates (selected on the validation split)</h2>{_html_table(tuned, 'learning-rates')}"
-            + "".join(image(p) for p in sensitivity)
-        )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Pruning comparison: {html.escape(name)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #999;padding:.3em .8em;text-align:right}} img{{max-width:100%;display:block;margin:1em 0}}</style>
-</head><body><h1>Pruning comparison: {html.escape(name)}</h1>
-{_html_table(main_table(summary), "results")}
-<ul>{"".join(f"<li>{html.escape(s)}</li>" for s in sentences)}</ul>
-{sections}
-{"".join(image(p) for p in overview)}
-<p>{html.escape(footer)}</p>
-</body></html>
-"""
+def write_report(experiment_id: str, out: Path, keys: set | None = None) -> Path:
+    """`report.md` (beside its figures) and a self-contained `report.html` in `out`, from the same blocks."""
+    blocks = report_blocks(experiment_id, out, keys)
+    (out / "report.md").write_text("\n\n".join(_markdown(*block) for block in blocks) + "\n")
+    page = PAGE.format(title=html.escape(blocks[0][1]), body="\n".join(_html(*block) for block in blocks))
     (out / "report.html").write_text(page)
     return out / "report.md"

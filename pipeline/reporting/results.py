@@ -6,20 +6,12 @@ import math
 
 import pandas as pd
 
-from ..config import DISTILL_MODES, TRAIN_PARAMS
-from ..methods import BASELINE, KINDS, METHODS
+from ..axes import AXES, COLUMNS, ROW_AXES, SELECTION_AXES, sort_keys
+from ..methods import BASELINE
 from ..tracking.store import finished_cell_runs
 from .numbers import change_pct
 
-RUN_COLUMNS = [
-    "method",
-    "kind",
-    "target_sparsity",
-    "pattern",
-    "distill",
-    "train_params",
-    "lr",
-    "seed",
+MEASURES = [
     "sparsity",
     "perplexity",
     "val_perplexity",
@@ -28,46 +20,22 @@ RUN_COLUMNS = [
     "seconds",
     "run_id",
 ]
-LEGACY_KIND = {"iterative": "trained"}  # runs made before the +ft cells
-LEGACY_DISTILL = {"ce": "none"}  # runs made before the grid's recovery loss took --distill's values
-
-
-def _distill(tags: dict) -> str:
-    if "cell_distill" in tags:
-        return tags["cell_distill"]
-    legacy = tags.get("cell_recovery", "none")
-    return LEGACY_DISTILL.get(legacy, legacy)
-
-
-def _lr(run, kind: str) -> float:
-    """A trained cell's learning rate (its tag; before the tag, its `lr` parameter); nan for the others."""
-    if kind != "trained":
-        return math.nan
-    value = run.data.tags.get("cell_lr") or run.data.params.get("lr")
-    return float(value) if value else math.nan
+RUN_COLUMNS = COLUMNS + MEASURES  # a cell's place on every axis, then what it measured
 
 
 def _row(run) -> dict:
-    """The run's numbers; `acc:<task>` for every zero-shot task it ran."""
-    tags, metrics = run.data.tags, run.data.metrics
-    kind = LEGACY_KIND.get(tags["cell_kind"], tags["cell_kind"])
-    if kind == "dense":
+    """The run's place on every axis and its numbers; `acc:<task>` for every zero-shot task it ran."""
+    values = {axis.name: axis.read(run) for axis in AXES}
+    metrics = run.data.metrics
+    if values["kind"] == "dense":
+        values["method"] = BASELINE
         sparsity, ppl = 0.0, metrics["perplexity"]
-    elif kind == "trained":
+    elif values["kind"] == "trained":
         sparsity, ppl = metrics["final_sparsity"], metrics["final_perplexity"]
     else:
         sparsity, ppl = metrics["sparsity"], metrics["perplexity"]
-    seed = tags.get("cell_seed", "")
-    method = BASELINE if kind == "dense" else tags["cell_method"]
     return {
-        "method": method,
-        "kind": kind,
-        "distill": _distill(tags),
-        "train_params": tags.get("cell_train_params", "all"),  # runs made before the tag trained everything
-        "lr": _lr(run, kind),
-        "target_sparsity": float(tags["cell_target"]),
-        "pattern": tags.get("cell_pattern", "unstructured"),
-        "seed": int(seed) if seed else None,
+        **values,
         "sparsity": sparsity,
         "perplexity": ppl,
         "val_perplexity": metrics.get("final_val_perplexity", math.nan),
@@ -84,18 +52,9 @@ def _row(run) -> dict:
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
-    keys = table.assign(
-        _kind=table["kind"].map(KINDS.index),
-        _method=table["method"].map(lambda m: METHODS[m].order if m in METHODS else 99),
-        _pattern=table["pattern"] != "unstructured",
-        _distill=table["distill"].map(lambda d: DISTILL_MODES.index(d) if d in DISTILL_MODES else 9),
-        _trains=table["train_params"].map(lambda t: TRAIN_PARAMS.index(t) if t in TRAIN_PARAMS else 9),
-    )
-    by = ["_pattern", "target_sparsity", "pattern", "_kind", "_distill", "_trains", "_method", "lr"] + (
-        ["seed"] if "seed" in table else []
-    )
-    helpers = ["_kind", "_method", "_pattern", "_distill", "_trains"]
-    return keys.sort_values(by).drop(columns=helpers).reset_index(drop=True)
+    """The report's order: by each axis in its rank (pattern, target, kind, recovery, method, lr, seed)."""
+    by, helpers = sort_keys(table)
+    return table.assign(**helpers).sort_values(by).drop(columns=list(helpers)).reset_index(drop=True)
 
 
 def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
@@ -110,10 +69,6 @@ def task_columns(table: pd.DataFrame) -> list:
     return [column for column in table.columns if column.startswith("acc:")]
 
 
-# a table row: a cell over its seeds and lrs
-CELL = ["method", "kind", "target_sparsity", "pattern", "distill", "train_params"]
-
-
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per method, target and learning rate: perplexity (test and validation) mean, std over seeds
     (nan for one run) and n; the budget; the mean wall time; the change against the dense model's
@@ -122,7 +77,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         return runs.assign(perplexity_std=[], n=[], vs_dense_pct=[], selected=[])
     # an untrained cell has no lr: a key groupby keeps (nan would drop it)
     runs = runs.assign(lr=runs["lr"].fillna(0.0))
-    grouped = runs.groupby([*CELL, "lr"], sort=False)
+    grouped = runs.groupby([*ROW_AXES, *SELECTION_AXES], sort=False)
     summary = grouped.agg(
         sparsity=("sparsity", "mean"),
         perplexity=("perplexity", "mean"),
@@ -152,7 +107,7 @@ def select_lrs(summary: pd.DataFrame) -> pd.DataFrame:
     summary = summary.assign(selected=True, lrs_tried=1, lr_at_edge=False)
     summary["sweep_train_tokens"] = summary["train_tokens"] * summary["n"]
     trained = summary["kind"] == "trained"
-    for _, group in summary[trained].groupby(CELL, sort=False):
+    for _, group in summary[trained].groupby(ROW_AXES, sort=False):
         rates = sorted(group["lr"].dropna())
         summary.loc[group.index, "lrs_tried"] = len(rates)
         summary.loc[group.index, "sweep_train_tokens"] = float((group["train_tokens"] * group["n"]).sum())

@@ -180,14 +180,23 @@ def mask_seconds_per_step(model, linears: dict, batch: torch.Tensor, repeats: in
     return seconds
 
 
-def bench_training(model, blocks, config: BenchConfig, device) -> dict:
-    linears = prunable_linears(model)
-    magnitude_prune_layerwise(linears, 0.5)
+def alternated(variants: dict, repeats: int) -> dict:
+    """Seconds of each variant over `repeats` rounds, the variants alternated within each round so that drifting
+    machine load hits every variant alike; the first variant runs once before, to warm up the allocator, the
+    kernels and the optimizer state's first touch."""
+    next(iter(variants.values()))()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            times[name].append(run())
+    return times
+
+
+def training_step_times(model, linears: dict, subset, config: BenchConfig, teacher) -> dict:
+    """Seconds per step of each training variant (masked, unmasked, the bare loop, with each teacher) from one
+    starting state, alternated over the repeats."""
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     train_config = TrainConfig(lr=1e-5, batch_size=config.batch_size, max_steps=config.steps, log_every=config.steps)
-    subset = blocks[: config.batch_size * config.steps]
-
-    teacher = copy.deepcopy(model)
 
     def ours(masked: bool, distill: str = "none") -> float:
         model.load_state_dict(initial)
@@ -205,14 +214,17 @@ def bench_training(model, blocks, config: BenchConfig, device) -> dict:
         model.load_state_dict(initial)
         return _timed(lambda: bare_training_loop(model, subset, config.batch_size, config.steps, 1e-5)) / config.steps
 
-    ours(True)  # warm-up: allocator, kernels, first-touch of optimizer state
-    times = {"masked": [], "unmasked": [], "bare": [], "logits": [], "squarehead": []}
-    for _ in range(config.repeats):  # alternated, so drifting machine load hits every variant alike
-        times["masked"].append(ours(True))
-        times["unmasked"].append(ours(False))
-        times["bare"].append(bare())
-        times["logits"].append(ours(True, "logits"))
-        times["squarehead"].append(ours(True, "squarehead"))
+    variants = {"masked": lambda: ours(True), "unmasked": lambda: ours(False), "bare": bare}
+    variants.update({loss: lambda loss=loss: ours(True, loss) for loss in ("logits", "squarehead")})
+    return alternated(variants, config.repeats)
+
+
+def bench_training(model, blocks, config: BenchConfig, device) -> dict:
+    linears = prunable_linears(model)
+    magnitude_prune_layerwise(linears, 0.5)
+    subset = blocks[: config.batch_size * config.steps]
+    teacher = copy.deepcopy(model)
+    times = training_step_times(model, linears, subset, config, teacher)
     step = {k: statistics.median(v) for k, v in times.items()}
     paired = {}
     for key, numerator, denominator in PAIRED_RATIOS:
@@ -295,7 +307,7 @@ def sparsegpt_at_depth(model_config: dict, layers: int, samples: int, seqlen: in
 
 def llama_shape_of(config) -> dict:
     """A Llama of the bench model's width: GQA (half the heads for k and v) and a SwiGLU MLP of 8/3 the width,
-    the shape of the families that prune most today (Llama, Mistral, Qwen)."""
+    the shape of the Llama, Mistral and Qwen families."""
     h, heads = config.hidden_size, config.num_attention_heads
     return LlamaConfig(
         hidden_size=h,
@@ -521,36 +533,9 @@ def verdicts(results: dict) -> list:
     return rows
 
 
-def format_table(results: dict) -> str:
-    lines = [
-        f"bench on {results['model']}, {results['device']} {results['dtype']}, batch {results['batch_size']} x "
-        f"{results['seqlen']} tokens{' (quick)' if results['quick'] else ''}",
-        f"machine: {describe_machine(results['machine'])}",
-        f"| {'measure':<46} | {'value':>9} | {'spread':>15} | {'target':>8} | met |",
-        f"|{'-' * 48}|{'-' * 11}|{'-' * 17}|{'-' * 10}|-----|",
-    ]
-    for row in verdicts(results):
-        spread = results.get(f"{row['key']}_spread")
-        spread = f"{spread[0]:.4f}-{spread[1]:.4f}" if spread else ""
-        lines.append(
-            f"| {row['measure']:<46} | {row['value']:>9.4f} | {spread:>15} | {row['target']:>8} "
-            f"| {'yes' if row['met'] else 'NO':<3} |"
-        )
-    lines.append(
-        f"b, g: medians of the ratios within {results['repeats']} alternated repeats (spread: lowest-highest); "
-        f"g's floor, the teacher's forward alone ({results['teacher_forward_seconds']:.3f} s): "
-        f"{results['distill_step_ratio_floor']:.4f}"
-    )
-    lines.append(
-        f"training: {results['step_seconds_masked']:.3f} s/step masked, {results['train_tokens_per_second']:.0f} "
-        f"tokens/s, {results['train_flops_per_second'] / 1e9:.1f} GFLOP/s = "
-        f"{results['train_flops_share_of_peak']:.1%} of the {results['matmul_peak_flops_per_second'] / 1e9:.1f} "
-        "GFLOP/s matmul peak"
-    )
-    lines.append(
-        f"evaluation: {results['eval_tokens_per_second']:.0f} vs {results['eval_tokens_per_second_one_window']:.0f} "
-        f"tokens/s; perplexity {results['eval_perplexity']:.4f} vs {results['eval_perplexity_one_window']:.4f}"
-    )
+def sparsegpt_and_imp_lines(results: dict) -> list:
+    """The table's notes on SparseGPT (per phase, per shape, against its arithmetic) and on the IMP iterations."""
+    lines = []
     for layers, row in results["sparsegpt"].items():
         phases = ", ".join(f"{k} {v:.3f}" for k, v in row["seconds_per_layer"].items())
         lines.append(
@@ -583,4 +568,38 @@ def format_table(results: dict) -> str:
         )
         + f"; the two evaluations' share {results['imp_eval_share']:.1%}"
     )
+    return lines
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"bench on {results['model']}, {results['device']} {results['dtype']}, batch {results['batch_size']} x "
+        f"{results['seqlen']} tokens{' (quick)' if results['quick'] else ''}",
+        f"machine: {describe_machine(results['machine'])}",
+        f"| {'measure':<46} | {'value':>9} | {'spread':>15} | {'target':>8} | met |",
+        f"|{'-' * 48}|{'-' * 11}|{'-' * 17}|{'-' * 10}|-----|",
+    ]
+    for row in verdicts(results):
+        spread = results.get(f"{row['key']}_spread")
+        spread = f"{spread[0]:.4f}-{spread[1]:.4f}" if spread else ""
+        lines.append(
+            f"| {row['measure']:<46} | {row['value']:>9.4f} | {spread:>15} | {row['target']:>8} "
+            f"| {'yes' if row['met'] else 'NO':<3} |"
+        )
+    lines.append(
+        f"b, g: medians of the ratios within {results['repeats']} alternated repeats (spread: lowest-highest); "
+        f"g's floor, the teacher's forward alone ({results['teacher_forward_seconds']:.3f} s): "
+        f"{results['distill_step_ratio_floor']:.4f}"
+    )
+    lines.append(
+        f"training: {results['step_seconds_masked']:.3f} s/step masked, {results['train_tokens_per_second']:.0f} "
+        f"tokens/s, {results['train_flops_per_second'] / 1e9:.1f} GFLOP/s = "
+        f"{results['train_flops_share_of_peak']:.1%} of the {results['matmul_peak_flops_per_second'] / 1e9:.1f} "
+        "GFLOP/s matmul peak"
+    )
+    lines.append(
+        f"evaluation: {results['eval_tokens_per_second']:.0f} vs {results['eval_tokens_per_second_one_window']:.0f} "
+        f"tokens/s; perplexity {results['eval_perplexity']:.4f} vs {results['eval_perplexity_one_window']:.4f}"
+    )
+    lines += sparsegpt_and_imp_lines(results)
     return "\n".join(lines)

@@ -363,79 +363,92 @@ def measure_training_peak(
     return sampler.stop() - before
 
 
+PUBLISHED_HEADER = [
+    "| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
+    "| same, --train-params norms-biases / lora (r 8), one GPU "
+    "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
+    "| + teacher for --distill logits / squarehead (fp32 weights, one sequence) "
+    "| SparseGPT device peak (fp16, 128 x 2048) |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+# (width, gradient checkpointing, family, --distill, --train-params) of the small models measured against the formula
+MEASURED_SHAPES = (
+    (128, False, "opt", "none", "all"),
+    (256, False, "opt", "none", "all"),
+    (512, False, "opt", "none", "all"),
+    (512, True, "opt", "none", "all"),
+    (256, False, "opt", "logits", "all"),
+    (256, False, "llama", "none", "all"),
+    (512, False, "llama", "none", "all"),
+    (512, False, "llama", "squarehead", "all"),
+    (512, False, "opt", "none", "norms-biases"),
+    (512, False, "opt", "none", "lora"),
+    (512, False, "llama", "none", "norms-biases"),
+    (512, False, "llama", "none", "lora"),
+)
+
+
+def published_row(name: str, config) -> str:
+    """One published size's row of the formula's table."""
+    fp32 = training_bytes(config, 1, 2048, 4, 2)
+    checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
+
+    def efficient(mode: str) -> int:  # weights, trained states, masks, lora's effective weights
+        parts = training_bytes(config, 1, 2048, 4, 2, train_params=mode)
+        return parts["states"] + parts["masks"] + parts["effective weights"]
+
+    return (
+        f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
+        f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
+        f" | {efficient('norms-biases') / GIB:.1f} / {efficient('lora') / GIB:.1f} GiB"
+        f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
+        f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
+        f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} / "
+        f"{teacher_bytes(config, 1, 2048, 4, 2, features=True) / GIB:.2f} GiB"
+        f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |"
+    )
+
+
+def small_config(family: str, hidden: int):
+    """A 2-layer model of the family at this width, 4096 words, 256 positions."""
+    if family == "opt":
+        return opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256)
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        intermediate_size=8 * hidden // 3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        max_position_embeddings=256,
+    )
+
+
+def measured_row(hidden: int, checkpointing: bool, family: str, distill: str, mode: str) -> str:
+    """The formula against the peak memory of training a small model in a fresh process."""
+    config = small_config(family, hidden)
+    predicted = training_bytes(config, 4, 256, 4, 4, checkpointing, mode)["total"]
+    if distill != "none":
+        predicted += teacher_bytes(config, 4, 256, 4, 4, features=distill == "squarehead", device="cpu")
+    with measuring_pool() as pool:
+        measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing, distill, mode))
+    label = (
+        f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
+        f"{f', --distill {distill}' if distill != 'none' else ''}"
+        f"{f', --train-params {mode}' if mode != 'all' else ''}"
+    )
+    return f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |"
+
+
 def memory_table(measure: bool = True) -> str:
-    """The README's memory table: the formula for published sizes, and formula vs measurement on small widths."""
-    lines = [
-        "| model | params | weights+grads+AdamW+masks, fp32 | same, FSDP over 8 GPUs, per GPU "
-        "| same, --train-params norms-biases / lora (r 8), one GPU "
-        "| activations + logits per 2048-token sequence, bf16 | same, gradient checkpointing "
-        "| + teacher for --distill logits / squarehead (fp32 weights, one sequence) "
-        "| SparseGPT device peak (fp16, 128 x 2048) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, config in published_configs().items():
-        fp32 = training_bytes(config, 1, 2048, 4, 2)
-
-        def efficient(mode: str, config=config) -> int:  # weights, trained states, masks, lora's effective weights
-            parts = training_bytes(config, 1, 2048, 4, 2, train_params=mode)
-            return parts["states"] + parts["masks"] + parts["effective weights"]
-
-        checkpointed = training_bytes(config, 1, 2048, 4, 2, gradient_checkpointing=True)
-        lines.append(
-            f"| {name} | {parameter_counts(config)[0] / 1e6:.0f} M | {(fp32['states'] + fp32['masks']) / GIB:.1f} GiB"
-            f" | {fsdp_state_bytes(config, 8, 4) / GIB:.1f} GiB"
-            f" | {efficient('norms-biases') / GIB:.1f} / {efficient('lora') / GIB:.1f} GiB"
-            f" | {(fp32['activations'] + fp32['logits']) / GIB:.2f} GiB"
-            f" | {(checkpointed['activations'] + checkpointed['logits']) / GIB:.2f} GiB"
-            f" | {teacher_bytes(config, 1, 2048, 4, 2) / GIB:.2f} / "
-            f"{teacher_bytes(config, 1, 2048, 4, 2, features=True) / GIB:.2f} GiB"
-            f" | {sparsegpt_device_bytes(config, 128, 2048, 2) / GIB:.2f} GiB |"
-        )
-    if not measure:
-        return "\n".join(lines)
-    lines += [
-        "",
-        "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
-        "|---|---|---|---|",
-    ]
-    for hidden, checkpointing, family, distill, mode in (
-        (128, False, "opt", "none", "all"),
-        (256, False, "opt", "none", "all"),
-        (512, False, "opt", "none", "all"),
-        (512, True, "opt", "none", "all"),
-        (256, False, "opt", "logits", "all"),
-        (256, False, "llama", "none", "all"),
-        (512, False, "llama", "none", "all"),
-        (512, False, "llama", "squarehead", "all"),
-        (512, False, "opt", "none", "norms-biases"),
-        (512, False, "opt", "none", "lora"),
-        (512, False, "llama", "none", "norms-biases"),
-        (512, False, "llama", "none", "lora"),
-    ):
-        config = (
-            opt_config(hidden, 2, 4 * hidden, 4, vocab=4096, positions=256)
-            if family == "opt"
-            else LlamaConfig(
-                hidden_size=hidden,
-                num_hidden_layers=2,
-                intermediate_size=8 * hidden // 3,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=4096,
-                max_position_embeddings=256,
-            )
-        )
-        predicted = training_bytes(config, 4, 256, 4, 4, checkpointing, mode)["total"]
-        if distill != "none":
-            predicted += teacher_bytes(config, 4, 256, 4, 4, features=distill == "squarehead", device="cpu")
-        with measuring_pool() as pool:
-            measured = pool.apply(measure_training_peak, (config.to_dict(), 4, 256, checkpointing, distill, mode))
-        label = (
-            f"{family} {hidden} x 2{', checkpointing' if checkpointing else ''}"
-            f"{f', --distill {distill}' if distill != 'none' else ''}"
-            f"{f', --train-params {mode}' if mode != 'all' else ''}"
-        )
-        lines.append(
-            f"| {label} | {predicted / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {measured / predicted:.2f} |"
-        )
+    """The memory tables (docs/scale.md): the formula for published sizes, and formula vs measurement on small
+    widths."""
+    lines = PUBLISHED_HEADER + [published_row(name, config) for name, config in published_configs().items()]
+    if measure:
+        lines += [
+            "",
+            "| width x layers, batch 4 x 256, float32 on CPU | formula | measured peak RSS | measured / formula |",
+            "|---|---|---|---|",
+            *[measured_row(*shape) for shape in MEASURED_SHAPES],
+        ]
     return "\n".join(lines)
