@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .architecture import norm_modules
+from .architecture import matrix_of, norm_modules
+from .errors import ConfigError, option
 
 
 class MaskedLoRA(nn.Module):
@@ -47,6 +48,26 @@ class MaskedLoRA(nn.Module):
 def lora_targets(linears: dict, targets: str | None) -> dict:
     """The prunable matrices that get an adapter: all, or those whose name the regex `targets` matches."""
     return {name: m for name, m in linears.items() if not targets or re.search(targets, name)}
+
+
+def check_lora(linears: dict, rank: int, targets: str | None) -> None:
+    """Refuses, before any work, a `--lora-targets` that matches none of the prunable matrices (naming what
+    they are called) and a `--lora-rank` that is no low-rank update of some target (at least its smaller
+    side; naming the largest rank every target takes)."""
+    chosen = lora_targets(linears, targets)
+    if not chosen:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        example = next(iter(linears), "")
+        raise ConfigError(
+            f"{option('lora_targets')} '{targets}' matches none of the prunable matrices: they are named like "
+            f"{example} (kinds: {', '.join(kinds)}); give a regex of those, e.g. {'|'.join(kinds[:2])}"
+        )
+    name, smallest = min(((n, min(matrix_of(m).shape)) for n, m in chosen.items()), key=lambda item: item[1])
+    if rank >= smallest:
+        raise ConfigError(
+            f"{option('lora_rank')} {rank} is no low-rank update of {name}, whose smaller side is {smallest}: "
+            f"give at most {smallest - 1} (or narrow {option('lora_targets')})"
+        )
 
 
 def attach_lora(linears: dict, rank: int, alpha: float, targets: str | None = None) -> list:

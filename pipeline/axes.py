@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .config import DISTILL_MODES, TRAIN_PARAMS
+from .config import DISTILL_MODES, LORA_SETTINGS, TRAIN_PARAMS
 from .methods import KINDS, METHODS
 from .settings import get_path
 
@@ -61,6 +61,13 @@ def _scaled_lr(cell_config, lr: float, grid_config):
     final_lr = None if final_lr is None else final_lr * lr / grid_config.train.lr
     schedule = replace(cell_config.schedule, final_lr=final_lr)
     return replace(cell_config, schedule=schedule, train=replace(cell_config.train, lr=lr))
+
+
+def _trained_parameters(cell_config, mode: str, grid_config):
+    """Only a cell that trains adapters reads LoRA's settings, the grid's; elsewhere they keep their defaults,
+    so they are no part of the identity of a cell that does not read them."""
+    lora = {name: getattr(grid_config.train, name) for name in LORA_SETTINGS} if mode == "lora" else {}
+    return replace(cell_config, train=replace(cell_config.train, train_params=mode, **lora))
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ AXES = (
         plain="all",
         style=lambda trains: {"fillstyle": {"all": "full", "norms-biases": "none", "lora": "left"}.get(trains, "full")},
         setting="train_params",
-        applies="train.train_params",
+        applies=_trained_parameters,
     ),
     Axis(
         "lr",

@@ -70,9 +70,20 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(
-    directory: Path, *, model_state: dict, masks: dict, iteration: int, history: list, config: dict, run_id: str | None
+    directory: Path,
+    *,
+    model_state: dict,
+    masks: dict,
+    iteration: int,
+    history: list,
+    config: dict,
+    run_id: str | None,
+    tracking_uri: str | None = None,
 ) -> Path:
+    """`run_id` is the MLflow run the checkpoint continues, `tracking_uri` the store that holds it: a resume
+    against another store is refused, never continued into a run that store lacks."""
     payload = {
+        "tracking_uri": tracking_uri,
         "format": FORMAT_VERSION,
         "iteration": iteration,
         "history": history,

@@ -110,7 +110,13 @@ COMMANDS = (
         "Replay tracking calls a run kept locally while the MLflow server was unreachable.",
     ),
 )
-NONE_WORDS = ("", "none", "None", "null")  # how an MLproject parameter says "not set"
+NONE_WORDS = ("none", "None", "null")  # how an MLproject parameter says "not set"
+
+
+def _refuse_empty(kind: click.ParamType, value: str, param, ctx) -> None:
+    """An empty value is a mistake (a variable that expanded to nothing), not a way to say "the default"."""
+    if not value.strip():
+        kind.fail(f"'{value}' is empty: give a value, or leave the flag out for its default", param, ctx)
 
 
 def flag(key: str) -> str:
@@ -128,6 +134,7 @@ class Number(click.ParamType):
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return value
+        _refuse_empty(self, value, param, ctx)
         if self.optional and value.strip() in NONE_WORDS:
             return None
         if self.base is int and re.fullmatch(r"[+-]?\d+", value.strip()):
@@ -147,6 +154,8 @@ class OptionalText(click.ParamType):
     name = "text"
 
     def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            _refuse_empty(self, value, param, ctx)
         return None if isinstance(value, str) and value.strip() in NONE_WORDS else value
 
 
@@ -159,6 +168,10 @@ class CommaList(click.ParamType):
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
             return list(value)
+        if value.strip() and not value.replace(",", "").strip():
+            self.fail(
+                f"'{value}' holds no values: give them comma-separated, e.g. {param.default or 'a,b'}", param, ctx
+            )
         try:
             return [self.item(part.strip()) for part in value.split(",") if part.strip()]
         except ValueError:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import quote
 
 from .errors import ConfigError, option
 from .methods import CRITERION_NAMES, DEFAULT_GRID, GRID_METHODS, METHODS, Criterion, criterion
-from .settings import Settings, group, setting
+from .settings import Settings, default_of, group, setting
 
 EMBEDDED_MODEL = "opt-tiny"
 EMBEDDED_MODELS = ("opt-tiny", "llama-tiny")  # shipped in pipeline/assets: everything runs offline
@@ -37,6 +38,7 @@ REWIND_HELP = (
 )
 PRETRAIN_ARCHES = ("opt", "llama")
 DEFAULT_EXPERIMENT = "llm-pruning"
+REPORTS = Path("reports")  # where each experiment's report folder goes by default
 # A seed seeds torch's 64-bit generators, offset by the iteration and the epoch: every value in this range
 # is used exactly, and none two seeds share a draw.
 SEED_RANGE = {"at_least": 0, "at_most": 2**63 - 1, "hint": "give a whole number from 0 to 2^63 - 1"}
@@ -125,9 +127,17 @@ def default_train_seqlen(config):
     return config.data.seqlen
 
 
+def folder_name(name: str) -> str:
+    """One folder name for any experiment name, and another for every other name: `%`-encoded, as in a URL,
+    except letters, digits, `-_.~` and spaces, so `opt-tiny-tuned` stays as it is while `a/../b` is
+    `a%2F..%2Fb` and `..` is `%2E.`: never a path of several parts, never outside its parent."""
+    encoded = quote(name, safe=" ")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
 def default_report_dir(config, experiment_name: str) -> Path:
-    """reports/<experiment>"""
-    return Path("reports") / experiment_name
+    """reports/<experiment>, the name %-encoded where it is not a plain folder name"""
+    return REPORTS / folder_name(experiment_name)
 
 
 def default_pretrained_dir(config) -> Path:
@@ -195,6 +205,10 @@ class TrackingConfig(Settings):
         "monitor: psutil, and nvidia-ml-py on CUDA)",
         negatable=True,
     )
+
+    def check(self) -> None:
+        if self.experiment is not None and not self.experiment.strip():
+            raise ConfigError(f"{option('experiment')} is empty: give a name, or leave it out for {DEFAULT_EXPERIMENT}")
 
 
 @dataclass
@@ -455,6 +469,35 @@ class TasksConfig(Settings):
 # --- one config per command ----------------------------------------------------------------------
 
 
+def changed(settings: Settings, names: tuple | None = None) -> list[str]:
+    """The settings of `settings` (all its own, or `names`) whose value is not their declared default."""
+    own = [f.name for f in fields(settings) if "check" in f.metadata and (names is None or f.name in names)]
+    return [name for name in own if getattr(settings, name) != default_of(type(settings), name)]
+
+
+def refuse_ignored(names: list, owner: str, reason: str) -> None:
+    """Settings given where nothing reads them are refused, naming each, whose they are and why they go unread."""
+    if names:
+        given = ", ".join(option(name) for name in names)
+        raise ConfigError(f"{given} {'is' if len(names) == 1 else 'are'} {owner}, and {reason}: leave {given} out")
+
+
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def refuse_unused_owl(prune: PruneConfig, used: bool) -> None:
+    """OWL's settings where nothing prunes with OWL's layer sparsities."""
+    if not used:
+        refuse_ignored(changed(prune.owl), "OWL's", f"nothing here prunes with {option('sparsity_profile')} owl")
+
+
+def refuse_unused_lora(train: TrainConfig, used: bool) -> None:
+    """LoRA's settings where nothing trains adapters."""
+    if not used:
+        reason = f"nothing here trains with {option('train_params')} lora"
+        refuse_ignored(changed(train, LORA_SETTINGS), "LoRA's", reason)
+
+
 def refuse_float16_training(model: ModelConfig) -> None:
     if model.dtype == "float16":
         raise ConfigError(
@@ -494,6 +537,9 @@ class PruneRunConfig(RunConfig):
     saved_model: SavedModelConfig = group(SavedModelConfig)
     output_dir: str | None = setting(None, "where the pruned model goes", rule=default_pruned_dir)
 
+    def check(self) -> None:
+        refuse_unused_owl(self.prune, self.prune.uses_owl)
+
 
 @dataclass
 class TrainRunConfig(RunConfig):
@@ -509,6 +555,7 @@ class TrainRunConfig(RunConfig):
 
     def check(self) -> None:
         refuse_float16_training(self.model)
+        refuse_unused_lora(self.train, self.train.train_params == "lora")
         if self.teacher and self.train.distill == "none":
             raise ConfigError(
                 f"{option('teacher')} is what {option('distill')} learns from, and {option('distill')} "
@@ -551,6 +598,8 @@ class IterativeConfig(RunConfig):
 
     def check(self) -> None:
         refuse_float16_training(self.model)
+        refuse_unused_owl(self.prune, self.prune.uses_owl)
+        refuse_unused_lora(self.train, self.train.train_params == "lora")
         if not re.fullmatch(r"none|dense|iteration:\d+", self.rewind):
             raise ConfigError(
                 f"{option('rewind')} '{self.rewind}' is not none, dense or iteration:K (e.g. iteration:1)"
@@ -782,6 +831,8 @@ class CompareConfig(RunConfig):
         trained = [name for name in self.grid.methods if METHODS[name].kind == "trained"]
         if trained:
             refuse_float16_training(self.model)
+        refuse_unused_owl(self.prune, any(METHODS[name].profile == "owl" for name in self.grid.methods))
+        refuse_unused_lora(self.train, bool(trained) and "lora" in self.grid.train_params)
         if not trained and self.grid.lrs:
             raise ConfigError(
                 f"{option('lrs')} {','.join(f'{lr:g}' for lr in self.grid.lrs)} are the trained cells' learning "

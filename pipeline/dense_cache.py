@@ -1,4 +1,5 @@
-"""Dense perplexity, remembered per (model, dataset, split, seqlen, dtype) so a pruning grid computes it once."""
+"""Dense perplexity, remembered per (model, dataset, split, seqlen, dtype) and tracking store experiment, so a
+pruning grid computes it once; another store's experiment computes its own."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def model_identity(source: str) -> str:
     return f"{path.resolve()}|{'|'.join(stamps)}"
 
 
-def dense_key(source: str, corpus_digest: str, split: str, seqlen: int, dtype: str) -> str:
-    raw = "\0".join([model_identity(source), corpus_digest, split, str(seqlen), dtype])
+def dense_key(source: str, corpus_digest: str, split: str, seqlen: int, dtype: str, scope: str = "") -> str:
+    """`scope`: the store's experiment the value is cached for (tracking.store.experiment_identity)."""
+    raw = "\0".join([model_identity(source), corpus_digest, split, str(seqlen), dtype, scope])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -53,11 +55,10 @@ def remember_dense_perplexity(key: str, value: float) -> None:
     os.replace(tmp, _path())
 
 
-def dense_perplexity(work: Workload, split: str) -> tuple[float, bool]:
-    """(the unpruned model's perplexity, whether it came from the cache): call before pruning."""
-    key = dense_key(
-        resolve_model_source(work.model_config.model), work.corpus.digest, split, work.seqlen, work.model_config.dtype
-    )
+def dense_perplexity(work: Workload, split: str, scope: str = "") -> tuple[float, bool]:
+    """(the unpruned model's perplexity, whether it came from the cache of `scope`): call before pruning."""
+    model = resolve_model_source(work.model_config.model)
+    key = dense_key(model, work.corpus.digest, split, work.seqlen, work.model_config.dtype, scope)
     cached = from_main(cached_dense_perplexity(key) if is_main_process() else None)  # every process evaluates, or none
     if cached is not None:
         return cached, True

@@ -36,6 +36,19 @@ class UserError(Exception):
         return spell(self.template)
 
 
+class Continuable(UserError):
+    """A fault after which the completed work is kept: the message says what happened, and `hint` how to
+    continue, in the words of the command that was run (the outermost job sets it on the way out)."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+    @property
+    def template(self) -> str:
+        return self.args[0] + (f": {self.hint}" if self.hint else "")
+
+
 class ConfigError(UserError, ValueError):
     """A setting's value is wrong (or settings contradict each other)."""
 

@@ -23,9 +23,17 @@ import json
 from dataclasses import dataclass, replace
 
 from .axes import AXES, RECOVERY_AXES, SELECTION, display_name
-from .config import CompareConfig, EvaluateConfig, IterativeConfig, PruneRunConfig, parse_pattern
+from .config import (
+    LORA_SETTINGS,
+    CompareConfig,
+    EvaluateConfig,
+    IterativeConfig,
+    PruneRunConfig,
+    TrainConfig,
+    parse_pattern,
+)
 from .methods import BASELINE, KINDS, METHODS
-from .settings import flat_values
+from .settings import default_of, flat_values
 
 # Settings that change where or how a cell runs, not its result.
 NOT_IDENTITY = {
@@ -99,7 +107,8 @@ def trained_cell_config(
         tasks=config.tasks,
         eval_tasks_every=0,  # the cell's accuracy is its final model's
         schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
-        train=replace(config.train, seed=seed),
+        # LoRA's settings at their defaults: the recovery axes set what each cell reads
+        train=replace(config.train, seed=seed, **{name: default_of(TrainConfig, name) for name in LORA_SETTINGS}),
         prune=replace(config.prune, method=prune_method, seed=seed, sparsity_profile=entry.profile),
         validate=True,
     )

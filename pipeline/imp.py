@@ -27,13 +27,14 @@ from torch import nn
 from .checkpoint import atomic_torch_save, restore_rng_state, save_checkpoint
 from .config import IterativeConfig, ScheduleConfig, TrainConfig
 from .distributed import is_main_process, sync_from_main
-from .errors import UserError, option
+from .errors import Continuable, UserError
 from .pruning import prune_model
 from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of, sparsity_report
 from .pruning.owl import layer_sparsity_metrics
 from .schedules import learning_rate_for, sparsity_schedule
 from .settings import flat_values
 from .shared_pruning import prune_starting_model
+from .tracking.store import tracking_uri
 from .training import NonFiniteLoss, TrainResult, steps_per_epoch, train_keeping_masks
 from .workload import Inputs, load_workload
 from .zeroshot import log_tasks
@@ -292,10 +293,9 @@ class ImpRun:
                 on_log=self.step_logger(k),
             )
         except NonFiniteLoss as fault:
-            raise UserError(
+            raise Continuable(
                 f"iteration {k} stopped: the training loss became {fault.loss} at step {fault.step} "
-                f"(lr {self.lr(k):g}); the checkpoint of iteration {k - 1} in {self.out} is intact: "
-                f"lower {option('lr')} (resuming may change it) and rerun with {option('resume')}"
+                f"(lr {self.lr(k):g}); the checkpoint of iteration {k - 1} in {self.out} is intact"
             ) from None
 
     def checkpoint(self, on_iteration: Callable[[dict], None] | None = None) -> None:
@@ -313,6 +313,7 @@ class ImpRun:
                 history=self.history,
                 config=flat_values(self.config),
                 run_id=self.tracker.run_id,
+                tracking_uri=tracking_uri(),
             )
         log_iteration(self.tracker, entry)
         if self.tasks_due(k):

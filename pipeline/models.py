@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -253,13 +254,33 @@ def verify_saved_model(model: nn.Module, directory: Path) -> None:
     missing = [k for k, tensor in state.items() if k not in saved and tensor.data_ptr() not in kept]
     if not saved or wrong or missing:
         raise UserError(
-            f"the model saved to {directory} does not read back ({'no weights' if not saved else ''}"
-            f"{'wrong shapes: ' + ', '.join(wrong[:3]) if wrong else ''}"
-            f"{' missing: ' + ', '.join(missing[:3]) if missing else ''}); it is not usable"
+            f"the files do not read back as the {model.config.model_type} model in memory ("
+            + "; ".join(
+                part
+                for part in (
+                    "no weights" if not saved else "",
+                    f"{len(wrong)} tensors it does not hold as saved, e.g. {', '.join(wrong[:2])}" if wrong else "",
+                    f"{len(missing)} of its tensors not saved, e.g. {', '.join(missing[:2])}" if missing else "",
+                )
+                if part
+            )
+            + "): transformers writes this model type in a layout other than the one it holds in memory, which "
+            "this tool cannot check"
         )
 
 
 MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")  # a save's weight files
+
+
+def _save_failure(error: Exception) -> str:
+    """What failed in a save, and what to do: space only where space ran out."""
+    cause = os_error_behind(error)
+    if isinstance(error, UserError):  # written, but not readable as the model
+        return f"{error}; what the directory held before is intact"
+    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{cause.strerror}; what the directory held before is intact: free some space and run again"
+    reason = (cause.strerror or str(cause)) if cause else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return f"{reason}; what the directory held before is intact"
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
@@ -276,12 +297,7 @@ def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
         verify_saved_model(model, staging)
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
-        cause = os_error_behind(error)
-        reason = (cause.strerror or str(cause)) if cause else f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        raise UserError(
-            f"could not save the model to {directory} ({reason}); what the directory held before is intact: free "
-            "some space and run again"
-        ) from None
+        raise UserError(f"could not save the model to {directory}: {_save_failure(error)}") from None
     written = {file.name for file in staging.iterdir()}
     for pattern in MODEL_FILES:  # the previous save's shards that this one does not replace
         for old in directory.glob(pattern):

@@ -299,6 +299,11 @@ def build(cls, values: dict):
     return _assemble(cls, (), {leaves[key].path: value for key, value in values.items()}, {}, {})
 
 
+def default_of(cls, name: str):
+    """The declared default of setting `name` of config class `cls`."""
+    return _field_default(next(f for f in fields(cls) if f.name == name))
+
+
 def get_path(config, path: tuple):
     for name in path:
         config = getattr(config, name)

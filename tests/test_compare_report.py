@@ -204,6 +204,7 @@ def test_trained_cells_have_exactly_one_budget(finished_grid):
 def test_ft_models_keep_the_one_shot_mask_exactly(finished_grid):
     from loading import load_model_and_tokenizer
 
+    from pipeline.jobs.cell import cell_directory
     from pipeline.pruning.masks import model_masks, prunable_linears
 
     settings, runs, root = finished_grid
@@ -211,10 +212,10 @@ def test_ft_models_keep_the_one_shot_mask_exactly(finished_grid):
     experiment_id = MlflowClient().get_run(runs["run_id"].iloc[0]).info.experiment_id
     for method in ("magnitude", "sparsegpt"):
         one_shot, _ = load_model_and_tokenizer(
-            str(root / "pruned_models" / f"compare-e{experiment_id}-{cells[(method, 0.5)].key}")
+            str(root / cell_directory("pruned_models", cells[(method, 0.5)], experiment_id))
         )
         trained, _ = load_model_and_tokenizer(
-            str(root / "pruned_models" / f"compare-e{experiment_id}-{cells[(method + '+ft', 0.5)].key}")
+            str(root / cell_directory("pruned_models", cells[(method + "+ft", 0.5)], experiment_id))
         )
         before, after = model_masks(prunable_linears(one_shot)), model_masks(prunable_linears(trained))
         assert all(torch.equal(before[name], after[name]) for name in before), method

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -70,6 +71,22 @@ def compare(tmp_path, model, corpus, *extra, experiment="grid", wait=True, **pop
     return done.stdout
 
 
+def processes_working_in(folder) -> list:
+    """The command lines of the live processes whose working directory is in `folder` (a grid's cells and its
+    local server with its workers all are)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+            status = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if status != "Z" and (cwd == folder or folder in cwd.parents):
+            found.append(command)
+    return found
+
+
 def runs(tmp_path, experiment="grid") -> pd.DataFrame:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     return mlflow.search_runs(experiment_names=[experiment])
@@ -129,6 +146,11 @@ def test_a_killed_parallel_cell_is_resumed_and_two_compares_run_each_cell_once(t
         pytest.fail(process.stdout.read())
     os.killpg(process.pid, signal.SIGKILL)  # the compare and its cells, as a node failure would
     process.wait()
+    # nothing it started outlives it: not its cells, not the local mlflow server and its workers
+    deadline = time.monotonic() + 30
+    while processes_working_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_working_in(tmp_path), processes_working_in(tmp_path)
     trained = runs(tmp_path).query("`tags.cell_kind` == 'trained'")
     assert list(trained["status"]) == ["RUNNING"]
     # two compares at once on the same grid: each cell runs once, the killed one resumed from its checkpoint

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import SavedModelConfig, TasksConfig, TrackingConfig
 from ..distributed import is_main_process
-from ..errors import sigterm_as_interrupt
+from ..errors import Continuable, sigterm_as_interrupt
 from ..models import save_model
 from ..outputs import check_writable_dir, owned_output_dir
 from ..tracking import tracked_run
@@ -52,12 +52,13 @@ def job_run(
     checks: Callable[[], object] = lambda: None,
     resume: Callable[[Path], dict | None] | None = None,
     stop_hint: str | None = None,
+    fault_hint: str | None = None,
 ):
     """Opens one job's tracked run. `output_dir` (None: the job has no directory of its own) is owned by the
     run throughout and keeps what a tracking outage could not send; `checks()` validates the inputs before
     anything opens; `resume(output_dir)` (inside the owned directory) returns the state to continue, whose
-    `run_id` is reopened; `stop_hint` is what Ctrl-C or SIGTERM tells the user (how to continue with the
-    command that was run)."""
+    `run_id` is reopened; `stop_hint` is what Ctrl-C or SIGTERM tells the user, `fault_hint` what a Continuable
+    fault (a loss gone nan) does: how to continue with the command that was run."""
     main = is_main_process()  # under a launcher every process works; one checks, owns and records
     if output_dir is not None and main:
         check_writable_dir(output_dir, output_setting)
@@ -82,6 +83,10 @@ def job_run(
     except KeyboardInterrupt as stop:
         if stop_hint:  # set on the way out, so the outermost job's, the command the user ran, is what they read
             stop.hint = stop_hint
+        raise
+    except Continuable as fault:
+        if fault_hint:  # likewise
+            fault.hint = fault_hint
         raise
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from ..checkpoint import has_checkpoint
 from ..config import EvaluateConfig, IterativeConfig, PruneRunConfig
-from ..errors import UserError
+from ..errors import ConfigError, Continuable, UserError, option
 from ..grid import Cell
 from ..outputs import Held, hold_lock
 from ..settings import build, flat_values
-from ..tracking.store import finished_cell_runs, use_tracking_store
+from ..tracking.store import experiment_identity, finished_cell_runs, use_tracking_store
 from .evaluate import run_evaluate
 from .iterative import run_iterative
 from .prune import run_prune
@@ -31,6 +31,11 @@ from .prune import run_prune
 CONFIGS = {cls.__name__: cls for cls in (EvaluateConfig, PruneRunConfig, IterativeConfig)}
 
 
+# how to go on after a cell's training diverged, in compare's words (a lower lr is another cell)
+CELL_FAULT_HINT = (
+    f"lower or leave out that learning rate ({option('lrs')}, or {option('lr')} without a sweep) and run the "
+    "compare again: finished cells are reused"
+)
 CLAIMED = 75  # a cell process's exit code when another process holds the cell (EX_TEMPFAIL)
 
 
@@ -79,9 +84,19 @@ def is_claimed(claims: Path, key: str) -> bool:
 
 
 def cell_directory(kind: str, cell: Cell, experiment_id: str) -> str:
-    """`checkpoints/` or `pruned_models/` + the cell's name: its key within its experiment (the same cell of
-    another experiment is another run, with directories of its own)."""
-    return f"{kind}/compare-e{experiment_id}-{cell.key}"
+    """`checkpoints/` or `pruned_models/` + the cell's name: its key within its store's experiment (the same
+    cell of another experiment, or of another store's experiment of the same id, is another run, with
+    directories of its own: a checkpoint of theirs is never resumed here, nor touched)."""
+    return f"{kind}/compare-{experiment_identity(experiment_id)}-{cell.key}"
+
+
+def run_trained_cell(config, tags: dict, shared_pruning: Path) -> None:
+    """The trained cell's IMP run; a diverged loss is told in compare's words, whichever process it ran in."""
+    try:
+        run_iterative(config, tags, shared_pruning)
+    except Continuable as fault:
+        fault.hint = CELL_FAULT_HINT
+        raise
 
 
 def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict | None = None) -> None:
@@ -90,7 +105,8 @@ def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict 
     model."""
     tags = {**cell.tags, "grid": grid_run_id, **(extra_tags or {})}
     model_dir = cell_directory("pruned_models", cell, experiment_id)
-    shared_pruning = Path(f"checkpoints/compare-e{experiment_id}-pruning")  # one pruning per criterion, target, seed
+    # one pruning per criterion, target and seed, shared by this experiment's cells
+    shared_pruning = Path(f"checkpoints/compare-{experiment_identity(experiment_id)}-pruning")
     if cell.kind == "dense":
         run_evaluate(cell.config, tags)
     elif cell.kind == "one-shot":
@@ -98,7 +114,7 @@ def run_cell(cell: Cell, grid_run_id: str, experiment_id: str, extra_tags: dict 
         run_prune(replace(cell.config, output_dir=model_dir, saved_model=saved), tags, shared_pruning)
     else:
         out = cell_directory("checkpoints", cell, experiment_id)
-        run_iterative(
+        run_trained_cell(
             replace(
                 cell.config,
                 saved_model=replace(cell.config.saved_model, overwrite=True),
@@ -134,11 +150,23 @@ def write_spec(spec: dict, directory: Path) -> Path:
     return path
 
 
+SPEC_FIELDS = ("cell", "corpus", "config_class", "values", "key", "grid_run_id", "experiment", "claims")
+
+
 def cell_from_spec(spec: dict) -> Cell:
+    """The cell a spec describes; a spec that is not one compare wrote, or was changed since, is a ConfigError."""
+    if not isinstance(spec, dict) or any(field not in spec for field in SPEC_FIELDS):
+        missing = [field for field in SPEC_FIELDS if not isinstance(spec, dict) or field not in spec]
+        raise ConfigError(f"is not a cell spec of compare: it lacks {', '.join(missing)}")
+    if spec["config_class"] not in CONFIGS:
+        raise ConfigError(f"names no cell job ({spec['config_class']!r}; a cell is one of {', '.join(CONFIGS)})")
     values = {**spec["values"], "experiment": spec["experiment"]}  # the grid's experiment, by name
     cell = Cell(build(CONFIGS[spec["config_class"]], values), spec["corpus"], spec["cell"])
     if cell.key != spec["key"]:
-        raise RuntimeError(f"the cell's spec rebuilds another cell ({cell.key}, not {spec['key']}): a bug")
+        raise ConfigError(
+            f"describes cell {cell.key}, not the {spec['key']} it is named for: it was changed after compare "
+            "wrote it; run the compare again to write it anew"
+        )
     return cell
 
 
@@ -181,5 +209,13 @@ def run_cell_job(spec: dict) -> str:
 
 
 def run_spec_file(path: str) -> None:
-    """What `python -m pipeline cell SPEC.json` runs."""
-    run_spec(json.loads(Path(path).read_text()))
+    """What `python -m pipeline cell SPEC.json` runs: a spec that does not read as one is one line naming it."""
+    try:
+        spec = json.loads(Path(path).read_text())
+        cell_from_spec(spec)  # checked before anything opens
+    except (ValueError, TypeError, AttributeError) as error:
+        reason = error.template if isinstance(error, ConfigError) else f"does not read as JSON ({error})"
+        if isinstance(error, (TypeError, AttributeError)):
+            reason = f"holds values no cell takes ({error})"
+        raise ConfigError(f"cell spec {path} {reason}") from None
+    run_spec(spec)

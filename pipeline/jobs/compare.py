@@ -15,19 +15,22 @@ import mlflow
 import pandas as pd
 import torch
 
-from ..config import CompareConfig
+from ..adapters import check_lora
+from ..config import REPORTS, CompareConfig
 from ..data import load_corpus
 from ..distributed import from_main, is_main_process, num_processes
 from ..errors import ConfigError, UserError, option
 from ..grid import plan_cells, shard_of
 from ..local_server import LocalMlflowServer
-from ..models import resolve_model_source
+from ..models import model_skeleton, resolve_model_source
+from ..outputs import check_writable_dir
+from ..pruning.masks import prunable_linears
 from ..reporting.render import main_table, markdown_table
 from ..reporting.results import collect_runs, summarize
 from ..settings import flat_values
 from ..tracking.store import finished_cell_runs, mark_orphaned_runs, tracking_uri
 from . import job_run
-from .cell import Claimed, cell_spec, claim, is_claimed, run_cell
+from .cell import CELL_FAULT_HINT, Claimed, cell_spec, claim, is_claimed, run_cell
 from .executors import child_environment, require_submitit, run_local_pool, run_submitit
 from .report import publish_report
 
@@ -50,8 +53,15 @@ def write_tables(tracker, experiment_id: str, keys: set, out: Path) -> pd.DataFr
 
 
 def checks(config: CompareConfig):
-    """Before the grid's run opens: the model and corpus, and what the executor needs."""
+    """Before the grid's run opens: where the tables go, the model and corpus, and what the executor needs."""
+    # the grid's folder is named by its experiment once the run is open (under `mlflow run`, MLflow names it);
+    # a folder given, or the reports root the default goes under, must be writable before any cell runs
+    check_writable_dir(Path(config.grid.output_dir or REPORTS), "output_dir")
     resolve_model_source(config.model.model)
+    if "lora" in config.grid.train_params:
+        skeleton = model_skeleton(config.model.model, config.model.trust_remote_code)
+        linears = prunable_linears(skeleton, config.prune.include, config.prune.exclude)
+        check_lora(linears, config.train.lora_rank, config.train.lora_targets)
     corpus = load_corpus(config.data.dataset)
     if config.grid.lrs and not corpus.held_out_validation:
         raise ConfigError(
@@ -101,7 +111,7 @@ def store_for_cell_processes(config: CompareConfig, root: Path):
         return
     database = Path(uri[len("sqlite:///") :]).resolve()
     server = LocalMlflowServer(
-        root / "server", backend_store_uri=f"sqlite:///{database}", artifacts=database.parent / "mlartifacts"
+        root / "server", backend_store_uri=f"sqlite:///{database}", artifacts=database.parent / "mlartifacts", tied=True
     ).start()
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = server.uri
@@ -180,6 +190,7 @@ def run_compare(config: CompareConfig) -> pd.DataFrame | None:
         checks=lambda: checks(config),
         stop_hint="Stopped. Finished cells are kept in MLflow and a trained cell resumes from its last completed "
         "iteration: run the same compare command again to continue",
+        fault_hint=CELL_FAULT_HINT,
     ) as job:
         cells = plan_cells(config, job.inputs.digest[:16])
         main = is_main_process()

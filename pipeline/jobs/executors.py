@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError, UserError, option
+from ..local_server import die_with_parent
 from .cell import CLAIMED, cell_command, run_cell_job, write_spec
 
 
@@ -70,6 +71,7 @@ def run_local_pool(specs: list, parallel: int, gpus_per_cell: int, folder: Path,
                         stdout=handle,
                         stderr=subprocess.STDOUT,
                         env=cell_env,
+                        preexec_fn=die_with_parent,  # a SIGKILLed compare leaves no cell running
                     )
                 running[slot] = (process, spec, log)
             for slot, (process, spec, log) in list(running.items()):

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters import check_lora
 from ..checkpoint import atomic_torch_save, load_checkpoint
 from ..config import IterativeConfig
 from ..distributed import check_launch, is_main_process
-from ..errors import ConfigError, option
+from ..errors import ConfigError, UserError, option
 from ..imp import ImpRun, planned_schedule
 from ..models import save_model
 from ..outputs import check_no_saved_model, check_writable_dir
+from ..pruning.masks import prunable_linears
 from ..reporting.numbers import change_pct
 from ..settings import flat_values
+from ..tracking.store import run_in_store, tracking_uri
 from ..workload import check_inputs
 from ..zeroshot import check_tasks
 from . import job_run
@@ -44,6 +47,13 @@ def checkpoint_to_continue(config: IterativeConfig, out: Path) -> dict | None:
         raise ConfigError(
             f"{out} already holds a checkpoint (iteration {checkpoint['iteration']}): pass "
             f"{option('resume')} to continue it, or {option('output_dir')} to start a separate run"
+        )
+    if checkpoint is not None and checkpoint["run_id"] and not run_in_store(checkpoint["run_id"]):
+        raise UserError(
+            f"{option('resume')} refused: the checkpoint in {out} continues MLflow run {checkpoint['run_id']}, "
+            f"which the tracking store {tracking_uri()} does not hold (it was made with "
+            f"{checkpoint.get('tracking_uri', 'another store')}); resume it with that store as "
+            f"MLFLOW_TRACKING_URI, or give another {option('output_dir')}; the checkpoint is left as it is"
         )
     if checkpoint is not None:
         differing = config_differences(checkpoint["config"], flat_values(config))
@@ -82,6 +92,9 @@ def checks(config: IterativeConfig):
         train_seqlen=config.resolved("train_seqlen"),
         prune=config.prune,
     )
+    if config.train.train_params == "lora":
+        linears = prunable_linears(inputs.skeleton, config.prune.include, config.prune.exclude)
+        check_lora(linears, config.train.lora_rank, config.train.lora_targets)
     check_tasks(config.tasks)
     return inputs
 
@@ -169,6 +182,7 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None, shared_prun
         resume=lambda directory: checkpoint_to_continue(config, directory),
         stop_hint=f"Stopped. Completed iterations are saved in {out}; continue with the same settings "
         f"plus {option('resume')}",
+        fault_hint=f"lower {option('lr')} (resuming may change it) and rerun with {option('resume')}",
     ) as job:
         imp = ImpRun.create(config, job.tracker, out, job.resumed, job.inputs, shared_pruning)
         history = imp.run()

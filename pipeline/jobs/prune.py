@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
+
 from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
 from ..distributed import sync_from_main
@@ -14,6 +16,7 @@ from ..pruning.sequential import layer_table_csv
 from ..reporting.numbers import change_pct
 from ..settings import flat_values
 from ..shared_pruning import prune_starting_model
+from ..tracking.store import experiment_identity
 from ..workload import check_inputs
 from ..zeroshot import check_tasks
 from . import finish_model, job_run
@@ -76,7 +79,8 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
     ) as job:
         tracker = job.tracker
         work = job.workload(config, keep_on_cpu=True)
-        dense, cached = dense_perplexity(work, SPLIT)
+        scope = experiment_identity(mlflow.get_run(tracker.run_id).info.experiment_id) if tracker.run_id else ""
+        dense, cached = dense_perplexity(work, SPLIT, scope)
         print(f"dense perplexity: {dense:.4f}" + (" (cached)" if cached else ""))
         windows, calibration = work.calibration(prune)
         work.record_inputs(tracker, evaluation=SPLIT, calibration=(windows, calibration))

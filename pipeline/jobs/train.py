@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from ..adapters import check_lora
 from ..config import TrainRunConfig
 from ..distributed import check_launch
 from ..errors import UserError, option
@@ -28,6 +29,8 @@ def step_metrics(metrics: dict) -> dict:
 def checks(config: TrainRunConfig):
     check_no_saved_model(config.resolved("output_dir"), config.saved_model.overwrite)
     inputs = check_inputs(config.model, config.data, eval_split=SPLIT, training=True)
+    if config.train.train_params == "lora":
+        check_lora(prunable_linears(inputs.skeleton), config.train.lora_rank, config.train.lora_targets)
     if config.teacher:
         check_teacher(inputs.skeleton, config.teacher, config.train.distill, config.model.trust_remote_code)
     check_tasks(config.tasks)

@@ -91,22 +91,55 @@ def recipe_check(control, base: float, target: float) -> str:
     )
 
 
-def tuning(summary: pd.DataFrame) -> list[str]:
-    """What the learning rates were: one, not tuned; or a sweep, its cost and the selections at its edge."""
+def missing_from_sweep(trained: pd.DataFrame, planned: list) -> list[str]:
+    """What has not finished in a sweep: per cell, the planned lrs it has no run at, and the lrs where fewer seeds
+    finished than at its best-covered one."""
+    gaps = []
+    for _, group in trained.groupby(ROW_AXES, sort=False):
+        row, tried = group.iloc[0], set(group["lr"].dropna())
+        missing = [f"{lr:g}" for lr in planned if lr not in tried]
+        thin = [
+            f"{r['lr']:g} ({r['n']} of {group['n'].max()} seeds)"
+            for _, r in group.iterrows()
+            if r["n"] < group["n"].max()
+        ]
+        if missing or thin:
+            where = f"{_name(row)} at {row['target_sparsity']:.0%}"
+            gaps.append(
+                where
+                + (f" has no run at lr {', '.join(missing)}" if missing else "")
+                + (f"{' and' if missing else ''} has fewer seeds at lr {', '.join(thin)}" if thin else "")
+            )
+    return gaps
+
+
+def tuning(summary: pd.DataFrame, planned: list | None = None, every_lr: pd.DataFrame | None = None) -> list[str]:
+    """What the learning rates were: one, not tuned; or a sweep (as planned, or as run), its cost, the
+    selections at its edge, and what of it has not finished (its selection then is among what has).
+    `summary`: the selected rows; `every_lr`: every row, at every lr (default: `summary`)."""
+    every_lr = summary if every_lr is None else every_lr
     trained = summary[summary["kind"] == "trained"]
     if trained.empty:
         return []
-    if (trained["lrs_tried"] <= 1).all():
-        rates = ", ".join(f"{lr:g}" for lr in sorted(trained["lr"].dropna().unique()))
+    every_trained = every_lr[every_lr["kind"] == "trained"]
+    planned = sorted(set(planned or []) | set(every_trained["lr"].dropna()))
+    if len(planned) <= 1:
+        rates = ", ".join(f"{lr:g}" for lr in planned)
         return [
             f"Every trained cell ran at one learning rate ({rates or 'its --lr'}), not tuned: a sweep (--lrs) gives "
             "each method its own, selected on the validation split."
         ]
     sentences = [
-        f"Learning rates were swept ({int(trained['lrs_tried'].max())} per method, the same grid for each) and "
+        f"Learning rates were swept ({len(planned)} per method, the same grid for each) and "
         "each method's selected on the mean validation perplexity over the seeds; tables and verdicts show the "
         "selected cells' test perplexity."
     ]
+    gaps = missing_from_sweep(every_trained, planned)
+    if gaps:
+        sentences.append(
+            "The sweep has not finished: " + "; ".join(gaps) + ". Those cells' lr is selected among the runs that "
+            "finished, not over the whole sweep: run the grid's compare again to complete it."
+        )
     for target, group in trained.groupby("target_sparsity", sort=True):
         cost = ", ".join(f"{_name(row)} {tokens_text(row['sweep_train_tokens'])}" for _, row in group.iterrows())
         sentences.append(
@@ -121,9 +154,15 @@ def tuning(summary: pd.DataFrame) -> list[str]:
     return sentences
 
 
-def findings(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[str]:
+def findings(
+    summary: pd.DataFrame,
+    runs: pd.DataFrame | None = None,
+    planned: list | None = None,
+    every_lr: pd.DataFrame | None = None,
+) -> list[str]:
     """Sentences over the selected cells of `summary` (one row per cell) and their runs (for the paired
-    reading; without them, none)."""
+    reading; without them, none); `planned`: the lrs the grids were asked to sweep; `every_lr`: the summary at
+    every lr, before the selection (what a sweep's completeness is read from)."""
     runs = runs if runs is not None else summary.iloc[0:0]
     sentences = []
     dense = summary[summary["kind"] == "dense"]
@@ -131,7 +170,7 @@ def findings(summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> list[st
     if len(dense):
         sentences.append(f"The unpruned model's perplexity is {base:.2f}.")
     if "lrs_tried" in summary:
-        sentences += tuning(summary)
+        sentences += tuning(summary, planned, every_lr)
     for (target, pattern), group in summary[summary["kind"] != "dense"].groupby(
         ["target_sparsity", "pattern"], sort=True
     ):

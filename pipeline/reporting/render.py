@@ -28,7 +28,7 @@ from .plots import (
     lr_sensitivity,
     perplexity_vs_sparsity,
 )
-from .results import collect_runs, summarize
+from .results import collect_runs, planned_lrs, summarize
 
 
 def _labels(rows: pd.DataFrame) -> list:
@@ -235,7 +235,7 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
     blocks = [
         ("h1", f"Pruning comparison: {mlflow.get_experiment(experiment_id).name}"),
         ("table", (main_table(summary), "results")),
-        ("list", findings(summary, runs)),
+        ("list", findings(summary, runs, planned_lrs(experiment_id), every_lr)),
     ]
     for target in targets:
         blocks += [

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import math
 
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
 from ..axes import AXES, COLUMNS, ROW_AXES, SELECTION_AXES, sort_keys
 from ..methods import BASELINE
@@ -63,6 +66,16 @@ def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
     tasks = sorted({key for row in rows for key in row if key.startswith("acc:")})
     table = pd.DataFrame(rows, columns=RUN_COLUMNS + tasks)
     return table if table.empty else _ordered(table)
+
+
+def planned_lrs(experiment_id: str) -> list[float]:
+    """Every learning rate the experiment's grids were asked to sweep (their compare runs' `lrs`): what a report
+    of cells that have not all finished (a shard, a failed cell) measures its sweep against."""
+    planned = set()
+    for run in MlflowClient().search_runs([experiment_id], "tags.kind = 'compare'", max_results=1000):
+        with contextlib.suppress(ValueError, SyntaxError):
+            planned |= {float(lr) for lr in ast.literal_eval(run.data.params.get("lrs", "[]"))}
+    return sorted(planned)
 
 
 def task_columns(table: pd.DataFrame) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ from functools import cache
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ..distributed import is_main_process
@@ -134,6 +136,25 @@ def tracking_unreachable(error: Exception, uri: str | None = None) -> UserError:
         f"MLflow tracking store {uri} is not usable ({type(cause).__name__}: {first}); {remedy} or "
         "set MLFLOW_TRACKING_URI to a usable store (default sqlite:///mlflow.db)"
     )
+
+
+def experiment_identity(experiment_id: str) -> str:
+    """`e<id>-<hash>`: the experiment's id and a hash of its creation time, which another store's experiment of
+    the same id (another sqlite file, or the same file deleted and created anew) does not share. Whatever
+    belongs to one store and experiment (a grid cell's checkpoints, its shared prunings) is named by it."""
+    created = MlflowClient().get_experiment(experiment_id).creation_time
+    return f"e{experiment_id}-{hashlib.sha256(f'{experiment_id}:{created}'.encode()).hexdigest()[:8]}"
+
+
+def run_in_store(run_id: str) -> bool:
+    """Whether this tracking store holds the run (a checkpoint made with another store names one it lacks)."""
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def finished_cell_runs(experiment_id: str, keys: set | None = None) -> dict:
