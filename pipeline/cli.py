@@ -29,6 +29,7 @@ from .config import (
     EvaluateConfig,
     IterativeConfig,
     MemoryConfig,
+    ModelsConfig,
     PretrainConfig,
     PruneRunConfig,
     ReportConfig,
@@ -102,6 +103,13 @@ COMMANDS = (
         MemoryConfig,
         "memory:run_memory",
         "Peak memory per model size (training, SparseGPT, a teacher) from the formula, checked by measurement on CPU.",
+    ),
+    Command(
+        "models",
+        ModelsConfig,
+        "models:run_models",
+        "An experiment's logged models (each final model, or each IMP iteration's), best validation perplexity "
+        "first, with their masks' fingerprints and where their weights are.",
     ),
     Command(
         "sync",

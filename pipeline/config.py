@@ -31,6 +31,7 @@ LR_SCHEDULES = ("constant", "cosine")
 SPARSITY_PROFILES = ("uniform", "owl")  # how a target sparsity is spread over the decoder layers
 TRAIN_PARAMS = ("all", "norms-biases", "lora")  # what a recovery trains
 DISTILL_MODES = ("none", "logits", "squarehead")  # the recovery loss: cross-entropy alone, or with a teacher
+LOG_MODELS = ("none", "final", "every")  # which of a run's models are logged as MLflow LoggedModels
 REWIND_HELP = (
     "after each pruning step, reset the surviving weights to their values at a point, then train: none; "
     "dense (the starting model, as lottery-ticket studies of pretrained models do); iteration:K (after "
@@ -221,6 +222,14 @@ class SavedModelConfig(Settings):
         "its sparsity and perplexity as version tags",
     )
     overwrite: bool = setting(False, "replace a model already saved where this one goes (never done unasked)")
+    log_models: str = setting(
+        "final",
+        "which models become MLflow LoggedModels of the run (the Models tab; `python -m pipeline models`): none; "
+        "final (the saved model, no extra disk); every (each IMP iteration's too, its weights kept in "
+        "<output dir>/iterations/<k>: a model's size on disk per iteration)",
+        choices=LOG_MODELS,
+        noun="log-models choice",
+    )
 
     def check(self) -> None:
         if self.register_model is None:
@@ -818,6 +827,7 @@ class CompareConfig(RunConfig):
     )
     tasks: TasksConfig = group(TasksConfig)
     executor: ExecutorConfig = group(ExecutorConfig)
+    saved_model: SavedModelConfig = group(SavedModelConfig, exclude=("register_model", "overwrite"))
     preset: str | None = setting(None, preset_help(), choices=tuple(PRESETS), noun="preset")
 
     def check(self) -> None:
@@ -859,6 +869,17 @@ class CompareConfig(RunConfig):
 class ReportConfig(Settings):
     experiment: str | None = setting(None, "MLflow experiment to report on (default: the one the report run goes to)")
     output_dir: str | None = setting(None, "where the report goes", rule=default_report_dir)
+
+
+@dataclass
+class ModelsConfig(Settings):
+    experiment: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment whose logged models to list")
+    sparsity: float | None = setting(None, "only the models pruned to this target sparsity", at_least=0, below=1)
+    method: str | None = setting(None, "only the models of this method (as the grid names it, e.g. sparsegpt+ft)")
+
+    def check(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError(f"{option('experiment')} is empty: give the experiment's name")
 
 
 @dataclass

@@ -47,6 +47,7 @@ NOT_IDENTITY = {
     "save_model",
     "model_dir",
     "tasks_batch_size",
+    "log_models",
 }
 
 
@@ -105,6 +106,7 @@ def trained_cell_config(
         data=config.data,
         tracking=config.tracking,
         tasks=config.tasks,
+        saved_model=config.saved_model,
         eval_tasks_every=0,  # the cell's accuracy is its final model's
         schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
         # LoRA's settings at their defaults: the recovery axes set what each cell reads
@@ -137,7 +139,8 @@ def _one_shot_cells(config: CompareConfig, corpus_digest: str, shared: dict) -> 
                     sparsity_profile=method.profile,
                 )
                 values = cell_values("one-shot", method.name, target, seed, pattern)
-                cells.append(Cell(PruneRunConfig(**shared, prune=prune), corpus_digest, values))
+                job = PruneRunConfig(**shared, prune=prune, saved_model=config.saved_model)
+                cells.append(Cell(job, corpus_digest, values))
     return cells
 
 

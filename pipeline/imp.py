@@ -28,6 +28,8 @@ from .checkpoint import atomic_torch_save, restore_rng_state, save_checkpoint
 from .config import IterativeConfig, ScheduleConfig, TrainConfig
 from .distributed import is_main_process, sync_from_main
 from .errors import Continuable, UserError
+from .logged_models import model_name, model_record
+from .models import save_model
 from .pruning import prune_model
 from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of, sparsity_report
 from .pruning.owl import layer_sparsity_metrics
@@ -127,11 +129,13 @@ def rewind_weights(model: nn.Module, linears: dict, state: dict) -> None:
         module.weight.mul_(masks[name])
 
 
-def log_iteration(tracker, entry: dict) -> None:
-    """The iteration's metrics at step = iteration, and the perplexity against the training tokens so far
-    (`ppl_at_tokens`, from the first pruning step at 0 tokens on), so the UI overlays runs of one budget
-    (iterative, one-shot + training, dense + training) on one axis."""
-    tracker.log_dict({key: entry[key] for key in ITERATION_METRICS if key in entry}, step=entry["iteration"])
+def log_iteration(tracker, entry: dict, model: str | None = None, dataset: tuple = (None, None)) -> None:
+    """The iteration's metrics at step = iteration (linked to its LoggedModel `model`, if it has one, and the
+    evaluation `dataset`), and the perplexity against the training tokens so far (`ppl_at_tokens`, from the
+    first pruning step at 0 tokens on), so the UI overlays runs of one budget (iterative, one-shot + training,
+    dense + training) on one axis."""
+    metrics = {key: entry[key] for key in ITERATION_METRICS if key in entry}
+    tracker.log_dict(metrics, step=entry["iteration"], model=model, dataset=dataset)
     if entry.get("layer_sparsities"):
         tracker.log_dict(layer_sparsity_metrics(entry["layer_sparsities"]), step=entry["iteration"])
     if entry["iteration"] == 1:
@@ -152,8 +156,10 @@ class ImpRun:
         out: Path,
         history: list | None = None,
         shared_pruning: Path | None = None,
+        method: str | None = None,
     ):
         self.config, self.work, self.tracker, self.out = config, work, tracker, Path(out)
+        self.method = method or config.prune.method  # what its LoggedModels are called after (a grid's method)
         self.shared_pruning = shared_pruning  # where the first pruning step is shared with same-pruning runs
         self.model = work.model
         self.targets, self.uncapped = planned_schedule(config.schedule)
@@ -163,6 +169,7 @@ class ImpRun:
         work.record_inputs(
             tracker, evaluation=config.eval_split, training=self.blocks, calibration=(self.windows, calibration)
         )
+        self.eval_dataset = work.dataset_of(config.eval_split)  # what the iterations' perplexities measure
         # the starting model: the teacher a distilling recovery learns from, and the `dense` rewind point
         needs_start = config.train.distill != "none" or config.rewind_iteration == 0
         self.start = copy.deepcopy(self.model) if needs_start else None
@@ -181,10 +188,11 @@ class ImpRun:
         checkpoint: dict | None = None,
         inputs: Inputs | None = None,
         shared_pruning: Path | None = None,
+        method: str | None = None,
     ) -> ImpRun:
         """Loads the model (the checkpoint's weights, RNG states and history, when continuing one)."""
         work = load_workload(config.model, config.data, inputs, training=True)
-        imp = cls(config, work, tracker, out, shared_pruning=shared_pruning)
+        imp = cls(config, work, tracker, out, shared_pruning=shared_pruning, method=method)
         tracker.set_tags(imp.work.corpus.describe())
         if checkpoint is not None:
             imp.restore(checkpoint)
@@ -315,7 +323,8 @@ class ImpRun:
                 run_id=self.tracker.run_id,
                 tracking_uri=tracking_uri(),
             )
-        log_iteration(self.tracker, entry)
+        model = self.log_iteration_model(k) if self.config.saved_model.log_models == "every" else None
+        log_iteration(self.tracker, entry, model, self.eval_dataset)
         if self.tasks_due(k):
             log_tasks(
                 self.tracker,
@@ -324,10 +333,38 @@ class ImpRun:
                 self.config.tasks,
                 step=k,
                 artifact=f"lm_eval/iteration-{k}.json",
+                logged_model=model,
             )
         self.tracker.flush()
         if on_iteration is not None:
             on_iteration(entry)
+
+    def log_model(self, k: int, weights: Path) -> str:
+        """Iteration k's model as a LoggedModel of the run (once: a resumed run does not log it again), its
+        weights in `weights`; returns its name."""
+        name = model_name(self.method, self.config.schedule.target_sparsity, k)
+        made_by = {
+            "method": self.method,
+            "target_sparsity": f"{self.config.schedule.target_sparsity:.4f}",
+            "iteration": k,
+            "lr": self.lr(k),
+            "seed": self.config.train.seed,
+        }
+        where = {"checkpoint": str(self.out.resolve())}
+        self.tracker.log_model(name, *model_record(self.linears, weights, made_by, where))
+        return name
+
+    def log_iteration_model(self, k: int) -> str | None:
+        """--log-models every: iteration k's weights kept in <output dir>/iterations/<k> (the last one's in the
+        final model's directory, saved at the end, when the run saves one and --max-iterations cuts no iteration
+        that a resume could add after it), and its LoggedModel."""
+        if k == 0:
+            return None
+        last = k == len(self.targets) == self.uncapped and self.config.save_model
+        weights = Path(self.config.resolved("model_dir")) if last else self.out / "iterations" / str(k)
+        if not last and is_main_process():
+            save_model(self.model, self.work.tokenizer, weights)
+        return self.log_model(k, weights)
 
     # --- what the phases need -----------------------------------------------------------------------
 

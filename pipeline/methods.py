@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 KINDS = ("dense", "one-shot", "trained")  # a cell's kind: the baseline, a mask without training, the IMP loop
+SPARSITY_SCHEDULES_ONCE = ("one-shot", "dense")  # schedules that prune at once or never: the grid's controls
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,27 @@ BASELINE = "unpruned"
 CRITERION_NAMES = tuple(c.name for c in CRITERIA)
 GRID_METHODS = tuple(name for name, m in METHODS.items() if m.kind != "dense")  # the baseline always runs
 DEFAULT_GRID = ("sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", "sparsegpt+ft", "dense+ft")
+
+
+def trained_method_of(schedule: str, criterion_name: str, profile: str = "uniform") -> str:
+    """The trained grid method that an IMP run of this sparsity schedule, criterion and profile is: iterative's
+    own schedules (geometric, cubic) with any criterion, or the method whose schedule and criterion these are."""
+    for entry in METHODS.values():
+        if entry.kind != "trained" or entry.profile != profile:
+            continue
+        if entry.prunes_step_by_step and schedule not in SPARSITY_SCHEDULES_ONCE:
+            return entry.name
+        if entry.schedule == schedule and (entry.criterion is None or entry.criterion.name == criterion_name):
+            return entry.name
+    return f"{schedule}-{criterion_name}"
+
+
+def one_shot_method_of(criterion_name: str, profile: str = "uniform") -> str:
+    """The untrained grid method that a one-shot pruning with this criterion and profile is."""
+    for entry in METHODS.values():
+        if entry.kind == "one-shot" and entry.criterion.name == criterion_name and entry.profile == profile:
+            return entry.name
+    return criterion_name
 
 
 def methods_where(names, property_name: str) -> list:

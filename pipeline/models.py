@@ -252,20 +252,15 @@ def verify_saved_model(model: nn.Module, directory: Path) -> None:
     wrong = [k for k, shape in saved.items() if k not in state or list(state[k].shape) != shape]
     kept = {state[k].data_ptr() for k in saved if k in state}
     missing = [k for k, tensor in state.items() if k not in saved and tensor.data_ptr() not in kept]
-    if not saved or wrong or missing:
+    if not saved:
+        raise UserError(f"the files in {directory} hold no weights: the write did not reach the disk")
+    if wrong or missing:
+        differences = [f"{len(wrong)} tensors it does not hold as saved, e.g. {', '.join(wrong[:2])}"] if wrong else []
+        differences += [f"{len(missing)} of its tensors not saved, e.g. {', '.join(missing[:2])}"] if missing else []
         raise UserError(
-            f"the files do not read back as the {model.config.model_type} model in memory ("
-            + "; ".join(
-                part
-                for part in (
-                    "no weights" if not saved else "",
-                    f"{len(wrong)} tensors it does not hold as saved, e.g. {', '.join(wrong[:2])}" if wrong else "",
-                    f"{len(missing)} of its tensors not saved, e.g. {', '.join(missing[:2])}" if missing else "",
-                )
-                if part
-            )
-            + "): transformers writes this model type in a layout other than the one it holds in memory, which "
-            "this tool cannot check"
+            f"the files do not read back as the {model.config.model_type} model in memory ({'; '.join(differences)}):"
+            " transformers writes this model type in a layout other than the one it holds in memory, which this "
+            "tool cannot check"
         )
 
 

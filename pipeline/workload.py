@@ -124,6 +124,11 @@ class Workload:
             windows, corpus = calibration
             tracker.log_input(**corpus.dataset_input("train", windows.numel(), "calibration"))
 
+    def dataset_of(self, split: str, context: str = "evaluation") -> tuple[str, str]:
+        """(name, digest) of the dataset `record_inputs` logs for a split: what metrics measured on it link to."""
+        described = self.corpus.dataset_input(split, 0, context)
+        return described["name"], described["digest"]
+
     def training_blocks(self, seqlen: int | None = None) -> torch.Tensor:
         return training_blocks(self.corpus, self.tokenizer, resolve_seqlen(self.model, seqlen or self.seqlen))
 

@@ -161,12 +161,19 @@ def task_metrics(results: dict) -> dict:
 
 
 def log_tasks(
-    tracker, model: nn.Module, tokenizer, config: TasksConfig, step: int = 0, artifact: str = "lm_eval_results.json"
+    tracker,
+    model: nn.Module,
+    tokenizer,
+    config: TasksConfig,
+    step: int = 0,
+    artifact: str = "lm_eval_results.json",
+    logged_model: str | None = None,
 ) -> dict:
-    """Runs the tasks, logs their metrics at `step` and the harness's results as a JSON artifact."""
+    """Runs the tasks, logs their metrics at `step` (linked to the run's LoggedModel `logged_model`, if given)
+    and the harness's results as a JSON artifact."""
     results = run_tasks(model, tokenizer, config)
     metrics = task_metrics(results)
-    tracker.log_dict(metrics, step=step)
+    tracker.log_dict(metrics, step=step, model=logged_model)
     tracker.log_text(json.dumps(results, indent=2, default=str), artifact)
     for task in results["results"]:
         shown = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith(f"task/{task}/") and "stderr" not in k}

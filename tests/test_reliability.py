@@ -141,6 +141,12 @@ def test_iterative_outlives_the_tracking_server_and_sync_replays_the_rest(
     assert sorted(step_losses) == list(range(2, 19, 2))  # 3 iterations x 6 steps, logged every 2
     assert run.data.metrics["final_perplexity"] == pytest.approx(final_perplexity(out), abs=0.01)
     assert client.list_artifacts(run.info.run_id, "model")
+    # the final model, journaled while the server was gone, is a LoggedModel with its metrics linked to it
+    (model,) = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    linked = {m.key: m.value for m in model.metrics}
+    assert model.name == "iterative-s48p8-it3" and linked["final_perplexity"] == run.data.metrics["final_perplexity"]
 
 
 def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):

@@ -91,12 +91,18 @@ def job_run(
 
 
 def finish_model(
-    tracker, work, tasks: TasksConfig, saved_model: SavedModelConfig, output_dir: Path, tags: dict
+    tracker,
+    work,
+    tasks: TasksConfig,
+    saved_model: SavedModelConfig,
+    output_dir: Path,
+    tags: dict,
+    logged_model: str | None = None,
 ) -> None:
-    """A job's model at its end: its zero-shot tasks, then (main process) saved, read back, and registered if
-    asked, `tags` (sparsity, perplexity) on the version."""
+    """A job's model at its end: its zero-shot tasks (linked to its LoggedModel, if it has one), then (main
+    process) saved, read back, and registered if asked, `tags` (sparsity, perplexity) on the version."""
     if tasks.tasks:
-        log_tasks(tracker, work.model, work.tokenizer, tasks)
+        log_tasks(tracker, work.model, work.tokenizer, tasks, logged_model=logged_model)
     if is_main_process():
         save_model(work.model, work.tokenizer, output_dir)
         if saved_model.register_model:

@@ -25,7 +25,8 @@ from ..local_server import LocalMlflowServer
 from ..models import model_skeleton, resolve_model_source
 from ..outputs import check_writable_dir
 from ..pruning.masks import prunable_linears
-from ..reporting.render import main_table, markdown_table
+from ..reporting.numbers import markdown_table
+from ..reporting.render import main_table
 from ..reporting.results import collect_runs, summarize
 from ..settings import flat_values
 from ..tracking.store import finished_cell_runs, mark_orphaned_runs, tracking_uri

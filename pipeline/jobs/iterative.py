@@ -11,6 +11,7 @@ from ..config import IterativeConfig
 from ..distributed import check_launch, is_main_process
 from ..errors import ConfigError, UserError, option
 from ..imp import ImpRun, planned_schedule
+from ..methods import trained_method_of
 from ..models import save_model
 from ..outputs import check_no_saved_model, check_writable_dir
 from ..pruning.masks import prunable_linears
@@ -24,6 +25,7 @@ from . import job_run
 # Settings that may differ when resuming: where it runs, and what the README advises changing mid-run.
 RESUMABLE_CHANGES = {
     "device",
+    "log_models",
     "experiment",
     "save_model",
     "model_dir",
@@ -184,13 +186,25 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None, shared_prun
         f"plus {option('resume')}",
         fault_hint=f"lower {option('lr')} (resuming may change it) and rerun with {option('resume')}",
     ) as job:
-        imp = ImpRun.create(config, job.tracker, out, job.resumed, job.inputs, shared_pruning)
+        method = (tags or {}).get("cell_method") or method_of_run(config)
+        imp = ImpRun.create(config, job.tracker, out, job.resumed, job.inputs, shared_pruning, method)
         history = imp.run()
         model_paths = save_final_model(imp, config) if config.save_model and is_main_process() else []
-        job.tracker.log_dict(final_metrics(history))
+        # the final model's LoggedModel (with --log-models every, the last iteration's, logged already)
+        final = None
+        if config.save_model and config.saved_model.log_models != "none":
+            final = imp.log_model(history[-1]["iteration"], Path(config.resolved("model_dir")))
+        job.tracker.log_dict(final_metrics(history), model=final, dataset=imp.eval_dataset)
         if config.validate:
             validation = imp.work.evaluate("validation").perplexity
             print(f"Final perplexity on the validation split: {validation:.2f}")
-            job.tracker.log_dict({"final_val_perplexity": validation})
+            dataset = imp.work.dataset_of("validation")
+            job.tracker.log_dict({"final_val_perplexity": validation}, model=final, dataset=dataset)
         print_summary(history, model_paths)
     return history
+
+
+def method_of_run(config: IterativeConfig) -> str:
+    """The grid method an iterative run's settings make: `iterative`, `X+ft` for a one-shot schedule,
+    `dense+ft` for one that never prunes (what its LoggedModels are named after outside a grid)."""
+    return trained_method_of(config.schedule.schedule, config.prune.method, config.prune.sparsity_profile)

@@ -9,6 +9,8 @@ import mlflow
 from ..config import PruneRunConfig
 from ..dense_cache import dense_perplexity
 from ..distributed import sync_from_main
+from ..logged_models import model_name, model_record
+from ..methods import one_shot_method_of
 from ..outputs import check_no_saved_model
 from ..pruning.masks import prunable_linears, sparsity_report
 from ..pruning.owl import layer_sparsity_csv, layer_sparsity_metrics
@@ -31,8 +33,27 @@ def checks(config: PruneRunConfig):
     return inputs
 
 
-def log_pruning(tracker, report: dict, result, pruned: float, dense: float) -> None:
-    """The pruned model's numbers, its per-matrix and per-layer sparsity, and the calibrated layers' table."""
+def log_pruned_model(tracker, config: PruneRunConfig, work, tags: dict, output_dir: Path) -> str | None:
+    """The pruned model as a LoggedModel of the run (its weights: the model this job saves in `output_dir`)."""
+    if config.saved_model.log_models == "none":
+        return None
+    prune = config.prune
+    method = tags.get("cell_method") or one_shot_method_of(prune.method, prune.sparsity_profile)
+    name = model_name(method, prune.fraction)
+    made_by = {
+        "method": method,
+        "target_sparsity": f"{prune.fraction:.4f}",
+        "pattern": prune.pattern,
+        "seed": prune.seed,
+    }
+    linears = prunable_linears(work.model, prune.include, prune.exclude)
+    tracker.log_model(name, *model_record(linears, output_dir, made_by))
+    return name
+
+
+def log_pruning(tracker, report: dict, result, pruned: float, dense: float, model=None, dataset=(None, None)):
+    """The pruned model's numbers (linked to its LoggedModel `model`, if any, and the evaluation `dataset`), its
+    per-matrix and per-layer sparsity, and the calibrated layers' table."""
     tracker.log_dict(
         {
             "sparsity": report["prunable"],
@@ -41,7 +62,9 @@ def log_pruning(tracker, report: dict, result, pruned: float, dense: float) -> N
             "dense_perplexity": dense,
             "prune_seconds": result.seconds,
             "vs_dense_pct": change_pct(pruned, dense),
-        }
+        },
+        model=model,
+        dataset=dataset,
     )
     tracker.log_dict_artifact(report, "sparsity_report.json")
     tracker.log_dict(layer_sparsity_metrics(report["layers"]))
@@ -97,7 +120,8 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
         sync_from_main(work.model)  # one mask on every process, whatever each one's calibration gave
         pruned = work.evaluate(SPLIT).perplexity
         report = sparsity_report(work.model, prunable_linears(work.model, prune.include, prune.exclude))
-        log_pruning(tracker, report, result, pruned, dense)
+        model = log_pruned_model(tracker, config, work, tags or {}, output_dir)
+        log_pruning(tracker, report, result, pruned, dense, model, work.dataset_of(SPLIT))
         finish_model(
             tracker,
             work,
@@ -105,6 +129,7 @@ def run_prune(config: PruneRunConfig, tags: dict | None = None, shared_pruning: 
             config.saved_model,
             output_dir,
             {"sparsity": report["prunable"], "perplexity": pruned, "method": prune.label},
+            logged_model=model,
         )
     print_pruning(prune.label, report, result, pruned, dense, output_dir)
     return {

@@ -7,6 +7,7 @@ position, so a matrix (or the whole set) lands on exactly round(s * n) zeros.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -33,6 +34,18 @@ def prunable_linears(model: nn.Module, include: str | None = None, exclude: str 
 def model_masks(linears: dict) -> dict:
     """Name -> bool tensor, True where the weight is kept (non-zero)."""
     return {name: module.weight.detach() != 0 for name, module in linears.items()}
+
+
+def mask_fingerprint(masks: dict) -> tuple[str, int]:
+    """(sha256 of the packed masks, their non-zeros): name -> bool mask, taken in name order, each as its name,
+    its shape and its bits packed eight to a byte. Two models with one mask share it, whatever their weights."""
+    digest, kept = hashlib.sha256(), 0
+    for name in sorted(masks):
+        mask = masks[name].detach().to("cpu", torch.bool)
+        digest.update(f"{name}:{tuple(mask.shape)}\n".encode())
+        digest.update(np.packbits(mask.reshape(-1).numpy()).tobytes())
+        kept += int(mask.sum())
+    return digest.hexdigest(), kept
 
 
 def count_zeros(linears: dict) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""How results are compared and written as numbers, shared by the jobs' summaries and the report (no torch)."""
+"""How results are compared and written as numbers and tables, shared by the jobs and the report (no torch)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,10 @@ def tokens_text(tokens: float) -> str:
     if tokens >= 1e3:
         return f"{tokens / 1e3:.1f} k"
     return f"{tokens:.0f}"
+
+
+def markdown_table(frame) -> str:
+    """A GitHub Markdown table of a DataFrame (pandas' to_markdown would add the tabulate dependency for this)."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ import base64
 import html
 import os
 import platform
+import re
 from pathlib import Path
 
 import mlflow
@@ -18,8 +19,9 @@ from ..axes import ROW_AXES, SELECTION_AXES, display_name, is_plain
 from ..errors import UserError
 from ..machine import cpu_model
 from ..methods import methods_where
+from ..tracking.models import logged_models
 from .findings import findings
-from .numbers import tokens_text
+from .numbers import markdown_table, tokens_text
 from .plots import (
     accuracy_vs_sparsity,
     budget_curves,
@@ -50,7 +52,25 @@ def _perplexity(row) -> str:
     return f"{row['perplexity']:.2f}" + (f" ± {row['perplexity_std']:.2f}" if row["n"] > 1 else "")
 
 
-def main_table(summary: pd.DataFrame) -> pd.DataFrame:
+def model_links(summary: pd.DataFrame, runs: pd.DataFrame, experiment_id: str) -> dict:
+    """A "Model" column: for each row, a link to the logged model of each of its runs (the final one of a
+    run that logged several); none when no run logged one (a store of an older version, --log-models none)."""
+    models = logged_models(experiment_id)
+    if models.empty:
+        return {}
+    iteration = pd.to_numeric(models["iteration"], errors="coerce").fillna(0)
+    final = models.assign(_iteration=iteration).sort_values("_iteration").groupby("run_id")["model_id"].last()
+    links = []
+    for _, row in summary.iterrows():
+        same = pd.Series(True, index=runs.index)
+        for name in ROW_AXES + SELECTION_AXES:
+            same &= (runs[name] == row[name]) | (runs[name].isna() & pd.isna(row[name]))
+        found = [final[r] for r in runs.loc[same, "run_id"] if r in final.index]
+        links.append(" ".join(f"[{m[:10]}](models:/{m})" for m in found) or "-")
+    return {"Model": links}
+
+
+def main_table(summary: pd.DataFrame, models: dict | None = None) -> pd.DataFrame:
     """Every method at every sparsity: perplexity, n, the change against dense, the budget, the time, the accuracy; with n and the training budget."""
     dense = [k == "dense" for k in summary["kind"]]
     return pd.DataFrame(
@@ -66,6 +86,7 @@ def main_table(summary: pd.DataFrame) -> pd.DataFrame:
             **_lr_column(summary),
             "Time": ["-" if d else _duration(t) for d, t in zip(dense, summary["seconds"])],
             **_accuracy_columns(summary),
+            **(models or {}),
         }
     )
 
@@ -153,18 +174,19 @@ def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
     )
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub Markdown table (pandas' to_markdown would add the tabulate dependency for this)."""
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+MARKDOWN_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def _html_cell(value) -> str:
+    """A table cell's text, its Markdown links (a logged model's) as HTML links."""
+    escaped = html.escape(str(value))
+    return MARKDOWN_LINK.sub(lambda link: f'<a href="{link[2]}">{link[1]}</a>', escaped)
 
 
 def _html_table(frame: pd.DataFrame, table_id: str) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
-        for row in frame.itertuples(index=False)
+        "<tr>" + "".join(f"<td>{_html_cell(v)}</td>" for v in row) + "</tr>" for row in frame.itertuples(index=False)
     )
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -234,7 +256,7 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
     overview += [*iterative_curves(runs, out), *layer_sparsities(runs, out)]
     blocks = [
         ("h1", f"Pruning comparison: {mlflow.get_experiment(experiment_id).name}"),
-        ("table", (main_table(summary), "results")),
+        ("table", (main_table(summary, model_links(summary, runs, experiment_id)), "results")),
         ("list", findings(summary, runs, planned_lrs(experiment_id), every_lr)),
     ]
     for target in targets:

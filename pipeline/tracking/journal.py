@@ -24,7 +24,8 @@ from ..errors import ConfigError, UserError, option
 from .store import tracking_unreachable, use_tracking_store
 
 JOURNAL_PREFIX = "mlflow-pending-"
-ENTRY_KINDS = ("metric", "params", "tags", "text", "artifacts", "status", "input", "register")
+ENTRY_KINDS = ("metric", "params", "tags", "text", "artifacts", "status", "input", "register", "model")
+MODEL_TAG = "pipeline.model"  # a LoggedModel's name within its run: what makes logging it again a no-op
 
 # MLflow error codes that mean "try again later" rather than "this request is wrong".
 _TRANSIENT_CODES = {
@@ -88,9 +89,46 @@ def register_model(client, run_id: str, entry: dict) -> None:
     )
 
 
+def logged_model_id(client, run_id: str, name: str, experiment_id: str | None = None) -> str | None:
+    """The id of the run's LoggedModel called `name`, or None."""
+    experiment_id = experiment_id or client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND tags.`{MODEL_TAG}` = '{name}'", max_results=1
+    )
+    return found[0].model_id if found else None
+
+
+def log_model(client, run_id: str, entry: dict) -> str:
+    """The run's LoggedModel entry["name"] (params, tags; its weights where entry["tags"]["weights"] says), made
+    READY; a model the run has already logged under that name is not logged again. Returns its id."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    existing = logged_model_id(client, run_id, entry["name"], experiment_id)
+    if existing:
+        return existing
+    model = client.create_logged_model(
+        experiment_id,
+        name=entry["name"],
+        source_run_id=run_id,
+        tags={**entry["tags"], MODEL_TAG: entry["name"]},
+        params=entry["params"],
+        model_type="pruned causal LM",
+    )
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
+
+
 def metric_entries(metrics: list) -> list:
+    """Journal entries of (Metric, the name of the LoggedModel it belongs to or None) pairs."""
     return [
-        {"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics
+        {
+            "kind": "metric",
+            "key": m.key,
+            "value": m.value,
+            "timestamp": m.timestamp,
+            "step": m.step,
+            **({"model": model, "dataset": [m.dataset_name, m.dataset_digest]} if model else {}),
+        }
+        for m, model in metrics
     ]
 
 
@@ -161,12 +199,22 @@ def read_journal(path: Path) -> tuple[dict, list]:
 
 
 def send_entries(client, run_id: str, entries: list) -> None:
+    """Replays journaled calls: the LoggedModels first (their metrics link to them by name), then the metrics the
+    run does not hold yet, then the rest in order."""
+    models = {e["name"]: log_model(client, run_id, e) for e in entries if e["kind"] == "model"}
     metrics = [e for e in entries if e["kind"] == "metric"]
     present = {}
     for key in {m["key"] for m in metrics}:
         present[key] = {m.step for m in client.get_metric_history(run_id, key)}
+
+    def model_of(entry: dict) -> str | None:
+        name = entry.get("model")
+        return None if name is None else models.get(name) or logged_model_id(client, run_id, name)
+
     missing = [
-        Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics if m["step"] not in present[m["key"]]
+        Metric(m["key"], m["value"], m["timestamp"], m["step"], model_of(m), *m.get("dataset", (None, None)))
+        for m in metrics
+        if m["step"] not in present[m["key"]]
     ]
     for start in range(0, len(missing), 1000):
         client.log_batch(run_id, metrics=missing[start : start + 1000])

@@ -17,7 +17,16 @@ from mlflow.tracking import MlflowClient
 from .. import __version__
 from ..config import DEFAULT_EXPERIMENT
 from ..distributed import is_main_process
-from .journal import Journal, is_outage, journal_path, log_input, metric_entries, register_model
+from .journal import (
+    Journal,
+    is_outage,
+    journal_path,
+    log_input,
+    log_model,
+    logged_model_id,
+    metric_entries,
+    register_model,
+)
 from .store import (
     OWNER_TAGS,
     git_commit,
@@ -37,6 +46,10 @@ def _param_value(value) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def _strings(values: dict) -> dict:
+    return {k: _param_value(v) for k, v in values.items() if v is not None}
+
+
 class MLflowTracker:
     """log_dict buffers, flush sends one log_batch.
 
@@ -49,7 +62,8 @@ class MLflowTracker:
     def __init__(self, run_id: str, journal_dir: str | Path | None = None, store_uri: str | None = None):
         self.client = MlflowClient(store_uri)
         self.run_id = run_id
-        self._buffer = []
+        self._buffer = []  # (Metric, the name of the LoggedModel it belongs to or None)
+        self.models = {}  # name -> id of the LoggedModels this run has made
         self.journal = Journal(journal_path(journal_dir or PENDING_DIR, run_id), run_id, store_uri or tracking_uri())
         self._retry_at = 0.0
 
@@ -76,9 +90,15 @@ class MLflowTracker:
             self.journal.append(entries)
             return False
 
-    def log_dict(self, metrics: dict, step: int = 0) -> None:
+    def log_dict(self, metrics: dict, step: int = 0, model: str | None = None, dataset: tuple = (None, None)) -> None:
+        """Buffers the metrics at `step`; `model` (a LoggedModel's name) and `dataset` ((name, digest) of the
+        data they measure) link them to that model, as MLflow's Models tab shows it."""
         now = int(time.time() * 1000)
-        self._buffer += [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        model_id = self.models.get(model) if model else None
+        self._buffer += [
+            (Metric(key, float(value), now, int(step), model_id, *(dataset if model else (None, None))), model)
+            for key, value in metrics.items()
+        ]
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
 
@@ -124,6 +144,27 @@ class MLflowTracker:
         }
         self._deliver(lambda: log_input(self.client, self.run_id, entry), [entry])
 
+    def _linked(self, metric: Metric, model: str | None) -> Metric:
+        """The metric with its model's id, looked up once where the model was made by a journal's replay."""
+        if model is None or metric.model_id is not None:
+            return metric
+        if model not in self.models:
+            self.models[model] = logged_model_id(self.client, self.run_id, model)
+        dataset = metric.dataset_name, metric.dataset_digest
+        return Metric(metric.key, metric.value, metric.timestamp, metric.step, self.models[model], *dataset)
+
+    def log_model(self, name: str, params: dict, tags: dict) -> None:
+        """A LoggedModel of the run, `name` unique within it (a model already logged under it is not logged
+        again); metrics logged with `model=name` afterwards link to it. During an outage it is journaled, and
+        its metrics link to it when the journal is replayed."""
+        entry = {"kind": "model", "name": name, "params": _strings(params), "tags": _strings(tags)}
+        self.flush()  # metrics logged before belong to no model
+
+        def send():
+            self.models[name] = log_model(self.client, self.run_id, entry)
+
+        self._deliver(send, [entry])
+
     def register_model(self, name: str, artifact_path: str, tags: dict) -> None:
         """Registers the run's `artifact_path` as a new version of model `name`, tagged (sparsity, perplexity)."""
         entry = {"kind": "register", "name": name, "artifact_path": artifact_path, "tags": tags}
@@ -156,8 +197,9 @@ class MLflowTracker:
         pending, self._buffer = self._buffer, []
 
         def send():
-            for start in range(0, len(pending), 1000):
-                self.client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+            metrics = [self._linked(metric, model) for metric, model in pending]
+            for start in range(0, len(metrics), 1000):
+                self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
         self._deliver(send, metric_entries(pending), force)
 
@@ -170,7 +212,7 @@ class NullTracker:
 
     run_id = None
 
-    def log_dict(self, metrics: dict, step: int = 0) -> None: ...
+    def log_dict(self, metrics: dict, step: int = 0, model=None, dataset=(None, None)) -> None: ...
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_artifact(self, path, artifact_path=None) -> None: ...
@@ -179,6 +221,7 @@ class NullTracker:
     def log_dict_artifact(self, data: dict, artifact_file: str) -> None: ...
     def log_input(self, **fields) -> None: ...
     def register_model(self, name: str, artifact_path: str, tags: dict) -> None: ...
+    def log_model(self, name: str, params: dict, tags: dict) -> None: ...
     def log_model_dir(self, directory, register_as=None, tags=None) -> None: ...
     def flush(self, force: bool = False) -> None: ...
     def close(self) -> None: ...
