@@ -15,10 +15,11 @@ import math
 
 import pandas as pd
 
-from ..axes import ROW_AXES, SELECTION_AXES, cell_name, is_plain
+from ..axes import ROW_AXES, cell_name, is_plain
 from ..methods import methods_where
 from .numbers import change_pct, tokens_text
 from .paired import paired_difference
+from .results import runs_of_row
 
 
 def _ppl(row) -> str:
@@ -51,17 +52,8 @@ def _named(row) -> str:
     return _name(row) + (f" at lr {row['lr']:g}" if "lr" in row and not pd.isna(row["lr"]) else "")
 
 
-def _runs_of(runs: pd.DataFrame, row) -> pd.DataFrame:
-    """The runs of the summary row's cell: the same place on every row axis and, where it has one, the same lr."""
-    same = pd.Series(True, index=runs.index)
-    for name in ROW_AXES + SELECTION_AXES:
-        if name in row and not (isinstance(row[name], float) and math.isnan(row[name])):
-            same &= runs[name] == row[name]
-    return runs[same]
-
-
 def paired_verdict(winner, runner, runs: pd.DataFrame) -> str:
-    paired = paired_difference(_runs_of(runs, winner), _runs_of(runs, runner))
+    paired = paired_difference(runs_of_row(runs, winner), runs_of_row(runs, runner))
     if paired is None or paired.seeds < 2:
         return ""
     return (

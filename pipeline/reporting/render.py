@@ -30,7 +30,7 @@ from .plots import (
     lr_sensitivity,
     perplexity_vs_sparsity,
 )
-from .results import collect_runs, planned_lrs, summarize
+from .results import collect_runs, planned_lrs, runs_of_row, summarize
 
 
 def _labels(rows: pd.DataFrame) -> list:
@@ -62,10 +62,7 @@ def model_links(summary: pd.DataFrame, runs: pd.DataFrame, experiment_id: str) -
     final = models.assign(_iteration=iteration).sort_values("_iteration").groupby("run_id")["model_id"].last()
     links = []
     for _, row in summary.iterrows():
-        same = pd.Series(True, index=runs.index)
-        for name in ROW_AXES + SELECTION_AXES:
-            same &= (runs[name] == row[name]) | (runs[name].isna() & pd.isna(row[name]))
-        found = [final[r] for r in runs.loc[same, "run_id"] if r in final.index]
+        found = [final[r] for r in runs_of_row(runs, row)["run_id"] if r in final.index]
         links.append(" ".join(f"[{m[:10]}](models:/{m})" for m in found) or "-")
     return {"Model": links}
 

@@ -78,6 +78,15 @@ def planned_lrs(experiment_id: str) -> list[float]:
     return sorted(planned)
 
 
+def runs_of_row(runs: pd.DataFrame, row) -> pd.DataFrame:
+    """The runs of a summary row's cell: the same place on every row axis and, where it has one, the same lr."""
+    same = pd.Series(True, index=runs.index)
+    for name in ROW_AXES + SELECTION_AXES:
+        if name in row and not (isinstance(row[name], float) and math.isnan(row[name])):
+            same &= runs[name] == row[name]
+    return runs[same]
+
+
 def task_columns(table: pd.DataFrame) -> list:
     return [column for column in table.columns if column.startswith("acc:")]
 

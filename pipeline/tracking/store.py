@@ -142,7 +142,13 @@ def experiment_identity(experiment_id: str) -> str:
     """`e<id>-<hash>`: the experiment's id and a hash of its creation time, which another store's experiment of
     the same id (another sqlite file, or the same file deleted and created anew) does not share. Whatever
     belongs to one store and experiment (a grid cell's checkpoints, its shared prunings) is named by it."""
-    created = MlflowClient().get_experiment(experiment_id).creation_time
+    return _experiment_identity(mlflow.get_tracking_uri(), experiment_id)
+
+
+@cache
+def _experiment_identity(store: str, experiment_id: str) -> str:
+    """Asked of the store once per process (a cell names three things by it)."""
+    created = MlflowClient(store).get_experiment(experiment_id).creation_time
     return f"e{experiment_id}-{hashlib.sha256(f'{experiment_id}:{created}'.encode()).hexdigest()[:8]}"
 
 
