@@ -17,9 +17,10 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .config import DISTILL_MODES, LORA_SETTINGS, TRAIN_PARAMS
-from .methods import KINDS, METHODS
-from .settings import get_path
+from .config import DISTILL_MODES, LORA_SETTINGS, TRAIN_PARAMS, ScheduleConfig, TrainConfig
+from .methods import KINDS, METHODS, SPARSITY_SCHEDULES_ONCE
+from .reporting.numbers import tokens_text
+from .settings import default_of, get_path
 
 ROW, SELECTION, REPEAT = "row", "selection", "repeat"  # what an axis is to the report's tables
 
@@ -44,6 +45,10 @@ def _optional_int(text: str) -> int | None:
     return int(text) if text else None
 
 
+def _optional_step(text: str) -> float | None:
+    return float(text) if text else None
+
+
 def _recovery_before_its_tag(run) -> str:
     """Runs made before the grid's recovery loss was `cell_distill` called it `cell_recovery`."""
     return run.data.tags.get("cell_recovery", "none")
@@ -61,6 +66,16 @@ def _scaled_lr(cell_config, lr: float, grid_config):
     final_lr = None if final_lr is None else final_lr * lr / grid_config.train.lr
     schedule = replace(cell_config.schedule, final_lr=final_lr)
     return replace(cell_config, schedule=schedule, train=replace(cell_config.train, lr=lr))
+
+
+def _budgeted(cell_config, budget: int, grid_config):
+    """A cell trains `budget` tokens in all: its steps come from the budget, so --epochs-per-iteration and
+    --max-steps are no part of its identity, nor (for one iteration of training) its --prune-percentage."""
+    defaults = {name: default_of(TrainConfig, name) for name in ("epochs", "max_steps")}
+    schedule = replace(cell_config.schedule, budget=budget)
+    if schedule.schedule in SPARSITY_SCHEDULES_ONCE:
+        schedule = replace(schedule, prune_percentage=default_of(ScheduleConfig, "prune_percentage"))
+    return replace(cell_config, schedule=schedule, train=replace(cell_config.train, **defaults))
 
 
 def _trained_parameters(cell_config, mode: str, grid_config):
@@ -84,13 +99,19 @@ class Axis:
     legacy: object = None  # a run without the tag: this value, or a function of the run that finds it
     aliases: Mapping = field(default_factory=dict)  # older spellings of a value in the tag
     plain: object = None  # a value a cell's name leaves out; any other is named in brackets: `X + FT [logits]`
+    word: Callable | None = None  # value -> its words in those brackets (None: the value itself)
     describe: Callable | None = None  # value -> words in a cell's label after its sparsity (`lr 0.001`)
     style: Callable | None = None  # value -> the figures' style entries of its points (a marker, a fill)
     # recovery axes: the grid setting that sweeps the trained cells over it (a GridConfig list), the setting
     # its values fall back to when that list is empty, and how a value enters the trained cell's config
     setting: str | None = None
-    fallback: str | None = None  # a dotted path into the grid's config
+    fallback: str | None = None  # a dotted path into the grid's config; None: a cell outside a sweep has no value
     applies: str | Callable | None = None  # a dotted path into the cell's config, or (config, value, grid) -> config
+    only: Callable | None = None  # method -> whether the axis is the method's at all (None: every trained one's)
+
+    def of(self, method) -> bool:
+        """Whether a trained cell of this method (a methods.Method) is swept over this axis."""
+        return self.only is None or self.only(method)
 
     def read(self, run):
         """The axis' value for a finished cell run, of this version or an older one."""
@@ -103,10 +124,14 @@ class Axis:
     def sweep(self, grid_config) -> list:
         """The values a grid runs its trained cells at."""
         values = getattr(grid_config.grid, self.setting)
-        return list(values) if values else [get_path(grid_config, tuple(self.fallback.split(".")))]
+        if values:
+            return list(values)
+        return [get_path(grid_config, tuple(self.fallback.split(".")))] if self.fallback else [None]
 
     def apply(self, cell_config, value, grid_config):
-        """The trained cell's config with this axis at `value`."""
+        """The trained cell's config with this axis at `value` (None: as the grid's config has it)."""
+        if value is None:
+            return cell_config
         if callable(self.applies):
             return self.applies(cell_config, value, grid_config)
         group, name = self.applies.split(".")
@@ -144,6 +169,29 @@ AXES = (
         applies=_trained_parameters,
     ),
     Axis(
+        "budget",
+        "cell_budget",
+        ROW,
+        5,
+        encode=lambda budget: "" if budget is None else str(budget),
+        decode=_optional_int,
+        word=lambda budget: f"{tokens_text(budget)} tokens",
+        setting="budgets",
+        applies=_budgeted,
+    ),
+    Axis(
+        "prune_percentage",
+        "cell_prune_percentage",
+        ROW,
+        6.5,
+        encode=lambda step: "" if step is None else repr(step),
+        decode=_optional_step,
+        word=lambda step: f"step {step:g}",
+        setting="prune_percentages",
+        applies="schedule.prune_percentage",
+        only=lambda method: method.prunes_step_by_step,
+    ),
+    Axis(
         "lr",
         "cell_lr",
         SELECTION,
@@ -170,13 +218,20 @@ AXIS = {axis.name: axis for axis in AXES}
 ROW_AXES = [axis.name for axis in AXES if axis.role == ROW]  # a table row: one cell over its seeds and lrs
 SELECTION_AXES = [axis.name for axis in AXES if axis.role == SELECTION]
 RECOVERY_AXES = [axis for axis in AXES if axis.setting]  # the trained cells' grid dimensions
-NAMED_AXES = [axis for axis in AXES if axis.plain is not None]  # named in brackets where not plain
+PLAIN_AXES = [axis for axis in AXES if axis.plain is not None]  # the recipe's plain recovery is at each's plain
+NAMED_AXES = [axis for axis in AXES if axis.plain is not None or axis.word]  # named in brackets where they differ
 COLUMNS = [axis.name for axis in sorted(AXES, key=lambda axis: axis.role != ROW)]  # rows' identity first
 
 
+def _given(value) -> bool:
+    return not (value is None or value == "" or (isinstance(value, float) and math.isnan(value)))
+
+
 def recovery(values: Mapping) -> str:
-    """` [logits]`, ` [lora]`, ` [logits, lora]`: a cell's recovery where it is not the plain one."""
-    parts = [str(values.get(a.name, a.plain)) for a in NAMED_AXES if values.get(a.name, a.plain) not in (a.plain, "")]
+    """` [logits]`, ` [lora]`, ` [logits, 328 k tokens]`: a cell's recovery where it is not the plain one, its
+    budget and step size where it has them."""
+    named = [(a, values.get(a.name, a.plain)) for a in NAMED_AXES]
+    parts = [(a.word or str)(value) for a, value in named if _given(value) and value != a.plain]
     return f" [{', '.join(parts)}]" if parts else ""
 
 
@@ -195,7 +250,7 @@ def display_name(values: Mapping) -> str:
 
 def is_plain(values: Mapping) -> bool:
     """Whether a cell recovers the plain way (cross-entropy, every parameter): the recipe's dense control is."""
-    return all(values.get(a.name, a.plain) == a.plain for a in NAMED_AXES)
+    return all(values.get(a.name, a.plain) == a.plain for a in PLAIN_AXES)
 
 
 def cell_style(values: Mapping) -> dict:

@@ -37,7 +37,7 @@ from .config import (
     TrainRunConfig,
 )
 from .errors import ConfigError, Terminated, UserError, spell
-from .settings import Leaf, build, flatten
+from .settings import Leaf, Tokens, build, flatten
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Number(click.ParamType):
 
     def __init__(self, base: type, optional: bool):
         self.base, self.optional = base, optional
-        self.name = "integer" if base is int else "float"
+        self.name = {int: "integer", float: "float", Tokens: "tokens"}[base]
 
     def convert(self, value, param, ctx):
         if not isinstance(value, str):
@@ -145,6 +145,11 @@ class Number(click.ParamType):
         _refuse_empty(self, value, param, ctx)
         if self.optional and value.strip() in NONE_WORDS:
             return None
+        if self.base is Tokens:
+            try:
+                return int(Tokens(value))
+            except ValueError as error:
+                self.fail(str(error), param, ctx)
         if self.base is int and re.fullmatch(r"[+-]?\d+", value.strip()):
             return int(value)  # exactly: a seed like 2^64 - 1 must not be rounded through a float
         try:
@@ -182,7 +187,9 @@ class CommaList(click.ParamType):
             )
         try:
             return [self.item(part.strip()) for part in value.split(",") if part.strip()]
-        except ValueError:
+        except ValueError as error:
+            if self.item is Tokens:
+                self.fail(f"{error}, in '{value}'", param, ctx)
             kind = "numbers" if self.item in (int, float) else "values"
             self.fail(f"'{value}' is not a comma-separated list of {kind}, e.g. {param.default or 'a,b'}", param, ctx)
 
@@ -203,7 +210,7 @@ def _parameter(leaf: Leaf) -> click.Parameter:
         return click.Option(
             names, type=CommaList(leaf.item), default=",".join(map(str, default)), show_default=True, help=help
         )
-    if leaf.base in (int, float):
+    if leaf.base in (int, float, Tokens):
         kind = Number(leaf.base, leaf.optional)
     else:
         kind = OptionalText() if leaf.optional else click.STRING

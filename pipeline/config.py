@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 from .errors import ConfigError, option
 from .methods import CRITERION_NAMES, DEFAULT_GRID, GRID_METHODS, METHODS, Criterion, criterion
-from .settings import Settings, default_of, group, setting
+from .schedules import SPARSITY_SCHEDULES, iterations_to_reach
+from .settings import Settings, Tokens, default_of, group, setting
 
 EMBEDDED_MODEL = "opt-tiny"
 EMBEDDED_MODELS = ("opt-tiny", "llama-tiny")  # shipped in pipeline/assets: everything runs offline
@@ -26,7 +27,6 @@ DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("test", "validation")
 # geometric and cubic prune step by step; one-shot prunes to the target at once and dense never prunes,
 # both then training as many iterations as geometric would: the equal-budget controls of `compare`
-SPARSITY_SCHEDULES = ("geometric", "cubic", "one-shot", "dense")
 LR_SCHEDULES = ("constant", "cosine")
 SPARSITY_PROFILES = ("uniform", "owl")  # how a target sparsity is spread over the decoder layers
 TRAIN_PARAMS = ("all", "norms-biases", "lora")  # what a recovery trains
@@ -452,6 +452,15 @@ class ScheduleConfig(Settings):
         noun="schedule",
     )
     final_lr: float | None = setting(None, "last iteration's lr; geometric in between", above=0, rule=default_final_lr)
+    budget: Tokens | None = setting(
+        None,
+        "training tokens of the whole run (k and M accepted: 320k, 1.3M), in place of --epochs and --max-steps: "
+        "the budget over the tokens of one optimizer step (batch x window) is its steps, rounded to the nearest "
+        "whole step and split evenly over the iterations (the last ones one step more where it does not divide); "
+        "one-shot and dense train them all in one iteration after their pruning",
+        above=0,
+        hint="give a positive count of tokens, e.g. 320k",
+    )
 
 
 @dataclass
@@ -586,6 +595,12 @@ class IterativeConfig(RunConfig):
         "run --eval-tasks on the dense model and after every N-th iteration and the last; 0: after the last only",
         at_least=0,
     )
+    eval_every: int = setting(
+        1,
+        "measure the perplexity after every N-th iteration's pruning and training, and always after the last; 0: "
+        "after the last only (the iterations between log no perplexity; their models are the same)",
+        at_least=0,
+    )
     train_seqlen: int | None = setting(None, "training window", at_least=2, rule=default_train_seqlen)
     eval_split: str = setting(
         "test", "split evaluated after each pruning and each training step", choices=SPLITS, noun="split"
@@ -681,6 +696,29 @@ class GridConfig(Settings):
         "perplexity over the seeds; --final-lr scales with it; empty: --lr alone",
         above=0,
         hint="give positive learning rates, e.g. 1e-4,3e-4,1e-3",
+    )
+    budgets: list[Tokens] = setting(
+        [],
+        "comma-separated training budgets, each a cell of its own: the training tokens of every trained cell "
+        "(k and M accepted: 80k,320k,1.3M; --budget of each cell); iterative splits its budget evenly over its "
+        "iterations, X+ft and dense+ft train it in one run after their pruning; empty: --max-steps per iteration",
+        above=0,
+        hint="give positive counts of tokens, e.g. 80k,320k",
+    )
+    prune_percentages: list[float] = setting(
+        [],
+        "comma-separated step sizes of the methods that prune step by step (iterative, iterative-sparsegpt, ...), "
+        "each a cell of its own: the fraction of the remaining weights pruned per iteration (0.1 reaches 90% in "
+        "22 steps); needs --budgets, so that every step size trains the same tokens; empty: --prune-percentage",
+        above=0,
+        below=1,
+        hint="give fractions of the remaining weights, e.g. 0.1,0.3",
+    )
+    eval_every: int = setting(
+        1,
+        "each trained cell measures its perplexity after every N-th iteration and the last; 0: the last only (a "
+        "grid read for its final models runs faster; the per-iteration curves then hold the last point alone)",
+        at_least=0,
     )
     force: bool = setting(False, "rerun cells that already have a finished run")
     output_dir: str | None = setting(None, "where the grid's tables and report go", rule=default_report_dir)
@@ -791,6 +829,29 @@ PRESETS["tuned"] = {
 }
 
 
+# where iterating pays: every method at three budgets spanning 16x (8, 32 and 128 steps of 8 x 256 tokens), the
+# step-by-step methods at three step sizes, five targets to 95%, three lrs around the tuned optima, three seeds;
+# only the final models are measured. 1,215 trained cells, about nine hours on 2 cores
+PRESETS["crossover"] = {
+    **PRESETS["tuned"],
+    "sparsities": [0.5, 0.7, 0.8, 0.9, 0.95],
+    "methods": [
+        "sparsegpt",
+        "magnitude",
+        "iterative",
+        "iterative-sparsegpt",
+        "sparsegpt+ft",
+        "magnitude+ft",
+        "dense+ft",
+    ],
+    "lrs": [1e-4, 3e-4, 1e-3],
+    "budgets": [16384, 65536, 262144],
+    "prune_percentages": [0.1, 0.3, 0.5],
+    "max_iterations": 29,  # 0.1 of the remainder per step reaches 95% in 29
+    "eval_every": 0,
+}
+
+
 def _preset_value(value) -> str:
     if isinstance(value, list):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
@@ -805,7 +866,8 @@ def preset_help() -> str:
     )
     return (
         "settings a preset changes unless given (demo: the MLproject's main entry point; tuned: its `tuned` entry "
-        f"point, each method's lr selected on validation) - {described}"
+        "point, each method's lr selected on validation; crossover: its `crossover` entry point, every trained method "
+        f"at three budgets and the step-by-step ones at three step sizes) - {described}"
     )
 
 
@@ -814,7 +876,7 @@ class CompareConfig(RunConfig):
     PRESETS: ClassVar[dict] = PRESETS
 
     grid: GridConfig = group(GridConfig)
-    schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity",))
+    schedule: ScheduleConfig = group(ScheduleConfig, exclude=("target_sparsity", "budget"))
     train: TrainConfig = group(
         TrainConfig,
         rename={"epochs": "epochs_per_iteration"},
@@ -841,6 +903,7 @@ class CompareConfig(RunConfig):
         trained = [name for name in self.grid.methods if METHODS[name].kind == "trained"]
         if trained:
             refuse_float16_training(self.model)
+        self.check_budgets(trained)
         refuse_unused_owl(self.prune, any(METHODS[name].profile == "owl" for name in self.grid.methods))
         refuse_unused_lora(self.train, bool(trained) and "lora" in self.grid.train_params)
         if not trained and self.grid.lrs:
@@ -862,6 +925,36 @@ class CompareConfig(RunConfig):
             raise ConfigError(
                 f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "
                 "prune step by step: use geometric or cubic (the +ft cells are the one-shot ones)"
+            )
+
+    def check_budgets(self, trained: list) -> None:
+        """Budgets are the trained cells'; step sizes are the step-by-step methods', and compare at one budget."""
+        budgets = ",".join(map(str, self.grid.budgets))
+        if self.grid.budgets and not trained:
+            raise ConfigError(
+                f"{option('budgets')} {budgets} are the trained cells' training tokens, and {option('methods')} "
+                f"has none: add iterative or an X+ft method, or leave {option('budgets')} out"
+            )
+        if not self.grid.prune_percentages:
+            return
+        steps = ",".join(f"{p:g}" for p in self.grid.prune_percentages)
+        if not any(METHODS[name].prunes_step_by_step for name in trained):
+            raise ConfigError(
+                f"{option('prune_percentages')} {steps} are the step sizes of the methods that prune step by step, "
+                f"and {option('methods')} has none: add iterative, or leave {option('prune_percentages')} out"
+            )
+        if not self.grid.budgets:
+            raise ConfigError(
+                f"{option('prune_percentages')} {steps} needs {option('budgets')}: at a fixed number of steps per "
+                f"iteration each step size would train a different number of tokens; give {option('budgets')} "
+                "(e.g. 80k,320k)"
+            )
+        needed = max(iterations_to_reach(s, p) for s in self.grid.sparsities for p in self.grid.prune_percentages)
+        if needed > self.schedule.max_iterations:
+            raise ConfigError(
+                f"{option('prune_percentages')} {steps} needs {needed} iterations to reach "
+                f"{max(self.grid.sparsities):g}, above {option('max_iterations')} {self.schedule.max_iterations}: "
+                f"give {option('max_iterations')} {needed} or more, or larger step sizes"
             )
 
 

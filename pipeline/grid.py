@@ -48,6 +48,7 @@ NOT_IDENTITY = {
     "model_dir",
     "tasks_batch_size",
     "log_models",
+    "eval_every",  # which iterations are measured: the models are the same
 }
 
 
@@ -108,6 +109,7 @@ def trained_cell_config(
         tasks=config.tasks,
         saved_model=config.saved_model,
         eval_tasks_every=0,  # the cell's accuracy is its final model's
+        eval_every=config.grid.eval_every,
         schedule=replace(config.schedule, target_sparsity=target, schedule=schedule),
         # LoRA's settings at their defaults: the recovery axes set what each cell reads
         train=replace(config.train, seed=seed, **{name: default_of(TrainConfig, name) for name in LORA_SETTINGS}),
@@ -115,7 +117,7 @@ def trained_cell_config(
         validate=True,
     )
     for axis in RECOVERY_AXES:
-        value = recovery[axis.name] if axis.name in recovery else axis.sweep(config)[0]
+        value = recovery[axis.name] if axis.name in recovery else axis.sweep(config)[0] if axis.of(entry) else None
         cell_config = axis.apply(cell_config, value, config)
     return cell_config
 
@@ -145,8 +147,8 @@ def _one_shot_cells(config: CompareConfig, corpus_digest: str, shared: dict) -> 
 
 
 def _trained_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
-    """Every trained cell: each trained method at each target, at every combination of the recovery axes'
-    values, per seed."""
+    """Every trained cell: each trained method at each target, at every combination of the values of the
+    recovery axes that are the method's (an axis that is not, e.g. the step size of X+ft, is None), per seed."""
     trained = [METHODS[name] for name in config.grid.methods if METHODS[name].kind == "trained"]
     rows = [axis for axis in RECOVERY_AXES if axis.role != SELECTION]
     selections = [axis for axis in RECOVERY_AXES if axis.role == SELECTION]
@@ -154,8 +156,11 @@ def _trained_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
     for target in config.grid.sparsities:
         for row in itertools.product(*(axis.sweep(config) for axis in rows)):
             for method in trained:
+                if any(not axis.of(method) and value != axis.sweep(config)[0] for axis, value in zip(rows, row)):
+                    continue  # the method's one cell on an axis that is not its own is made at the first value
+                mine = tuple(value if axis.of(method) else None for axis, value in zip(rows, row))
                 for selection in itertools.product(*(axis.sweep(config) for axis in selections)):
-                    recovery = dict(zip([a.name for a in rows + selections], row + selection))
+                    recovery = dict(zip([a.name for a in rows + selections], mine + selection))
                     for seed in config.grid.seeds:
                         cell_config = trained_cell_config(config, method.name, target, seed, recovery)
                         values = cell_values("trained", method.name, target, seed, **recovery)

@@ -16,6 +16,7 @@ iteration, logging no step twice.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,11 +30,12 @@ from .config import IterativeConfig, ScheduleConfig, TrainConfig
 from .distributed import is_main_process, sync_from_main
 from .errors import Continuable, UserError
 from .logged_models import model_name, model_record
+from .methods import SPARSITY_SCHEDULES_ONCE
 from .models import save_model
 from .pruning import prune_model
 from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of, sparsity_report
 from .pruning.owl import layer_sparsity_metrics
-from .schedules import learning_rate_for, sparsity_schedule
+from .schedules import budget_steps, learning_rate_for, sparsity_schedule, split_steps
 from .settings import flat_values
 from .shared_pruning import prune_starting_model
 from .tracking.store import tracking_uri
@@ -62,8 +64,12 @@ STEP_METRIC_NAMES = {"loss": "train_step_loss", "lr": "train_lr"}  # the loss's 
 
 
 def planned_schedule(schedule: ScheduleConfig) -> tuple[list, int]:
-    """(per-iteration sparsity targets after the max_iterations cap, uncapped iteration count)."""
+    """(per-iteration sparsity targets after the max_iterations cap, uncapped iteration count). With a budget,
+    one-shot and dense train in one iteration: nothing is pruned between their iterations, so splitting their
+    training would only restart the optimizer."""
     full = sparsity_schedule(schedule.schedule, schedule.target_sparsity, schedule.prune_percentage)
+    if schedule.budget is not None and schedule.schedule in SPARSITY_SCHEDULES_ONCE:
+        full = full[-1:]
     return full[: schedule.max_iterations], len(full)
 
 
@@ -134,13 +140,14 @@ def log_iteration(tracker, entry: dict, model: str | None = None, dataset: tuple
     evaluation `dataset`), and the perplexity against the training tokens so far (`ppl_at_tokens`, from the
     first pruning step at 0 tokens on), so the UI overlays runs of one budget (iterative, one-shot + training,
     dense + training) on one axis."""
-    metrics = {key: entry[key] for key in ITERATION_METRICS if key in entry}
+    measured = {key: value for key, value in entry.items() if not (isinstance(value, float) and math.isnan(value))}
+    metrics = {key: measured[key] for key in ITERATION_METRICS if key in measured}  # --eval-every: some unmeasured
     tracker.log_dict(metrics, step=entry["iteration"], model=model, dataset=dataset)
     if entry.get("layer_sparsities"):
         tracker.log_dict(layer_sparsity_metrics(entry["layer_sparsities"]), step=entry["iteration"])
-    if entry["iteration"] == 1:
+    if entry["iteration"] == 1 and "ppl_after_prune" in measured:
         tracker.log_dict({"ppl_at_tokens": entry["ppl_after_prune"]}, step=0)
-    if entry["iteration"] >= 1:
+    if entry["iteration"] >= 1 and "ppl_after_train" in measured:
         tracker.log_dict({"ppl_at_tokens": entry["ppl_after_train"]}, step=int(entry["train_tokens"]))
 
 
@@ -176,7 +183,7 @@ class ImpRun:
         self.rewind_state = self._saved_rewind_point()
         self.history = history or []
         self.eval_seconds = 0.0  # spent on perplexity evaluations in the iteration being run
-        self.steps_per_iteration = steps_per_epoch(self.blocks.shape[0], config.train) * config.train.epochs
+        self.steps = self.planned_steps()  # each iteration's optimizer steps
         self.already_logged = max(tracker.logged_steps("train_step_loss"), default=0)  # a resumed run's steps
 
     @classmethod
@@ -213,11 +220,12 @@ class ImpRun:
             started, self.eval_seconds = time.perf_counter(), 0.0
             before = sparsity_of(self.linears)
             sparsity = self.prune(k)
-            ppl_pruned = self.evaluate() if sparsity != before else self.history[-1]["ppl_after_train"]
+            measured = self.measures(k)
+            ppl_pruned = self.history[-1]["ppl_after_train"] if sparsity == before else self.evaluate(measured)
             print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {ppl_pruned:.2f}")
             self.rewind(k)
             trained = self.train(k)
-            ppl_trained = self.evaluate()
+            ppl_trained = self.evaluate(measured)
             self.history.append(
                 iteration_record(
                     k,
@@ -238,7 +246,14 @@ class ImpRun:
 
     # --- the phases ---------------------------------------------------------------------------------
 
-    def evaluate(self) -> float:
+    def measures(self, k: int) -> bool:
+        """Whether iteration k's perplexities are measured: every --eval-every-th iteration's, and the last's."""
+        every = self.config.eval_every
+        return k == len(self.targets) or bool(every and k % every == 0)
+
+    def evaluate(self, measured: bool = True) -> float:
+        if not measured:
+            return math.nan
         result = self.work.evaluate(self.config.eval_split)
         self.eval_seconds += result.seconds
         return result.perplexity
@@ -283,6 +298,14 @@ class ImpRun:
         train = self.config.train
         return learning_rate_for(k, len(self.targets), train.lr, self.config.schedule.resolved("final_lr", train.lr))
 
+    def planned_steps(self) -> list[int]:
+        """Each iteration's optimizer steps: --epochs of --max-steps each, or the budget's steps split evenly."""
+        budget, train = self.config.schedule.budget, self.config.train
+        if budget is None:
+            return [steps_per_epoch(self.blocks.shape[0], train) * train.epochs] * len(self.targets)
+        tokens_per_step = train.batch_size * train.grad_accum * self.blocks.shape[1]
+        return split_steps(budget_steps(budget, tokens_per_step), len(self.targets))
+
     def train_config(self, k: int) -> TrainConfig:
         # each iteration its own data order, reproducible from --seed alone
         return replace(self.config.train, lr=self.lr(k), seed=self.config.train.seed + 1000 * k)
@@ -296,6 +319,7 @@ class ImpRun:
                 self.linears,
                 self.blocks,
                 self.train_config(k),
+                steps=self.steps[k - 1] if self.config.schedule.budget is not None else None,
                 teacher=self.start if self.config.train.distill != "none" else None,
                 desc=f"Iteration {k}",
                 on_log=self.step_logger(k),
@@ -370,7 +394,7 @@ class ImpRun:
 
     def step_logger(self, k: int) -> Callable[[int, dict], None]:
         """Logs iteration k's training steps at global step numbers, none twice after a resume."""
-        offset = (k - 1) * self.steps_per_iteration
+        offset = sum(self.steps[: k - 1])
 
         def log_step(step: int, metrics: dict) -> None:
             if offset + step > self.already_logged:
@@ -418,7 +442,7 @@ class ImpRun:
                 )
         restore_rng_state(checkpoint["rng"])
         self.history = checkpoint["history"]
-        logged = self.tracker.logged_steps("ppl_after_train")
+        logged = self.tracker.logged_steps("sparsity")  # every iteration logs it, measured or not
         for entry in self.history:
             if entry["iteration"] not in logged:
                 log_iteration(self.tracker, entry)

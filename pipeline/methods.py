@@ -89,13 +89,17 @@ class Method:
 
 def _methods() -> dict:
     """Each criterion untrained and +ft, each with the uniform profile and OWL's (`wanda-owl`, `wanda-owl+ft`);
-    iterative with either; dense+ft; the baseline."""
+    iterative with either, and step by step with each calibrating criterion (`iterative-sparsegpt`); dense+ft;
+    the baseline."""
     entries = [Method("unpruned", "dense", "Unpruned", "C4", None)]
     owl = [c for c in CRITERIA if not c.control]
     entries += [Method(c.name, "one-shot", c.display, c.color, c, control=c.control) for c in CRITERIA]
     entries += [Method(f"{c.name}-owl", "one-shot", f"{c.display} OWL", c.color, c, profile="owl") for c in owl]
     entries += [Method("iterative", "trained", "Iterative", "C3", None)]
     entries += [Method("iterative-owl", "trained", "Iterative OWL", "C3", None, profile="owl")]
+    # step by step with a criterion that calibrates: each step measures the current sparse model's activations
+    calibrated = [c for c in CRITERIA if c.calibrates]
+    entries += [Method(f"iterative-{c.name}", "trained", f"Iterative {c.display}", "C3", c) for c in calibrated]
     entries += [
         Method(f"{c.name}+ft", "trained", f"{c.display} + FT", c.color, c, "one-shot", c.control) for c in CRITERIA
     ]
@@ -117,12 +121,14 @@ DEFAULT_GRID = ("sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", 
 def trained_method_of(schedule: str, criterion_name: str, profile: str = "uniform") -> str:
     """The trained grid method that an IMP run of this sparsity schedule, criterion and profile is: iterative's
     own schedules (geometric, cubic) with any criterion, or the method whose schedule and criterion these are."""
-    for entry in METHODS.values():
-        if entry.kind != "trained" or entry.profile != profile:
+    trained = [entry for entry in METHODS.values() if entry.kind == "trained" and entry.profile == profile]
+    # a method of this very criterion before one that takes any (iterative-sparsegpt before iterative)
+    for entry in sorted(trained, key=lambda entry: entry.criterion is None):
+        if entry.criterion is not None and entry.criterion.name != criterion_name:
             continue
         if entry.prunes_step_by_step and schedule not in SPARSITY_SCHEDULES_ONCE:
             return entry.name
-        if entry.schedule == schedule and (entry.criterion is None or entry.criterion.name == criterion_name):
+        if entry.schedule == schedule:
             return entry.name
     return f"{schedule}-{criterion_name}"
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from .config import SPARSITY_SCHEDULES
-
 
 def iterations_to_reach(target: float, fraction: float) -> int:
     """n = ceil(log(1 - s) / log(1 - p)): pruning p of the remainder n times zeroes 1 - (1-p)^n."""
@@ -33,12 +31,26 @@ SCHEDULES = {
     "one-shot": lambda target, fraction: [target] * iterations_to_reach(target, fraction),
     "dense": lambda target, fraction: [0.0] * iterations_to_reach(target, fraction),
 }
-assert set(SCHEDULES) == set(SPARSITY_SCHEDULES)
+SPARSITY_SCHEDULES = tuple(SCHEDULES)
 
 
 def sparsity_schedule(kind: str, target: float, fraction: float) -> list[float]:
     """The per-iteration targets, uncapped; every schedule has the geometric iteration count."""
     return SCHEDULES[kind](target, fraction)
+
+
+def budget_steps(budget: int, tokens_per_step: int) -> int:
+    """A budget of training tokens in optimizer steps: rounded to the nearest whole step (halves up), at least one."""
+    return max(1, math.floor(budget / tokens_per_step + 0.5))
+
+
+def split_steps(steps: int, iterations: int) -> list[int]:
+    """`steps` over `iterations` as evenly as whole steps allow: each floor(steps / n), and the last steps mod n
+    iterations one more (the sparsest models get the extra step)."""
+    if iterations <= 0:
+        return []
+    share, extra = divmod(steps, iterations)
+    return [share + (k >= iterations - extra) for k in range(iterations)]
 
 
 def learning_rate_for(iteration: int, iterations: int, first: float, last: float) -> float:

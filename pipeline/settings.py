@@ -18,12 +18,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 
 from .errors import ConfigError, option, spell
+
+
+class Tokens(int):
+    """A count of tokens, written whole or with a k or M suffix: 80k is 80000, 1.3M is 1300000."""
+
+    SUFFIXES = {"": 1, "k": 1_000, "K": 1_000, "m": 1_000_000, "M": 1_000_000}
+
+    def __new__(cls, value):
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmM]?)\s*", value)
+            if not match:
+                raise ValueError(f"'{value}' is not a count of tokens (e.g. 80000, 80k, 1.3M)")
+            number = float(match[1]) * cls.SUFFIXES[match[2]]
+            if not number.is_integer():
+                raise ValueError(f"'{value}' is not a whole number of tokens")
+            value = number
+        return super().__new__(cls, value)
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,12 @@ def _range_error(name: str, value, check: Check) -> str | None:
 
 
 def _scalar(name: str, base: type, value, check: Check):
+    if base is Tokens:
+        try:
+            value = int(Tokens(value)) if isinstance(value, str) else value
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
+        base = int
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")

@@ -74,6 +74,15 @@ def steps_per_epoch(n_blocks: int, config: TrainConfig) -> int:
     return min(full, config.max_steps) if config.max_steps else full
 
 
+def epoch_lengths(n_blocks: int, config: TrainConfig, steps: int | None = None) -> list[int]:
+    """The optimizer steps of each epoch: --epochs of steps_per_epoch, or exactly `steps` over whole passes of the
+    data (the last pass cut short)."""
+    if steps is None:
+        return [steps_per_epoch(n_blocks, config)] * config.epochs
+    full = math.ceil(n_blocks / (config.batch_size * config.grad_accum))
+    return [full] * (steps // full) + ([steps % full] if steps % full else [])
+
+
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -198,6 +207,13 @@ class _Trainer:
         """The mean over the processes, read to the host (a device sync)."""
         return self.accelerator.reduce(value, "mean").item()
 
+    def count_into(self, result: TrainResult) -> None:
+        """What the optimizer updated and the state it kept, into `result`."""
+        result.trained_parameters = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
+        result.optimizer_state_elements = sum(
+            value.numel() for state in self.optimizer.state.values() for value in state.values() if value.ndim
+        )
+
     def finish(self) -> None:
         """The trained weights in the plain model (gathered from the shards under FSDP), the wrappers freed."""
         if self.sharded:
@@ -216,32 +232,34 @@ def train_causal_lm(
     config: TrainConfig,
     *,
     mask_keeper=None,
+    steps: int | None = None,
     teacher: nn.Module | None = None,
     desc: str = "Training",
     on_log: Callable[[int, dict], None] | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Trains `model` in place on `blocks` [n, seqlen], with `config.distill`'s objective (`teacher` frozen);
-    `on_log(global_step, {"loss", "lr", and the loss's parts})` every log_every steps."""
+    """Trains `model` in place on `blocks` [n, seqlen], with `config.distill`'s objective (`teacher` frozen), for
+    `config.epochs` epochs or exactly `steps` optimizer steps; `on_log(global_step, {"loss", "lr", and the loss's
+    parts})` every log_every steps."""
     trainer = _Trainer(model, config, mask_keeper, teacher)
     result = trainer.result()
-    per_epoch = steps_per_epoch(blocks.shape[0], config)
+    lengths = epoch_lengths(blocks.shape[0], config, steps)
     show_progress = show_progress and trainer.accelerator.is_main_process
     started, step = time.perf_counter(), 0
     trainer.trained.train()
-    for epoch in range(config.epochs):
+    for epoch, per_epoch in enumerate(lengths):
         # each epoch its own order, drawn from the seed alone: a resumed or relaunched run sees the same data
         order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(config.seed + epoch))
         epoch_loss = torch.zeros((), device=trainer.device)  # summed on the device: no sync per step
         window = LossWindow()
         bar = tqdm(
             range(per_epoch),
-            desc=f"{desc}, Epoch {epoch + 1}/{config.epochs}",
+            desc=f"{desc}, Epoch {epoch + 1}/{len(lengths)}",
             disable=not show_progress,
             dynamic_ncols=True,
         )
         for step_in_epoch in bar:
-            lr = lr_at(step, per_epoch * config.epochs, config)
+            lr = lr_at(step, sum(lengths), config)
             for accum in range(config.grad_accum):
                 batch = trainer.micro_batch(blocks, order, step_in_epoch * config.grad_accum + accum)
                 loss, parts = trainer.forward_backward(batch, last=accum == config.grad_accum - 1)
@@ -261,13 +279,10 @@ def train_causal_lm(
         bar.close()
         result.epoch_losses.append(trainer.mean(epoch_loss) / per_epoch)
         if show_progress:
-            tqdm.write(f"{desc}, Epoch {epoch + 1}/{config.epochs}: average loss {result.epoch_losses[-1]:.4f}")
+            tqdm.write(f"{desc}, Epoch {epoch + 1}/{len(lengths)}: average loss {result.epoch_losses[-1]:.4f}")
     result.steps, result.seconds = step, time.perf_counter() - started
     result.flops = result.tokens * training_flops_per_token(model, blocks.shape[1])
-    result.trained_parameters = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
-    result.optimizer_state_elements = sum(
-        value.numel() for state in trainer.optimizer.state.values() for value in state.values() if value.ndim
-    )
+    trainer.count_into(result)
     trainer.finish()
     return result
 
@@ -297,6 +312,7 @@ def train_keeping_masks(
     blocks: torch.Tensor,
     config: TrainConfig,
     *,
+    steps: int | None = None,
     teacher: nn.Module | None = None,
     desc: str = "Training",
     on_log: Callable[[int, dict], None] | None = None,
@@ -314,6 +330,7 @@ def train_keeping_masks(
             blocks,
             config,
             mask_keeper=keeper,
+            steps=steps,
             teacher=teacher,
             desc=desc,
             on_log=on_log,

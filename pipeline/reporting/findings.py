@@ -87,7 +87,7 @@ def missing_from_sweep(trained: pd.DataFrame, planned: list) -> list[str]:
     """What has not finished in a sweep: per cell, the planned lrs it has no run at, and the lrs where fewer seeds
     finished than at its best-covered one."""
     gaps = []
-    for _, group in trained.groupby(ROW_AXES, sort=False):
+    for _, group in trained.groupby(ROW_AXES, sort=False, dropna=False):
         row, tried = group.iloc[0], set(group["lr"].dropna())
         missing = [f"{lr:g}" for lr in planned if lr not in tried]
         thin = [
@@ -163,8 +163,9 @@ def findings(
         sentences.append(f"The unpruned model's perplexity is {base:.2f}.")
     if "lrs_tried" in summary:
         sentences += tuning(summary, planned, every_lr)
-    for (target, pattern), group in summary[summary["kind"] != "dense"].groupby(
-        ["target_sparsity", "pattern"], sort=True
+    # one budget per group: a grid swept over --budgets compares its trained cells budget by budget
+    for (target, pattern, _), group in summary[summary["kind"] != "dense"].groupby(
+        ["target_sparsity", "pattern", "budget"], sort=True, dropna=False
     ):
         amount = f"{target:.0%}" if pattern == "unstructured" else pattern
         one_shot = group[group["kind"] == "one-shot"].sort_values("perplexity")

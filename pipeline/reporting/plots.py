@@ -3,6 +3,7 @@ and the iterative runs' per-iteration curves."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from ..axes import NAMED_AXES, cell_name, cell_style
 from ..methods import METHODS, methods_where
+from .numbers import tokens_text
 
 matplotlib.use("Agg")  # files only: no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -27,7 +29,7 @@ def _by_method(frame: pd.DataFrame):
     """(name as the grid says it, style, rows) per method and named recovery (pipeline/axes.py: a criterion's
     colour, a recovery loss's marker, a train-params mode's fill), in the frame's order."""
     columns = ["method", *[axis.name for axis in NAMED_AXES if axis.name in frame]]
-    for values, group in frame.groupby(columns, sort=False):
+    for values, group in frame.groupby(columns, sort=False, dropna=False):
         named = dict(zip(columns, values))
         yield cell_name(named), cell_style(named), group
 
@@ -168,10 +170,10 @@ def iterative_curves(runs: pd.DataFrame, out: Path) -> list[Path]:
             key: sorted((m.step, m.value) for m in client.get_metric_history(row["run_id"], key))
             for key in ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct")
         }
-        sparsity = [v * 100 for _, v in history["sparsity"]]
+        sparsity = dict(history["sparsity"])  # every iteration's; the perplexities of those measured (--eval-every)
         label = f"to {row['target_sparsity']:.0%}"
         curve.plot(
-            sparsity,
+            [sparsity[k] * 100 for k, _ in history["ppl_after_prune"]],
             [v for _, v in history["ppl_after_prune"]],
             marker="v",
             linestyle=":",
@@ -179,7 +181,11 @@ def iterative_curves(runs: pd.DataFrame, out: Path) -> list[Path]:
             label=f"{label}, after prune",
         )
         curve.plot(
-            sparsity, [v for _, v in history["ppl_after_train"]], marker="o", color=color, label=f"{label}, after train"
+            [sparsity[k] * 100 for k, _ in history["ppl_after_train"]],
+            [v for _, v in history["ppl_after_train"]],
+            marker="o",
+            color=color,
+            label=f"{label}, after train",
         )
         recovery.plot(
             [s for s, _ in history["recovery_pct"]][1:],
@@ -254,3 +260,73 @@ def layer_sparsities(runs: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_ylim(target * 100 - 25, min(100, target * 100 + 25))
     axes[0][0].legend(fontsize=7)
     return [_save(fig, out / "layer_sparsity.png")]
+
+
+def crossover_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
+    """The crossover map: sparsity down, budget across, one-shot + training minus iterative in a diverging
+    colour (blue: iterating pays, red: one-shot + training does), a cell whose interval holds 0 grey (a tie);
+    each cell with its difference, interval and the winning step size."""
+    if table.empty:
+        return []
+    targets, budgets = sorted(table["target_sparsity"].unique()), sorted(table["budget"].unique())
+    cells = table.set_index(["target_sparsity", "budget"])
+    reach = max(float(table["difference"].abs().max()), 1e-9)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.9 * len(budgets), 1.2 + 0.75 * len(targets)))
+    colours = plt.get_cmap("RdBu")
+    for i, target in enumerate(targets):
+        for j, budget in enumerate(budgets):
+            if (target, budget) not in cells.index:
+                continue
+            cell = cells.loc[(target, budget)]
+            tie = cell["verdict"] not in ("iterative", "one-shot + ft")
+            face = "lightgrey" if tie else colours(0.5 + 0.5 * cell["difference"] / reach)
+            ax.add_patch(
+                plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=face, edgecolor="white", hatch="//" if tie else None)
+            )
+            interval = "" if math.isnan(cell["low"]) else f"\n[{cell['low']:+.2f}, {cell['high']:+.2f}]"
+            ax.text(
+                j,
+                i,
+                f"{cell['difference']:+.2f}{interval}\nstep {cell['step']:g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
+    ax.set_xlim(-0.5, len(budgets) - 0.5)
+    ax.set_ylim(len(targets) - 0.5, -0.5)
+    ax.set_xticks(range(len(budgets)), [f"{tokens_text(b)}" for b in budgets])
+    ax.set_yticks(range(len(targets)), [f"{t:.0%}" for t in targets])
+    ax.set(xlabel="training tokens per cell", ylabel="target sparsity")
+    ax.set_title("One-shot + FT minus iterative, test perplexity\n(blue: iterating pays; grey: a tie)", fontsize=9)
+    return [_save(fig, out / "crossover_map.png")]
+
+
+def perplexity_vs_budget(summary: pd.DataFrame, out: Path) -> list[Path]:
+    """Test perplexity against the budget (log), one panel per target, one line per trained method and step size
+    (each at its selected lr; error bars: ± 1 std over seeds)."""
+    trained = summary[(summary["kind"] == "trained") & summary.get("budget", pd.Series(dtype=float)).notna()]
+    if trained.empty or trained["budget"].nunique() < 2:
+        return []
+    targets = sorted(trained["target_sparsity"].unique())
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.0 * len(targets), 3.8), squeeze=False, sharey=False)
+    for ax, target in zip(axes[0], targets):
+        rows = trained[trained["target_sparsity"] == target]
+        for (method, step), line in rows.groupby(["method", "prune_percentage"], sort=False, dropna=False):
+            line = line.sort_values("budget")
+            name = method if pd.isna(step) else f"{method} step {step:g}"
+            style = cell_style({"method": method})
+            ax.errorbar(
+                line["budget"],
+                line["perplexity"],
+                yerr=line["perplexity_std"].fillna(0),
+                capsize=2,
+                markersize=4,
+                marker="o",
+                label=name,
+                color=style["color"],
+                linestyle={0.1: "-", 0.3: "--", 0.5: ":"}.get(step, "-."),
+            )
+        ax.set(xscale="log", yscale="log", xlabel="training tokens per cell", ylabel="test perplexity")
+        ax.set_title(f"{target:.0%} sparsity", fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    return [_save(fig, out / "perplexity_vs_budget.png")]

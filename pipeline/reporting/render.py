@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 import platform
 import re
@@ -20,14 +21,17 @@ from ..errors import UserError
 from ..machine import cpu_model
 from ..methods import methods_where
 from ..tracking.models import logged_models
+from .crossover import crossover_map, crossover_sentences, map_table
 from .findings import findings
 from .numbers import markdown_table, tokens_text
 from .plots import (
     accuracy_vs_sparsity,
     budget_curves,
+    crossover_heatmap,
     iterative_curves,
     layer_sparsities,
     lr_sensitivity,
+    perplexity_vs_budget,
     perplexity_vs_sparsity,
 )
 from .results import collect_runs, planned_lrs, runs_of_row, summarize
@@ -105,7 +109,8 @@ def selected(runs: pd.DataFrame, summary: pd.DataFrame) -> tuple[pd.DataFrame, p
     chosen = summary[summary["selected"]].reset_index(drop=True)
 
     def keys(table: pd.DataFrame) -> list:
-        return list(zip(*[table[c] for c in ROW_AXES], *[table[c].fillna(0.0) for c in SELECTION_AXES]))
+        # an axis a cell is not on is nan (no lr, no budget), and nan equals nothing: -1 stands for it
+        return list(zip(*[table[c].fillna(-1) for c in ROW_AXES + SELECTION_AXES]))
 
     chosen_keys = set(keys(chosen))
     keep = [key in chosen_keys for key in keys(runs)]
@@ -146,9 +151,49 @@ def _percent(value) -> str:
     return "-" if pd.isna(value) else f"{100 * value:.1f}%"
 
 
-def equal_budget_table(summary: pd.DataFrame, target: float) -> pd.DataFrame:
-    """The trained cells at one sparsity: one budget, so their perplexities compare."""
+def trained_budgets(summary: pd.DataFrame, target: float) -> list:
+    """The budgets of the trained cells at a target: [nan] for a grid without --budgets (one budget then)."""
     rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
+    given = sorted(rows["budget"].dropna().unique())
+    return given + ([math.nan] if rows["budget"].isna().any() else [])
+
+
+def _budget_words(budget: float) -> str:
+    return "" if pd.isna(budget) else f", {tokens_text(budget)} training tokens per cell"
+
+
+def _budget_id(target: float, budget: float) -> str:
+    return f"budget-{round(target * 100)}" + ("" if pd.isna(budget) else f"-{int(budget)}")
+
+
+def crossover_blocks(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> list:
+    """Where a grid swept budgets: the crossover map (crossover.csv beside the report), its reading per budget,
+    the map as a figure and perplexity against the budget."""
+    table = crossover_map(summary, runs)
+    if table.empty:
+        return []
+    table.to_csv(out / "crossover.csv", index=False)
+    return [
+        ("h2", "Where iterating pays: best one-shot + FT minus best iterative"),
+        ("p", CROSSOVER_READING),
+        ("table", (map_table(table), "crossover")),
+        ("list", crossover_sentences(table)),
+        ("images", [*crossover_heatmap(table, out), *perplexity_vs_budget(summary, out)]),
+    ]
+
+
+CROSSOVER_READING = (
+    "At each sparsity and budget, the best one-shot method + training and the best step-by-step method (over its "
+    "criteria and step sizes), each chosen on the mean validation perplexity at its selected lr; the number is "
+    "their paired difference of test perplexity over the seeds, one-shot + FT minus iterative: positive where "
+    "iterating pays. Where the 95% t-interval holds 0 the two are a tie."
+)
+
+
+def equal_budget_table(summary: pd.DataFrame, target: float, budget: float = math.nan) -> pd.DataFrame:
+    """The trained cells at one sparsity and one budget, so their perplexities compare."""
+    rows = summary[(summary["kind"] == "trained") & (summary["target_sparsity"] == target)]
+    rows = rows[rows["budget"].isna() if pd.isna(budget) else rows["budget"] == budget]
     prunes = pd.Series(methods_where(rows["method"], "prunes"), index=rows.index, dtype=bool)
     plain = pd.Series([is_plain(row) for _, row in rows.iterrows()], index=rows.index, dtype=bool)
     control = rows.loc[~prunes & plain, "perplexity"]  # the unpruned model, trained as long
@@ -255,13 +300,15 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
         ("h1", f"Pruning comparison: {mlflow.get_experiment(experiment_id).name}"),
         ("table", (main_table(summary, model_links(summary, runs, experiment_id)), "results")),
         ("list", findings(summary, runs, planned_lrs(experiment_id), every_lr)),
+        *crossover_blocks(summary, runs, out),
     ]
     for target in targets:
-        blocks += [
-            ("h2", f"Equal training budget at {target:.0%} sparsity"),
-            ("table", (equal_budget_table(summary, target), f"budget-{round(target * 100)}")),
-            ("images", [budgets[target]]),
-        ]
+        for budget in trained_budgets(summary, target):
+            blocks += [
+                ("h2", f"Equal training budget at {target:.0%} sparsity{_budget_words(budget)}"),
+                ("table", (equal_budget_table(summary, target, budget), _budget_id(target, budget))),
+            ]
+        blocks += [("images", [budgets[target]])]
     if sensitivity:
         blocks += [
             ("h2", "Learning rates (selected on the validation split)"),

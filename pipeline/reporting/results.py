@@ -79,11 +79,12 @@ def planned_lrs(experiment_id: str) -> list[float]:
 
 
 def runs_of_row(runs: pd.DataFrame, row) -> pd.DataFrame:
-    """The runs of a summary row's cell: the same place on every row axis and, where it has one, the same lr."""
+    """The runs of a summary row's cell: the same place on every axis of a row and the selection (none where the
+    row has none: an untrained cell has no lr, a cell outside a budget sweep no budget)."""
     same = pd.Series(True, index=runs.index)
     for name in ROW_AXES + SELECTION_AXES:
-        if name in row and not (isinstance(row[name], float) and math.isnan(row[name])):
-            same &= runs[name] == row[name]
+        if name in row:
+            same &= runs[name].isna() if pd.isna(row[name]) else runs[name] == row[name]
     return runs[same]
 
 
@@ -99,7 +100,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         return runs.assign(perplexity_std=[], n=[], vs_dense_pct=[], selected=[])
     # an untrained cell has no lr: a key groupby keeps (nan would drop it)
     runs = runs.assign(lr=runs["lr"].fillna(0.0))
-    grouped = runs.groupby([*ROW_AXES, *SELECTION_AXES], sort=False)
+    grouped = runs.groupby([*ROW_AXES, *SELECTION_AXES], sort=False, dropna=False)
     summary = grouped.agg(
         sparsity=("sparsity", "mean"),
         perplexity=("perplexity", "mean"),
@@ -129,7 +130,7 @@ def select_lrs(summary: pd.DataFrame) -> pd.DataFrame:
     summary = summary.assign(selected=True, lrs_tried=1, lr_at_edge=False)
     summary["sweep_train_tokens"] = summary["train_tokens"] * summary["n"]
     trained = summary["kind"] == "trained"
-    for _, group in summary[trained].groupby(ROW_AXES, sort=False):
+    for _, group in summary[trained].groupby(ROW_AXES, sort=False, dropna=False):
         rates = sorted(group["lr"].dropna())
         summary.loc[group.index, "lrs_tried"] = len(rates)
         summary.loc[group.index, "sweep_train_tokens"] = float((group["train_tokens"] * group["n"]).sum())

@@ -1,0 +1,157 @@
+"""Where pruning step by step pays: the crossover map over sparsity and training budget.
+
+For each target sparsity and budget of a grid swept over `--budgets`, the best one-shot method + training is
+set against the best step-by-step method (over its criteria and step sizes), each chosen on the validation
+split (mean over seeds, at the lr the sweep selected for it), never on the test split. The map's number is
+their paired difference of test perplexity over the seeds, one-shot + training minus iterative: positive where
+iterating pays, with its 95% t-interval and on how many seeds iterative was the better. Where the interval
+holds 0 the two are not told apart: a tie.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from ..axes import ROW_AXES, cell_name
+from ..methods import METHODS
+from .numbers import tokens_text
+from .paired import paired_difference
+from .results import runs_of_row
+
+ONE_SHOT, ITERATIVE = "one-shot + ft", "iterative"
+COLUMNS = [
+    "target_sparsity",
+    "budget",
+    "one_shot",
+    "iterative",
+    "step",
+    "difference",
+    "low",
+    "high",
+    "iterative_better",
+    "seeds",
+    "verdict",
+]
+# a map cell is one place on every row axis but these: the methods and step sizes it chooses among
+CHOSEN_AMONG = {"method", "kind", "prune_percentage"}
+
+
+def family(method: str) -> str | None:
+    """ITERATIVE for a method that prunes step by step, ONE_SHOT for one that prunes once and then trains; None
+    for the rest (dense+ft, the untrained cells, the random control)."""
+    entry = METHODS.get(method)
+    if entry is None or entry.kind != "trained" or not entry.prunes or entry.control:
+        return None
+    return ITERATIVE if entry.prunes_step_by_step else ONE_SHOT
+
+
+def verdict(paired) -> str:
+    """Which side the interval is on: iterative, one-shot + ft, a tie (it holds 0), or unknown with one seed."""
+    if paired.seeds < 2:
+        return "unknown (one seed)"
+    if paired.low > 0:
+        return ITERATIVE
+    if paired.high < 0:
+        return ONE_SHOT
+    return "tie"
+
+
+def _best(rows: pd.DataFrame):
+    """The row with the lowest mean validation perplexity (None if any is unmeasured: never the test split)."""
+    if rows.empty or rows["val_perplexity"].isna().any():
+        return None
+    return rows.loc[rows["val_perplexity"].idxmin()]
+
+
+def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (target, budget) of the selected summary (`summary`: one row per cell at its selected lr) and
+    the runs of those cells: COLUMNS, ordered by budget then target."""
+    if "budget" not in summary:
+        return pd.DataFrame(columns=COLUMNS)
+    trained = summary[(summary["kind"] == "trained") & summary["budget"].notna()]
+    trained = trained.assign(_family=trained["method"].map(family))
+    place = [name for name in ROW_AXES if name not in CHOSEN_AMONG]
+    rows = []
+    for _, group in trained.groupby(place, sort=False, dropna=False):
+        one_shot, iterative = (_best(group[group["_family"] == side]) for side in (ONE_SHOT, ITERATIVE))
+        if one_shot is None or iterative is None:
+            continue
+        paired = paired_difference(runs_of_row(runs, iterative), runs_of_row(runs, one_shot))
+        if paired is None:
+            continue
+        rows.append(
+            {
+                "target_sparsity": iterative["target_sparsity"],
+                "budget": int(iterative["budget"]),
+                "one_shot": cell_name(one_shot.drop(["budget"])),
+                "iterative": cell_name(iterative.drop(["budget", "prune_percentage"])),
+                "step": iterative["prune_percentage"],
+                "difference": paired.mean,
+                "low": paired.low,
+                "high": paired.high,
+                "iterative_better": paired.better,
+                "seeds": paired.seeds,
+                "verdict": verdict(paired),
+            }
+        )
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    return table.sort_values(["budget", "target_sparsity"]).reset_index(drop=True)
+
+
+def _side(difference: float) -> str:
+    return ITERATIVE if difference > 0 else ONE_SHOT
+
+
+def _percents(targets) -> str:
+    return ", ".join(f"{t:.0%}" for t in targets)
+
+
+def crossover_sentences(table: pd.DataFrame) -> list[str]:
+    """One sentence per budget: between which sparsities the sign of the difference changes (from which side
+    to which), or that it does not change in the measured range; and where the interval excludes 0."""
+    sentences = []
+    for budget, rows in table.groupby("budget", sort=True):
+        rows = rows.sort_values("target_sparsity")
+        targets, sides = list(rows["target_sparsity"]), [_side(d) for d in rows["difference"]]
+        resolved = rows[rows["verdict"].isin([ITERATIVE, ONE_SHOT])]
+        beyond = (
+            f"; the 95% interval excludes 0 at {_percents(resolved['target_sparsity'])}"
+            if len(resolved)
+            else "; the 95% interval holds 0 at every sparsity (ties)"
+        )
+        where = f"At {tokens_text(budget)} training tokens per cell"
+        changes = [k for k in range(1, len(sides)) if sides[k] != sides[k - 1]]
+        if not changes:
+            sentences.append(
+                f"{where}, {sides[0]} is ahead at every measured sparsity ({targets[0]:.0%} to {targets[-1]:.0%}): "
+                f"the sign does not change in the measured range{beyond}."
+            )
+            continue
+        flips = [f"between {targets[k - 1]:.0%} and {targets[k]:.0%} (to {sides[k]})" for k in changes]
+        sentences.append(
+            f"{where}, {sides[0]} is ahead at {targets[0]:.0%} and the sign changes {', '.join(flips)}{beyond}."
+        )
+    return sentences
+
+
+def map_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The map as the report prints it."""
+
+    def interval(row) -> str:
+        return "-" if math.isnan(row["low"]) else f"{row['low']:+.2f} to {row['high']:+.2f}"
+
+    return pd.DataFrame(
+        {
+            "Budget": [tokens_text(b) for b in table["budget"]],
+            "Sparsity": [f"{t:.0%}" for t in table["target_sparsity"]],
+            "One-shot + FT (best)": list(table["one_shot"]),
+            "Iterative (best)": list(table["iterative"]),
+            "Step": [f"{s:g}" for s in table["step"]],
+            "One-shot minus iterative": [f"{d:+.2f}" for d in table["difference"]],
+            "95% interval": [interval(row) for _, row in table.iterrows()],
+            "Iterative better": [f"{b} of {n}" for b, n in zip(table["iterative_better"], table["seeds"])],
+            "Verdict": list(table["verdict"]),
+        }
+    )
