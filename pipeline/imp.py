@@ -43,6 +43,8 @@ from .training import NonFiniteLoss, TrainResult, steps_per_epoch, train_keeping
 from .workload import Inputs, load_workload
 from .zeroshot import log_tasks
 
+PERPLEXITIES = ("ppl_after_prune", "ppl_after_train", "recovery_pct")  # what an iteration measures (--eval-every)
+
 # One point per iteration of each (step = iteration; step 0 is the unpruned model). The train_* budget is
 # cumulative: tokens that went into optimizer steps (all processes), optimizer steps, and their FLOPs.
 ITERATION_METRICS = (
@@ -140,8 +142,9 @@ def log_iteration(tracker, entry: dict, model: str | None = None, dataset: tuple
     evaluation `dataset`), and the perplexity against the training tokens so far (`ppl_at_tokens`, from the
     first pruning step at 0 tokens on), so the UI overlays runs of one budget (iterative, one-shot + training,
     dense + training) on one axis."""
-    measured = {key: value for key, value in entry.items() if not (isinstance(value, float) and math.isnan(value))}
-    metrics = {key: measured[key] for key in ITERATION_METRICS if key in measured}  # --eval-every: some unmeasured
+    unmeasured = {key for key in PERPLEXITIES if math.isnan(entry.get(key, 0.0))}  # --eval-every skipped them
+    measured = {key: value for key, value in entry.items() if key not in unmeasured}
+    metrics = {key: measured[key] for key in ITERATION_METRICS if key in measured}
     tracker.log_dict(metrics, step=entry["iteration"], model=model, dataset=dataset)
     if entry.get("layer_sparsities"):
         tracker.log_dict(layer_sparsity_metrics(entry["layer_sparsities"]), step=entry["iteration"])

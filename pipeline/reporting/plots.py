@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from ..axes import NAMED_AXES, cell_name, cell_style
 from ..methods import METHODS, methods_where
+from .crossover import ITERATIVE, ONE_SHOT
 from .numbers import tokens_text
 
 matplotlib.use("Agg")  # files only: no display
@@ -278,7 +279,7 @@ def crossover_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
             if (target, budget) not in cells.index:
                 continue
             cell = cells.loc[(target, budget)]
-            tie = cell["verdict"] not in ("iterative", "one-shot + ft")
+            tie = cell["verdict"] not in (ITERATIVE, ONE_SHOT)
             face = "lightgrey" if tie else colours(0.5 + 0.5 * cell["difference"] / reach)
             ax.add_patch(
                 plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=face, edgecolor="white", hatch="//" if tie else None)

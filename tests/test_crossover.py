@@ -1,0 +1,197 @@
+"""Budgets and step sizes as grid dimensions, and the crossover map: every trained cell of a budget trains exactly
+its tokens (to the stated whole step), a one-shot cell runs once whatever the budgets and step sizes, extending a
+finished grid by a budget runs only the new cells, and the report's map equals a recomputation from compare.csv."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from scipy import stats
+from test_refusals import here
+
+from pipeline.config import CompareConfig
+from pipeline.jobs.compare import run_compare
+from pipeline.reporting.crossover import ITERATIVE, ONE_SHOT, crossover_sentences
+from pipeline.settings import Tokens, build
+
+TOKENS_PER_STEP = 4 * 64  # --batch-size 4 of --seqlen 64
+
+
+def settings(model, corpus, budgets) -> dict:
+    return dict(
+        model=str(model),
+        dataset=f"text:{corpus}",
+        sparsities=[0.75],
+        budgets=budgets,
+        prune_percentages=[0.3, 0.5],
+        lrs=[3e-4, 3e-3],
+        seeds=[0, 1],
+        batch_size=4,
+        nsamples=4,
+        seqlen=64,
+        eval_every=0,
+        device="cpu",
+        experiment="crossover",
+        output_dir="reports/crossover",
+        methods=["sparsegpt", "magnitude", "iterative", "sparsegpt+ft"],
+    )
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tiny_model_dir, corpus_dir):
+    """The grid at two budgets (1000 tokens: 3.9 steps, rounded to 4; 1.5k: 5.9, rounded to 6), then extended
+    by a third; the store's runs before and after the extension."""
+    root = tmp_path_factory.mktemp("crossover")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        run_compare(build(CompareConfig, settings(tiny_model_dir, corpus_dir, ["1000", "1.5k"])))
+        first = pd.read_csv(root / "reports/crossover/compare.csv")
+        run_compare(build(CompareConfig, settings(tiny_model_dir, corpus_dir, ["1000", "1.5k", "2k"])))
+        experiment = MlflowClient().get_experiment_by_name("crossover").experiment_id
+        cells = [r for r in MlflowClient().search_runs([experiment], max_results=1000) if "cell_key" in r.data.tags]
+        mlflow.set_tracking_uri(None)
+    return root, first, pd.read_csv(root / "reports/crossover/compare.csv"), cells
+
+
+def test_every_trained_cell_trains_its_budget_to_the_nearest_whole_step(grid):
+    _, first, runs, _ = grid
+    trained = runs[runs["kind"] == "trained"]
+    assert sorted(trained["budget"].unique()) == [1000, 1500, 2000]
+    for budget, cells in trained.groupby("budget"):
+        steps = math.floor(budget / TOKENS_PER_STEP + 0.5)
+        assert (cells["train_tokens"] == steps * TOKENS_PER_STEP).all(), budget  # 1024, 1536, 2048: every method
+        assert abs(steps * TOKENS_PER_STEP - budget) <= TOKENS_PER_STEP / 2
+    # iterative at each step size, sparsegpt+ft once (no step size of its own): per budget, lr and seed
+    per_budget = trained.groupby(["budget", "method"], dropna=False)["prune_percentage"]
+    assert per_budget.apply(lambda s: sorted(s.dropna().unique())).to_dict() == {
+        **{(b, "iterative"): [0.3, 0.5] for b in (1000, 1500, 2000)},
+        **{(b, "sparsegpt+ft"): [] for b in (1000, 1500, 2000)},
+    }
+    assert len(trained) == 3 * (2 + 1) * 2 * 2
+    assert len(first[first["kind"] == "trained"]) == 2 * (2 + 1) * 2 * 2
+
+
+def test_a_one_shot_cell_runs_once_and_an_extension_runs_only_the_new_cells(grid):
+    _, first, runs, cells = grid
+    one_shot = runs[runs["kind"] == "one-shot"]
+    assert sorted(zip(one_shot["method"], one_shot["seed"].fillna(-1))) == [
+        ("magnitude", -1),
+        ("sparsegpt", 0),
+        ("sparsegpt", 1),
+    ]
+    assert one_shot["budget"].isna().all() and one_shot["prune_percentage"].isna().all()
+    # every cell of the first grid reused as it was; the extension ran the 2k budget's twelve cells and no other
+    assert set(first["run_id"]) <= set(runs["run_id"])
+    assert len(cells) == len(runs) == len(first) + 12
+    assert set(runs[~runs["run_id"].isin(first["run_id"])]["budget"]) == {2000}
+
+
+def recomputed_map(runs: pd.DataFrame) -> pd.DataFrame:
+    """The crossover map from compare.csv alone: per method, step, target and budget the lr with the lowest mean
+    validation perplexity; per target and budget the best of each family on validation; their paired test
+    difference over the seeds (one-shot + FT minus iterative) with Student's t interval."""
+    trained = runs[(runs["kind"] == "trained") & runs["budget"].notna()].copy()
+    trained["step"] = trained["prune_percentage"].fillna(-1)
+    cell = ["method", "step", "target_sparsity", "budget"]
+    means = trained.groupby([*cell, "lr"])["val_perplexity"].mean().reset_index()
+    chosen = means.loc[means.groupby(cell)["val_perplexity"].idxmin()]
+    chosen["family"] = [ITERATIVE if m.startswith("iterative") else ONE_SHOT for m in chosen["method"]]
+    rows = []
+    for (target, budget), group in chosen.groupby(["target_sparsity", "budget"]):
+        best = {f: group[group["family"] == f].sort_values("val_perplexity").iloc[0] for f in (ONE_SHOT, ITERATIVE)}
+
+        def test_by_seed(row):
+            same = (trained[cell[:-1] + ["budget", "lr"]] == [row[c] for c in cell] + [row["lr"]]).all(axis=1)
+            return trained[same].set_index("seed")["perplexity"]
+
+        differences = (test_by_seed(best[ONE_SHOT]) - test_by_seed(best[ITERATIVE])).dropna()
+        n, mean = len(differences), differences.mean()
+        half = stats.t.ppf(0.975, n - 1) * differences.std(ddof=1) / math.sqrt(n)
+        rows.append(
+            {
+                "target_sparsity": target,
+                "budget": budget,
+                "step": best[ITERATIVE]["step"],
+                "difference": mean,
+                "low": mean - half,
+                "high": mean + half,
+                "iterative_better": int((differences > 0).sum()),
+                "seeds": n,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_the_reports_map_equals_a_recomputation_from_compare_csv(grid):
+    root, _, runs, _ = grid
+    written = pd.read_csv(root / "reports/crossover/crossover.csv")
+    expected = recomputed_map(runs)
+    assert len(written) == len(expected) == 3  # one target at three budgets
+    merged = written.merge(expected, on=["target_sparsity", "budget"], suffixes=("", "_expected"))
+    for column in ("step", "difference", "low", "high", "iterative_better", "seeds"):
+        assert merged[column].to_numpy() == pytest.approx(merged[f"{column}_expected"].to_numpy(), abs=1e-3), column
+    report = (root / "reports/crossover/report.md").read_text()
+    assert "Where iterating pays" in report and "crossover_map.png" in report
+    for difference in written["difference"]:
+        assert f"{difference:+.2f}" in report
+    assert (root / "reports/crossover/crossover_map.png").stat().st_size > 0
+    assert (root / "reports/crossover/perplexity_vs_budget.png").stat().st_size > 0
+
+
+def table(*cells) -> pd.DataFrame:
+    """A map of (target, budget, difference, low, high) cells, three seeds each."""
+    rows = []
+    for target, budget, difference, low, high in cells:
+        verdict = ITERATIVE if low > 0 else ONE_SHOT if high < 0 else "tie"
+        rows.append(dict(target_sparsity=target, budget=budget, difference=difference, low=low, high=high))
+        rows[-1].update(verdict=verdict, seeds=3, iterative_better=3 if difference > 0 else 0)
+    return pd.DataFrame(rows)
+
+
+def test_the_sentence_of_a_budget_names_where_the_sign_changes_or_that_it_does_not():
+    changes, never = crossover_sentences(
+        table(
+            (0.5, 80_000, -2.0, -3.0, -1.0),
+            (0.7, 80_000, -0.5, -1.5, 0.5),
+            (0.9, 80_000, 1.2, 0.4, 2.0),
+            (0.5, 320_000, -1.0, -2.0, -0.1),
+            (0.9, 320_000, -0.3, -1.0, 0.4),
+        )
+    )
+    assert changes == (
+        "At 80.0 k training tokens per cell, one-shot + ft is ahead at 50% and the sign changes between 70% and "
+        "90% (to iterative); the 95% interval excludes 0 at 50%, 90%."
+    )
+    assert never == (
+        "At 320.0 k training tokens per cell, one-shot + ft is ahead at every measured sparsity (50% to 90%): the "
+        "sign does not change in the measured range; the 95% interval excludes 0 at 50%."
+    )
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--prune-percentages", "0.1,0.3"], "needs --budgets"),
+        (["--budgets", "80k", "--prune-percentages", "0.1", "--sparsities", "0.95"], "--max-iterations 29 or more"),
+        (["--budgets", "80k", "--methods", "sparsegpt"], "are the trained cells' training tokens"),
+        (["--budgets", "80k,1.3x"], "'1.3x' is not a count of tokens"),
+        (["--budgets", "80k", "--prune-percentages", "0.3", "--methods", "sparsegpt+ft"], "has none: add iterative"),
+    ],
+)
+def test_budgets_and_step_sizes_are_refused_where_they_cannot_mean_anything(tmp_path, args, words):
+    result = here("compare", "--model", "opt-tiny", *args, cwd=tmp_path)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_count_of_tokens_reads_k_and_m():
+    assert [Tokens(text) for text in ("80000", "80k", "1.3M", "1.5K", "2m")] == [80_000, 80_000, 1_300_000, 1_500, 2e6]
+    for bad in ("1.3x", "k", "-5", "0.5"):
+        with pytest.raises(ValueError):
+            Tokens(bad)
