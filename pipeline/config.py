@@ -16,7 +16,7 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from .errors import ConfigError, option
-from .methods import CRITERION_NAMES, DEFAULT_GRID, GRID_METHODS, METHODS, Criterion, criterion
+from .methods import CRITERIA, CRITERION_NAMES, DEFAULT_GRID, GRID_METHODS, METHODS, Criterion, criterion
 from .schedules import SPARSITY_SCHEDULES, iterations_to_reach
 from .settings import Settings, Tokens, default_of, group, setting
 
@@ -281,8 +281,9 @@ class OwlSettings(Settings):
 class PruneConfig(Settings):
     method: str = setting(
         "magnitude",
-        "pruning criterion; random: a uniformly random mask of the same size, the "
-        "control that shows whether a criterion's choice carries information",
+        "pruning criterion; ria: relative importance and activations (Zhang et al. 2024); dsnot: Wanda's mask, then "
+        "training-free prune-and-grow cycles (Zhang et al. 2024); random: a uniformly random mask of the same size, "
+        "the control that shows whether a criterion's choice carries information",
         choices=CRITERION_NAMES,
         noun="pruning method",
     )
@@ -332,6 +333,12 @@ class PruneConfig(Settings):
                 f"{option('sparsity')} {self.sparsity:g} and {option('pattern')} {self.pattern} disagree: "
                 f"an N:M pattern prunes N of every M weights ({self.n_m[0] / self.n_m[1]:g}); give one "
                 "of the two"
+            )
+        if self.n_m and not self.criterion.patterns:
+            raise ConfigError(
+                f"{option('pattern')} {self.pattern}: {self.method} prunes unstructured only; use "
+                f"{option('sparsity')}, or a criterion that prunes N:M "
+                f"({', '.join(c.name for c in CRITERIA if c.patterns)})"
             )
         if self.scope == "global" and (not self.criterion.global_scope or self.n_m):
             raise ConfigError(f"{option('scope')} global is for unstructured magnitude pruning only")

@@ -139,7 +139,12 @@ def _one_shot_cells(config: CompareConfig, corpus_digest: str, shared: dict) -> 
     amounts += [(n / m, pattern) for pattern in config.grid.patterns for n, m in [parse_pattern(pattern)]]
     for target, pattern in amounts:
         # OWL spreads an unstructured target over the layers; an N:M pattern is the same in every layer
-        one_shot = [m for m in methods if m.kind == "one-shot" and (pattern == "unstructured" or m.profile != "owl")]
+        # (nor can a criterion that prunes unstructured only)
+        one_shot = [
+            m
+            for m in methods
+            if m.kind == "one-shot" and (pattern == "unstructured" or (m.profile != "owl" and m.criterion.patterns))
+        ]
         for method in one_shot:
             for seed in config.grid.seeds if method.seeded else [None]:  # magnitude draws nothing
                 prune = replace(

@@ -35,6 +35,7 @@ class Criterion:
     seeded: bool = False  # draws randomness: the calibration windows, or the mask itself
     control: bool = False  # shows what choosing by a criterion is worth; not a method to adopt
     global_scope: bool = False  # can rank all matrices together (--scope global), not only each on its own
+    patterns: bool = True  # can prune to an N:M pattern
 
     def prune_function(self):
         module, function = self.pruner.split(":")
@@ -48,6 +49,10 @@ CRITERIA = (
     Criterion("magnitude", "Magnitude", "C1", "pipeline.pruning.magnitude:prune_by_magnitude", global_scope=True),
     Criterion("wanda", "Wanda", "C2", "pipeline.pruning.wanda:prune_with_wanda", calibrates=True, seeded=True),
     Criterion("random", "Random", "C5", "pipeline.pruning.random:prune_at_random", seeded=True, control=True),
+    Criterion("ria", "RIA", "C7", "pipeline.pruning.ria:prune_with_ria", calibrates=True, seeded=True),
+    Criterion(
+        "dsnot", "DSnoT", "C8", "pipeline.pruning.dsnot:prune_with_dsnot", calibrates=True, seeded=True, patterns=False
+    ),
 )
 
 

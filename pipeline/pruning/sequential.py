@@ -115,12 +115,26 @@ class InputStatistics:
     """Running mean over calibration windows of X^T X (SparseGPT: H = 2/n sum X X^T) or of its diagonal
     (Wanda: the squared column norms), updated exactly as the references do: fp32, rescaled per batch."""
 
-    def __init__(self, columns: int, device: torch.device, full: bool):
+    def __init__(self, columns: int, device: torch.device, full: bool, moments: bool = False):
         shape = (columns, columns) if full else (columns,)
         self.full = full
         self.sum = torch.zeros(shape, device=device, dtype=torch.float32)
         self.nsamples = 0
         self.users = 1  # matrices that read these inputs (q, k and v read the same)
+        # DSnoT's: each column's sum and sum of squares over every token (float64: millions of tokens), and how many
+        self.moments = torch.zeros((2, columns), device=device, dtype=torch.float64) if moments else None
+        self.tokens = 0
+
+    @property
+    def window_sum(self) -> torch.Tensor:
+        """Each column's sum over a window's tokens, averaged over the windows (DSnoT's expected input)."""
+        return (self.moments[0] / self.nsamples).float()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Each column's variance over every token (population)."""
+        mean = self.moments[0] / self.tokens
+        return (self.moments[1] / self.tokens - mean * mean).clamp_min(0).float()
 
     def for_one_matrix(self) -> InputStatistics:
         """The statistics for one of their matrices to consume in place: a copy while others still need them."""
@@ -129,11 +143,16 @@ class InputStatistics:
             return self
         copy = InputStatistics.__new__(InputStatistics)
         copy.full, copy.sum, copy.nsamples, copy.users = self.full, self.sum.clone(), self.nsamples, 1
+        copy.moments, copy.tokens = None if self.moments is None else self.moments.clone(), self.tokens
         return copy
 
     def add(self, inputs: torch.Tensor, windows: int) -> None:
         """A batch of `windows` calibration windows' inputs, [windows, tokens, in] or flattened (OPT's MLP)."""
         x = inputs.reshape(-1, inputs.shape[-1]).float()
+        if self.moments is not None:
+            wide = x.double()
+            self.moments += torch.stack([wide.sum(dim=0), (wide * wide).sum(dim=0)])
+            self.tokens += x.shape[0]
         self.sum *= self.nsamples / (self.nsamples + windows)
         self.nsamples += windows
         if self.full:
@@ -195,10 +214,12 @@ def dense_input_norms(model: nn.Module, linears: dict, windows: torch.Tensor, de
     return norms
 
 
-def layer_statistics(layer, targets: dict, batches: list, kind, device, full: bool) -> tuple[dict, list]:
+def layer_statistics(
+    layer, targets: dict, batches: list, kind, device, full: bool, moments: bool = False
+) -> tuple[dict, list]:
     """One forward of the layer over the batches, gathering its matrices' input statistics on the way:
     (name -> InputStatistics, the layer's output per batch)."""
-    stats = {name: InputStatistics(in_features(m), device, full) for name, m in targets.items()}
+    stats = {name: InputStatistics(in_features(m), device, full, moments) for name, m in targets.items()}
     gather = _SharedInputs(stats)
     handles = [module.register_forward_hook(gather.hook(name)) for name, module in targets.items()]
     outputs = []
@@ -247,6 +268,7 @@ def prune_sequentially(
     prune_matrix: Callable[[str, nn.Module, InputStatistics, dict], None],
     batch_size: int = 8,
     progress: bool = True,
+    moments: bool = False,
 ) -> list[LayerRecord]:
     """Runs the calibration windows layer by layer and calls `prune_matrix(name, module, stats, timings)`
     for every prunable matrix of the layer, between the dense and the pruned forward."""
@@ -260,7 +282,7 @@ def prune_sequentially(
         layer.to(device)
         prefix = f"{layout.layer_prefix}.{index}."
         targets = {name: module for name, module in linears.items() if name.startswith(prefix)}
-        stats, dense_outputs = layer_statistics(layer, targets, batches, kind, device, full_statistics)
+        stats, dense_outputs = layer_statistics(layer, targets, batches, kind, device, full_statistics, moments)
         record.seconds["statistics"] = time.perf_counter() - started
         for name, module in targets.items():
             prune_matrix(name, module, stats.pop(name).for_one_matrix(), record.seconds)

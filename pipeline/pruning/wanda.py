@@ -23,20 +23,29 @@ def _lowest_per_row(scores: torch.Tensor, k_per_row: torch.Tensor) -> torch.Tens
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, ranks_pruned)
 
 
+def lowest_per_row(scores: torch.Tensor, kept: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0):
+    """Bool mask (True = prune) of the lowest `scores` compared within each output row, to `sparsity` of the whole
+    matrix in exact counts (the new zeros spread over the rows by their surviving weights) or N of every M; the
+    weights not `kept` (already zero) stay pruned and count toward their row's share."""
+    scores = scores.masked_fill(~kept, float("-inf"))
+    if prune_n:
+        return lowest_n_of_m(scores, prune_n, prune_m) | ~kept
+    new_zeros = zeros_to_reach(scores.numel(), int((~kept).sum()), sparsity)
+    per_row = (~kept).sum(dim=1) + allocate_exactly(new_zeros, kept.sum(dim=1).cpu()).to(scores.device)
+    return _lowest_per_row(scores, per_row)
+
+
+def wanda_scores(weight: torch.Tensor, column_norm_sq: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2."""
+    return weight.detach().float().abs() * column_norm_sq.sqrt().reshape(1, -1)
+
+
 @torch.no_grad()
 def wanda_prune_matrix(
     weight: torch.Tensor, column_norm_sq: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0
 ) -> torch.Tensor:
     """Returns the pruned weight. Already-zero weights stay zero and count toward each row's share."""
-    W = weight.detach().float()
-    kept = W != 0
-    scores = (W.abs() * column_norm_sq.sqrt().reshape(1, -1)).masked_fill(~kept, float("-inf"))
-    if prune_n:
-        prune = lowest_n_of_m(scores, prune_n, prune_m) | ~kept
-    else:
-        new_zeros = zeros_to_reach(W.numel(), int((~kept).sum()), sparsity)
-        per_row = (~kept).sum(dim=1) + allocate_exactly(new_zeros, kept.sum(dim=1).cpu()).to(W.device)
-        prune = _lowest_per_row(scores, per_row)
+    prune = lowest_per_row(wanda_scores(weight, column_norm_sq), weight != 0, sparsity, prune_n, prune_m)
     return weight.detach().masked_fill(prune, 0)
 
 
