@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .config import DISTILL_MODES, LORA_SETTINGS, TRAIN_PARAMS, ScheduleConfig, TrainConfig
+from .config import DISTILL_MODES, LORA_SETTINGS, RECOVERIES, TRAIN_PARAMS, ScheduleConfig, TrainConfig
 from .methods import KINDS, METHODS, SPARSITY_SCHEDULES_ONCE
 from .reporting.numbers import tokens_text
 from .settings import default_of, get_path
@@ -76,6 +76,12 @@ def _budgeted(cell_config, budget: int, grid_config):
     if schedule.schedule in SPARSITY_SCHEDULES_ONCE:
         schedule = replace(schedule, prune_percentage=default_of(ScheduleConfig, "prune_percentage"))
     return replace(cell_config, schedule=schedule, train=replace(cell_config.train, **defaults))
+
+
+def _recovering(cell_config, mode: str, grid_config):
+    """A reconstructing cell fits every parameter of a block on the language-model data, with no loss of its own
+    to distill (the grid refuses the combinations that make no sense before any cell runs)."""
+    return replace(cell_config, train=replace(cell_config.train, recovery=mode))
 
 
 def _trained_parameters(cell_config, mode: str, grid_config):
@@ -167,6 +173,18 @@ AXES = (
         style=lambda trains: {"fillstyle": {"all": "full", "norms-biases": "none", "lora": "left"}.get(trains, "full")},
         setting="train_params",
         applies=_trained_parameters,
+    ),
+    Axis(
+        "recovery",
+        "cell_recovery_mode",  # not `cell_recovery`: runs before `cell_distill` named their loss so
+        ROW,
+        4.5,
+        sort=_index_in(RECOVERIES),
+        legacy="finetune",
+        plain="finetune",
+        style=lambda mode: {"markeredgewidth": 2.5 if mode == "reconstruct" else 1.0},
+        setting="recovery",
+        applies=_recovering,
     ),
     Axis(
         "budget",

@@ -30,6 +30,7 @@ SPLITS = ("test", "validation")
 LR_SCHEDULES = ("constant", "cosine")
 SPARSITY_PROFILES = ("uniform", "owl")  # how a target sparsity is spread over the decoder layers
 TRAIN_PARAMS = ("all", "norms-biases", "lora")  # what a recovery trains
+RECOVERIES = ("finetune", "reconstruct")  # how: the whole model on the language-model loss, or block by block
 DISTILL_MODES = ("none", "logits", "squarehead")  # the recovery loss: cross-entropy alone, or with a teacher
 LOG_MODELS = ("none", "final", "every")  # which of a run's models are logged as MLflow LoggedModels
 REWIND_HELP = (
@@ -432,9 +433,23 @@ class TrainConfig(Settings):
     lora_rank: int = setting(8, "lora: the adapters' rank r", above=0)
     lora_alpha: float = setting(16.0, "lora: the update is scaled by alpha / r", above=0)
     lora_targets: str | None = setting(None, "lora: regex of the prunable matrices that get an adapter (default: all)")
+    recovery: str = setting(
+        "finetune",
+        "how a pruned model recovers: finetune (the whole model on the language-model loss); reconstruct (no "
+        "language-model loss: block by block each pruned decoder block fitted to the dense model's block on the "
+        "same training sequences, steps and lr, its mask kept)",
+        choices=RECOVERIES,
+        noun="recovery",
+    )
 
     def check(self) -> None:
         check_regex("lora_targets", self.lora_targets)
+        if self.recovery == "reconstruct" and (self.distill != "none" or self.train_params != "all"):
+            given = option("distill") if self.distill != "none" else option("train_params")
+            raise ConfigError(
+                f"{option('recovery')} reconstruct fits every parameter of each block to the dense block's output, "
+                f"so {given} has nothing to act on: leave {given} out, or use {option('recovery')} finetune"
+            )
 
 
 @dataclass
@@ -574,14 +589,19 @@ class TrainRunConfig(RunConfig):
     output_dir: str | None = setting(None, "where the trained model goes", rule=default_trained_dir)
     teacher: str | None = setting(
         None,
-        "the model --distill learns from (default: the model as loaded; give the "
-        "dense one when training a pruned model)",
+        "the model --distill learns from, or --recovery reconstruct fits each block to (default for --distill: the "
+        "model as loaded; give the dense one when training a pruned model)",
     )
 
     def check(self) -> None:
         refuse_float16_training(self.model)
         refuse_unused_lora(self.train, self.train.train_params == "lora")
-        if self.teacher and self.train.distill == "none":
+        if self.train.recovery == "reconstruct" and not self.teacher:
+            raise ConfigError(
+                f"{option('recovery')} reconstruct fits each block to the unpruned model's: give {option('teacher')} "
+                "(the model before pruning, e.g. opt-tiny)"
+            )
+        if self.teacher and self.train.distill == "none" and self.train.recovery == "finetune":
             raise ConfigError(
                 f"{option('teacher')} is what {option('distill')} learns from, and {option('distill')} "
                 f"is none: add {option('distill')} logits or squarehead, or leave {option('teacher')} out"
@@ -695,6 +715,15 @@ class GridConfig(Settings):
         min_items=1,
         noun="train-params mode",
         hint="give at least one, e.g. all",
+    )
+    recovery: list[str] = setting(
+        ["finetune"],
+        "comma-separated: how each trained cell recovers, each a cell of its own: finetune (the language-model "
+        "loss) or reconstruct (block by block, each pruned block fitted to the dense block's output)",
+        choices=RECOVERIES,
+        min_items=1,
+        noun="recovery",
+        hint="give at least one, e.g. finetune",
     )
     lrs: list[float] = setting(
         [],
@@ -888,7 +917,7 @@ class CompareConfig(RunConfig):
         TrainConfig,
         rename={"epochs": "epochs_per_iteration"},
         defaults={"epochs": 3},
-        exclude=("seed", "distill", "train_params"),
+        exclude=("seed", "distill", "train_params", "recovery"),
     )
     prune: PruneConfig = group(
         PruneConfig,
@@ -911,6 +940,12 @@ class CompareConfig(RunConfig):
         if trained:
             refuse_float16_training(self.model)
         self.check_budgets(trained)
+        if "reconstruct" in self.grid.recovery and (self.grid.distill != ["none"] or self.grid.train_params != ["all"]):
+            given = option("distill") if self.grid.distill != ["none"] else option("train_params")
+            raise ConfigError(
+                f"{option('recovery')} reconstruct fits every parameter of each block to the dense block's output, "
+                f"so {given} has nothing to act on in its cells: run them in a grid of their own"
+            )
         refuse_unused_owl(self.prune, any(METHODS[name].profile == "owl" for name in self.grid.methods))
         refuse_unused_lora(self.train, bool(trained) and "lora" in self.grid.train_params)
         if not trained and self.grid.lrs:
@@ -922,6 +957,7 @@ class CompareConfig(RunConfig):
         for name, value, plain, what in (
             ("distill", self.grid.distill, ["none"], "the recovery loss"),
             ("train_params", self.grid.train_params, ["all"], "what a recovery trains"),
+            ("recovery", self.grid.recovery, ["finetune"], "how a recovery trains"),
         ):
             if not trained and value != plain:
                 raise ConfigError(

@@ -54,7 +54,7 @@ NOT_IDENTITY = {
 
 # Settings that came after cells were first keyed, each with the value that means "as before": at that value a
 # setting is no part of the key, so a cell made before it existed keeps its key and is reused.
-SINCE = {"budget": None}
+SINCE = {"budget": None, "recovery": "finetune"}
 
 
 def _unset_since(key: str, value) -> bool:

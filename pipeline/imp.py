@@ -35,6 +35,7 @@ from .models import save_model
 from .pruning import prune_model
 from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of, sparsity_report
 from .pruning.owl import layer_sparsity_metrics
+from .reconstruction import reconstruct_blocks
 from .schedules import budget_steps, learning_rate_for, sparsity_schedule, split_steps
 from .settings import flat_values
 from .shared_pruning import prune_starting_model
@@ -180,8 +181,10 @@ class ImpRun:
             tracker, evaluation=config.eval_split, training=self.blocks, calibration=(self.windows, calibration)
         )
         self.eval_dataset = work.dataset_of(config.eval_split)  # what the iterations' perplexities measure
-        # the starting model: the teacher a distilling recovery learns from, and the `dense` rewind point
-        needs_start = config.train.distill != "none" or config.rewind_iteration == 0
+        # the starting model: the teacher a distilling recovery learns from, the blocks a reconstruction fits to,
+        # and the `dense` rewind point
+        needs_start = config.train.distill != "none" or config.train.recovery == "reconstruct"
+        needs_start = needs_start or config.rewind_iteration == 0
         self.start = copy.deepcopy(self.model) if needs_start else None
         self.rewind_state = self._saved_rewind_point()
         self.history = history or []
@@ -316,13 +319,17 @@ class ImpRun:
     def train(self, k: int) -> TrainResult:
         """Recovery training with the mask kept; a non-finite loss stops the run with the last checkpoint
         intact."""
+        steps = self.steps[k - 1] if self.config.schedule.budget is not None else None
         try:
+            if self.config.train.recovery == "reconstruct":  # its per-block losses are not the model's: unlogged
+                train = self.train_config(k)
+                return reconstruct_blocks(self.model, self.start, self.linears, self.blocks, train, steps)
             return train_keeping_masks(
                 self.model,
                 self.linears,
                 self.blocks,
                 self.train_config(k),
-                steps=self.steps[k - 1] if self.config.schedule.budget is not None else None,
+                steps=steps,
                 teacher=self.start if self.config.train.distill != "none" else None,
                 desc=f"Iteration {k}",
                 on_log=self.step_logger(k),

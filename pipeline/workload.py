@@ -71,7 +71,9 @@ def check_vocabulary(skeleton: nn.Module, name: str, token_ids: list, dataset: s
         )
 
 
-def check_teacher(student: nn.Module, teacher: str, distill: str, trust_remote_code: bool = False) -> nn.Module:
+def check_teacher(
+    student: nn.Module, teacher: str, distill: str, trust_remote_code: bool = False, recovery: str = "finetune"
+) -> nn.Module:
     """The teacher a distilling recovery learns from, checked on skeletons: the logits term compares the two
     models' logits token by token (one vocabulary); SquareHead also compares each decoder layer's output
     (the same depth and width)."""
@@ -82,11 +84,12 @@ def check_teacher(student: nn.Module, teacher: str, distill: str, trust_remote_c
             f"{vocabulary_size(student)}: distillation compares their logits token by token, so they must share "
             "one vocabulary (and tokenizer)"
         )
-    if distill == "squarehead":
+    if distill == "squarehead" or recovery == "reconstruct":
         shapes = [(m.config.num_hidden_layers, m.config.hidden_size) for m in (skeleton, student)]
+        what = f"{option('recovery')} reconstruct" if recovery == "reconstruct" else f"{option('distill')} squarehead"
         if shapes[0] != shapes[1]:
             raise ConfigError(
-                f"{option('distill')} squarehead compares each decoder layer's output, but {option('teacher')} "
+                f"{what} compares each decoder layer's output, but {option('teacher')} "
                 f"{teacher} has {shapes[0][0]} layers of width {shapes[0][1]} and the model {shapes[1][0]} of "
                 f"{shapes[1][1]}: use a teacher of the same shape, or {option('distill')} logits"
             )

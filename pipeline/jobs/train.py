@@ -12,6 +12,7 @@ from ..errors import UserError, option
 from ..models import load_model, training_dtype
 from ..outputs import check_no_saved_model
 from ..pruning.masks import prunable_linears, sparsity_of
+from ..reconstruction import reconstruct_blocks
 from ..settings import flat_values
 from ..training import NonFiniteLoss, train_keeping_masks
 from ..workload import check_inputs, check_teacher
@@ -32,14 +33,17 @@ def checks(config: TrainRunConfig):
     if config.train.train_params == "lora":
         check_lora(prunable_linears(inputs.skeleton), config.train.lora_rank, config.train.lora_targets)
     if config.teacher:
-        check_teacher(inputs.skeleton, config.teacher, config.train.distill, config.model.trust_remote_code)
+        check_teacher(
+            inputs.skeleton, config.teacher, config.train.distill, config.model.trust_remote_code, config.train.recovery
+        )
     check_tasks(config.tasks)
     return inputs
 
 
 def load_teacher(config: TrainRunConfig, model):
-    """What `--distill` learns from: `--teacher`, or a copy of the model as loaded; None without `--distill`."""
-    if config.train.distill == "none":
+    """What `--distill` learns from or `--recovery reconstruct` fits to: `--teacher`, or (distilling) a copy of the
+    model as loaded; None for neither."""
+    if config.train.distill == "none" and config.train.recovery == "finetune":
         return None
     if not config.teacher:
         return copy.deepcopy(model)
@@ -51,15 +55,11 @@ def load_teacher(config: TrainRunConfig, model):
 def train_logged(work, linears: dict, blocks, config: TrainRunConfig, tracker):
     """The recovery training, each logged step in the run; a loss gone nan or inf is one line, nothing saved."""
     teacher = load_teacher(config, work.model)
+    log = lambda step, metrics: tracker.log_dict(step_metrics(metrics), step)  # noqa: E731
     try:
-        return train_keeping_masks(
-            work.model,
-            linears,
-            blocks,
-            config.train,
-            teacher=teacher,
-            on_log=lambda step, metrics: tracker.log_dict(step_metrics(metrics), step),
-        )
+        if config.train.recovery == "reconstruct":
+            return reconstruct_blocks(work.model, teacher, linears, blocks, config.train, on_log=log)
+        return train_keeping_masks(work.model, linears, blocks, config.train, teacher=teacher, on_log=log)
     except NonFiniteLoss as fault:
         raise UserError(
             f"training stopped: the loss became {fault.loss} at step {fault.step}; nothing "
