@@ -95,7 +95,7 @@ def test_the_selection_follows_validation_where_test_disagrees(mlflow_store, tmp
     assert "![lr_sensitivity](lr_sensitivity.png)" in md and (tmp_path / "out" / "lr_sensitivity.png").exists()
     assert "At 90% the sweep spent, over every lr and seed: iterative 18.0 k, magnitude+ft 18.0 k training tokens" in md
     assert "lr*: the selected learning rate is at the edge of the swept grid." in md
-    assert "Wall time of all cells: 12.0 min." in md  # all twelve trained cells, not the six selected
+    assert "Wall time of all 13 cells: 12.0 min." in md  # every trained cell (and the dense one), not the selected
 
 
 def test_the_paired_interval_is_the_t_interval_of_the_per_seed_differences():

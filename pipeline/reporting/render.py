@@ -288,7 +288,7 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
     if runs.empty:
         raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
     out.mkdir(parents=True, exist_ok=True)
-    every_lr = summarize(runs)
+    every_lr, every_cell = summarize(runs), runs
     wall_seconds = runs["seconds"].sum()  # every cell the grid ran, at every lr, not only the selected ones
     summary, runs = selected(runs, every_lr)  # a sweep's selected cells; every cell of a grid without one
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
@@ -315,12 +315,13 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
             ("table", (tuning_table(every_lr), "learning-rates")),
             ("images", sensitivity),
         ]
-    return blocks + [("images", overview), ("p", _footer(wall_seconds, summary["lr_at_edge"].any()))]
+    footer = _footer(wall_seconds, len(every_cell), summary["lr_at_edge"].any())
+    return blocks + [("images", overview), ("p", footer)]
 
 
-def _footer(wall_seconds: float, lr_at_edge: bool) -> str:
+def _footer(wall_seconds: float, cells: int, lr_at_edge: bool) -> str:
     return (
-        f"Measured on {_environment()}. Wall time of all cells: {_duration(wall_seconds)}. "
+        f"Measured on {_environment()}. Wall time of all {cells} cells: {_duration(wall_seconds)}. "
         "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
         "train tokens are those that went into optimizer steps; Time is each run's wall time."
         + (" lr*: the selected learning rate is at the edge of the swept grid." if lr_at_edge else "")
