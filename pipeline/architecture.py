@@ -67,13 +67,20 @@ def modules_outside_layers(model: nn.Module, layout: DecoderLayout) -> list[nn.M
     ]
 
 
+def is_router(name: str) -> bool:
+    """A Linear named `...gate` (not `gate_proj`) decides where tokens go (a mixture of experts' router, Qwen2-MoE's
+    shared-expert gate): it stays dense."""
+    return name.rsplit(".", 1)[-1].endswith("gate")
+
+
 def prunable_modules(model: nn.Module) -> dict:
-    """Qualified name -> every Linear / Conv1D inside the decoder layers, in layer order."""
+    """Qualified name -> every Linear / Conv1D inside the decoder layers (each expert's own, pipeline/experts.py;
+    no router), in layer order."""
     layout = decoder_layout(model)
     found = {}
     for index, layer in enumerate(layout.layers):
         for name, module in layer.named_modules():
-            if isinstance(module, PRUNABLE_TYPES):
+            if isinstance(module, PRUNABLE_TYPES) and not is_router(name):
                 found[f"{layout.layer_prefix}.{index}.{name}"] = module
     return found
 

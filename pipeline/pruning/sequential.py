@@ -136,6 +136,17 @@ class InputStatistics:
         mean = self.moments[0] / self.tokens
         return (self.moments[1] / self.tokens - mean * mean).clamp_min(0).float()
 
+    def or_unit(self) -> InputStatistics:
+        """These statistics, or where no calibration token reached the matrix (an expert the router never chose)
+        those of inputs of unit norm and no correlation, which score its weights by their magnitude: SparseGPT
+        with an identity Hessian, Wanda by |W| in each row, DSnoT with nothing to correct."""
+        if self.nsamples:
+            return self
+        columns = self.sum.shape[-1]
+        self.sum = torch.eye(columns, device=self.sum.device) if self.full else torch.ones_like(self.sum)
+        self.nsamples, self.tokens = 1, 1
+        return self
+
     def for_one_matrix(self) -> InputStatistics:
         """The statistics for one of their matrices to consume in place: a copy while others still need them."""
         self.users -= 1
@@ -210,7 +221,7 @@ def dense_input_norms(model: nn.Module, linears: dict, windows: torch.Tensor, de
         for batch, output in zip(batches, outputs):
             batch.hidden = output
         layer.to(original_device)
-        norms.update({name: stat.sum for name, stat in stats.items()})
+        norms.update({name: stat.or_unit().sum for name, stat in stats.items()})
     return norms
 
 
@@ -285,7 +296,7 @@ def prune_sequentially(
         stats, dense_outputs = layer_statistics(layer, targets, batches, kind, device, full_statistics, moments)
         record.seconds["statistics"] = time.perf_counter() - started
         for name, module in targets.items():
-            prune_matrix(name, module, stats.pop(name).for_one_matrix(), record.seconds)
+            prune_matrix(name, module, stats.pop(name).for_one_matrix().or_unit(), record.seconds)
         started = time.perf_counter()
         error, norm = 0.0, 0.0
         for batch, dense in zip(batches, dense_outputs):
