@@ -147,13 +147,16 @@ def test_a_partial_sweep_says_it_is_a_sweep_and_what_has_not_finished(mlflow_sto
     assert "iterative at 90% has fewer seeds at lr 0.01 (1 of 2 seeds)" in text, text
 
 
-def test_a_save_that_does_not_read_back_says_what_failed_not_to_free_space(tmp_path, corpus_dir):
-    """transformers writes a Mixtral's fused experts as per-expert matrices: the read-back finds other names
-    and shapes than the model in memory holds, which is no matter of disk space."""
+def test_a_save_in_another_layout_reads_back_and_one_that_differs_says_what_failed(tmp_path, corpus_dir):
+    """transformers writes a Mixtral's fused experts as per-expert matrices: other names and shapes than the model
+    in memory holds, so the save is loaded back and compared tensor by tensor; files that differ from the model
+    are refused for what they are, which is no matter of disk space."""
+    import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from pipeline.errors import UserError
-    from pipeline.models import save_model
+    from pipeline.experts import fused_experts, unfuse_experts
+    from pipeline.models import save_model, verify_saved_model
     from pipeline.tools.pretrain import train_tokenizer
 
     tokenizer = train_tokenizer((corpus_dir / "train.txt").read_text(encoding="utf-8")[:20_000], 300)
@@ -169,9 +172,12 @@ def test_a_save_that_does_not_read_back_says_what_failed_not_to_free_space(tmp_p
         max_position_embeddings=64,
     )
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UserError) as refused:
-        save_model(model, tokenizer, tmp_path / "moe")
+    unfuse_experts(model)  # as the tool holds it
+    save_model(model, tokenizer, tmp_path / "moe")
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down[1].weight[0, 0] += 1.0  # the model now differs from its files
+    with pytest.raises(UserError) as refused, fused_experts(model):  # as save_model checks it: fused
+        verify_saved_model(model, tmp_path / "moe")
     message = str(refused.value)
-    assert "do not read back as the mixtral model in memory" in message and "experts" in message, message
-    assert "free some space" not in message and "is intact" in message
-    assert not list((tmp_path / "moe").glob("*.safetensors"))
+    assert "do not read back as the mixtral model in memory" in message and "they differ" in message, message
+    assert "free some space" not in message
