@@ -18,6 +18,7 @@ from pipeline.jobs.compare import run_compare
 from pipeline.reporting.crossover import ITERATIVE, ONE_SHOT, crossover_sentences
 from pipeline.settings import Tokens, build
 
+pytestmark = pytest.mark.xdist_group("crossover")  # one worker runs the module, so the grid is run once
 TOKENS_PER_STEP = 4 * 64  # --batch-size 4 of --seqlen 64
 
 
