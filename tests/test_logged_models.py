@@ -127,7 +127,7 @@ def test_the_mlflow_ui_models_tab_shows_one_model_per_iteration_with_its_metrics
             """The page's text once it shows `ready` (the app fetches after it loads: a busy machine may need
             a second look)."""
             command = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=40000"]
-            for _ in range(3):
+            for _ in range(5):
                 dom = subprocess.run(
                     [*command, "--dump-dom", f"{server.uri}/#/experiments/{experiment_id}/{fragment}"],
                     capture_output=True,
