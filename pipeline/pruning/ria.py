@@ -10,15 +10,13 @@ compared within each output row, as Wanda is (the reference's unstructured and N
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..architecture import matrix_of, set_matrix
-from .sequential import InputStatistics, LayerRecord, prune_sequentially
-from .wanda import lowest_per_row
+from .sequential import LayerRecord
+from .wanda import lowest_per_row, prune_by_input_norms
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -55,13 +53,4 @@ def prune_with_ria(
 ) -> list[LayerRecord]:
     """The registry's RIA: decoder layer by decoder layer, each matrix scored by its weights' relative importance
     and its inputs' norms."""
-    n, m = config.n_m or (0, 0)
-
-    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
-        started = time.perf_counter()
-        set_matrix(module, ria_prune_matrix(matrix_of(module), stats.sum, sparsities[name], n, m))
-        seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
-
-    return prune_sequentially(
-        model, linears, windows, device, False, prune_matrix, config.calibration_batch_size, progress
-    )
+    return prune_by_input_norms(ria_prune_matrix, model, linears, config, windows, device, progress, sparsities)

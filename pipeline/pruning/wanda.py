@@ -49,6 +49,23 @@ def wanda_prune_matrix(
     return weight.detach().masked_fill(prune, 0)
 
 
+def prune_by_input_norms(
+    prune_matrix_with, model, linears, config: PruneConfig, windows, device, progress, sparsities
+) -> list[LayerRecord]:
+    """Decoder layer by decoder layer, each matrix pruned by `prune_matrix_with(weight, column_norm_sq, sparsity,
+    n, m)` from its inputs' squared column norms (Wanda's and RIA's statistics)."""
+    n, m = config.n_m or (0, 0)
+
+    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
+        started = time.perf_counter()
+        set_matrix(module, prune_matrix_with(matrix_of(module), stats.sum, sparsities[name], n, m))
+        seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
+
+    return prune_sequentially(
+        model, linears, windows, device, False, prune_matrix, config.calibration_batch_size, progress
+    )
+
+
 def prune_with_wanda(
     model: nn.Module,
     linears: dict[str, nn.Module],
@@ -59,13 +76,4 @@ def prune_with_wanda(
     sparsities: dict[str, float],
 ) -> list[LayerRecord]:
     """The registry's Wanda: decoder layer by decoder layer, each matrix scored by its inputs' norms."""
-    n, m = config.n_m or (0, 0)
-
-    def prune_matrix(name: str, module: nn.Module, stats: InputStatistics, seconds: dict):
-        started = time.perf_counter()
-        set_matrix(module, wanda_prune_matrix(matrix_of(module), stats.sum, sparsities[name], n, m))
-        seconds["select"] = seconds.get("select", 0.0) + time.perf_counter() - started
-
-    return prune_sequentially(
-        model, linears, windows, device, False, prune_matrix, config.calibration_batch_size, progress
-    )
+    return prune_by_input_norms(wanda_prune_matrix, model, linears, config, windows, device, progress, sparsities)
