@@ -114,6 +114,10 @@ class Axis:
     fallback: str | None = None  # a dotted path into the grid's config; None: a cell outside a sweep has no value
     applies: str | Callable | None = None  # a dotted path into the cell's config, or (config, value, grid) -> config
     only: Callable | None = None  # method -> whether the axis is the method's at all (None: every trained one's)
+    # value -> whether a cell at it takes every other plain-valued axis at its plain value only (reconstruct fits
+    # every parameter of a block to its output: no loss to distill, no subset of parameters); the grid makes no
+    # cell of the other combinations
+    alone: Callable | None = None
 
     def of(self, method) -> bool:
         """Whether a trained cell of this method (a methods.Method) is swept over this axis."""
@@ -185,6 +189,7 @@ AXES = (
         style=lambda mode: {"markeredgewidth": 2.5 if mode == "reconstruct" else 1.0},
         setting="recovery",
         applies=_recovering,
+        alone=lambda mode: mode == "reconstruct",
     ),
     Axis(
         "budget",
@@ -251,6 +256,14 @@ def recovery(values: Mapping) -> str:
     named = [(a, values.get(a.name, a.plain)) for a in NAMED_AXES]
     parts = [(a.word or str)(value) for a, value in named if _given(value) and value != a.plain]
     return f" [{', '.join(parts)}]" if parts else ""
+
+
+def combinable(values: Mapping) -> bool:
+    """Whether a trained cell's recovery values go together: where one stands alone (reconstruct), every other
+    plain-valued axis is at its plain value."""
+    value = {a.name: values.get(a.name, a.plain) for a in PLAIN_AXES}
+    alone = [a for a in PLAIN_AXES if a.alone is not None and a.alone(value[a.name])]
+    return not alone or all(value[a.name] in (a.plain, None) for a in PLAIN_AXES if a not in alone)
 
 
 def cell_name(values: Mapping) -> str:

@@ -719,7 +719,8 @@ class GridConfig(Settings):
     recovery: list[str] = setting(
         ["finetune"],
         "comma-separated: how each trained cell recovers, each a cell of its own: finetune (the language-model "
-        "loss) or reconstruct (block by block, each pruned block fitted to the dense block's output)",
+        "loss) or reconstruct (block by block, each pruned block fitted to the dense block's output; with --train-"
+        "params all and --distill none only: the grid makes no other combination of it)",
         choices=RECOVERIES,
         min_items=1,
         noun="recovery",
@@ -888,6 +889,19 @@ PRESETS["crossover"] = {
 }
 
 
+# how to recover after SparseGPT: every parameter, LoRA inside the mask, the norms and biases, or block-by-block
+# reconstruction, each at five lrs spanning 100x, at one budget (32 steps of 8 x 256 tokens), three targets, three
+# seeds: 180 trained cells, about an hour on 2 cores
+PRESETS["recovery-modes"] = {
+    **PRESETS["tuned"],
+    "methods": ["sparsegpt", "sparsegpt+ft"],
+    "train_params": ["all", "lora", "norms-biases"],
+    "recovery": ["finetune", "reconstruct"],
+    "lrs": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "budgets": [65536],
+}
+
+
 def _preset_value(value) -> str:
     if isinstance(value, list):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
@@ -940,12 +954,7 @@ class CompareConfig(RunConfig):
         if trained:
             refuse_float16_training(self.model)
         self.check_budgets(trained)
-        if "reconstruct" in self.grid.recovery and (self.grid.distill != ["none"] or self.grid.train_params != ["all"]):
-            given = option("distill") if self.grid.distill != ["none"] else option("train_params")
-            raise ConfigError(
-                f"{option('recovery')} reconstruct fits every parameter of each block to the dense block's output, "
-                f"so {given} has nothing to act on in its cells: run them in a grid of their own"
-            )
+        self.check_recoveries()
         refuse_unused_owl(self.prune, any(METHODS[name].profile == "owl" for name in self.grid.methods))
         refuse_unused_lora(self.train, bool(trained) and "lora" in self.grid.train_params)
         if not trained and self.grid.lrs:
@@ -969,6 +978,26 @@ class CompareConfig(RunConfig):
                 f"{option('schedule')} {self.schedule.schedule} is for the iterative cells, which "
                 "prune step by step: use geometric or cubic (the +ft cells are the one-shot ones)"
             )
+
+    def check_recoveries(self) -> None:
+        """Reconstruction goes with every parameter and the language-model loss only (the grid makes no cell of
+        it with lora, norms-biases or a distillation loss): each value given must make a cell."""
+        grid = self.grid
+        if "reconstruct" not in grid.recovery:
+            return
+        others = {"distill": ("none", grid.distill), "train_params": ("all", grid.train_params)}
+        for name, (plain, values) in others.items():
+            if plain not in values:
+                raise ConfigError(
+                    f"{option('recovery')} reconstruct fits every parameter of each block to the dense block's "
+                    f"output, so it makes no cell with {option(name)} {','.join(values)}: add {plain} to "
+                    f"{option(name)}, or run reconstruct in a grid of its own"
+                )
+            if grid.recovery == ["reconstruct"] and values != [plain]:
+                raise ConfigError(
+                    f"{option(name)} {','.join(v for v in values if v != plain)} makes no cell with "
+                    f"{option('recovery')} reconstruct alone: add finetune to {option('recovery')}"
+                )
 
     def check_budgets(self, trained: list) -> None:
         """Budgets are the trained cells'; step sizes are the step-by-step methods', and compare at one budget."""

@@ -22,7 +22,7 @@ import itertools
 import json
 from dataclasses import dataclass, replace
 
-from .axes import AXES, RECOVERY_AXES, SELECTION, display_name
+from .axes import AXES, RECOVERY_AXES, SELECTION, combinable, display_name
 from .config import (
     LORA_SETTINGS,
     CompareConfig,
@@ -174,6 +174,8 @@ def _trained_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
                 if any(not axis.of(method) and value != axis.sweep(config)[0] for axis, value in zip(rows, row)):
                     continue  # the method's one cell on an axis that is not its own is made at the first value
                 mine = tuple(value if axis.of(method) else None for axis, value in zip(rows, row))
+                if not combinable(dict(zip([a.name for a in rows], mine))):
+                    continue  # e.g. reconstruct with lora: not a recovery there is
                 for selection in itertools.product(*(axis.sweep(config) for axis in selections)):
                     recovery = dict(zip([a.name for a in rows + selections], mine + selection))
                     for seed in config.grid.seeds:

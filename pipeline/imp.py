@@ -35,12 +35,12 @@ from .models import save_model
 from .pruning import prune_model
 from .pruning.masks import already_at, model_masks, prunable_linears, sparsity_of, sparsity_report
 from .pruning.owl import layer_sparsity_metrics
-from .reconstruction import reconstruct_blocks
+from .recovery import recover
 from .schedules import budget_steps, learning_rate_for, sparsity_schedule, split_steps
 from .settings import flat_values
 from .shared_pruning import prune_starting_model
 from .tracking.store import tracking_uri
-from .training import NonFiniteLoss, TrainResult, steps_per_epoch, train_keeping_masks
+from .training import NonFiniteLoss, TrainResult, steps_per_epoch
 from .workload import Inputs, load_workload
 from .zeroshot import log_tasks
 
@@ -62,6 +62,7 @@ ITERATION_METRICS = (
     "train_steps",
     "train_flops",
     "trained_parameters",
+    "peak_memory_bytes",
 )
 STEP_METRIC_NAMES = {"loss": "train_step_loss", "lr": "train_lr"}  # the loss's parts keep their own names
 
@@ -125,6 +126,8 @@ def iteration_record(
         "train_steps": previous["train_steps"] + trained.steps,
         "train_flops": previous["train_flops"] + trained.flops,
         "trained_parameters": trained.trained_parameters,  # what the optimizer updated (--train-params)
+        # the highest so far: the run's peak is the most any of its recoveries took
+        "peak_memory_bytes": max(previous.get("peak_memory_bytes", 0), trained.peak_memory_bytes),
     }
 
 
@@ -321,16 +324,13 @@ class ImpRun:
         intact."""
         steps = self.steps[k - 1] if self.config.schedule.budget is not None else None
         try:
-            if self.config.train.recovery == "reconstruct":  # its per-block losses are not the model's: unlogged
-                train = self.train_config(k)
-                return reconstruct_blocks(self.model, self.start, self.linears, self.blocks, train, steps)
-            return train_keeping_masks(
+            return recover(
                 self.model,
                 self.linears,
                 self.blocks,
                 self.train_config(k),
+                dense=self.start,
                 steps=steps,
-                teacher=self.start if self.config.train.distill != "none" else None,
                 desc=f"Iteration {k}",
                 on_log=self.step_logger(k),
             )

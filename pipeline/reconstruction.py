@@ -58,7 +58,8 @@ def _fit_block(layer: nn.Module, linears: dict, batches: list, targets: list, ki
         losses.append(loss.item())  # a sync per step: a block's step is small next to a model's
         if not math.isfinite(losses[-1]):
             raise NonFiniteLoss(step + 1, losses[-1])
-        log(step + 1, {"loss": losses[-1], "lr": lr_at(step, total, config)})
+        # the block's own error, not the model's loss: a name of its own in the logged steps
+        log(step + 1, {"block_mse": losses[-1], "lr": lr_at(step, total, config)})
     layer.eval()
     return losses
 

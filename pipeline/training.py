@@ -54,6 +54,7 @@ class TrainResult:
     teacher_held_parameters: int = 0  # the same, of the distillation teacher
     trained_parameters: int = 0  # parameter elements the optimizer updated (--train-params)
     optimizer_state_elements: int = 0  # elements of AdamW's state (two moments per trained parameter)
+    peak_memory_bytes: int = 0  # the recovery's peak (peak_memory.peak_memory: GPU allocator or CPU resident set)
 
     @property
     def final_loss(self) -> float:

@@ -27,7 +27,7 @@ from ..outputs import check_writable_dir
 from ..pruning.masks import prunable_linears
 from ..reporting.numbers import markdown_table
 from ..reporting.render import main_table
-from ..reporting.results import collect_runs, summarize
+from ..reporting.results import collect_runs, save_tables, summarize
 from ..settings import flat_values
 from ..tracking.store import finished_cell_runs, mark_orphaned_runs, tracking_uri
 from . import job_run
@@ -42,9 +42,7 @@ def write_tables(tracker, experiment_id: str, keys: set, out: Path) -> pd.DataFr
     """compare.csv (one row per run), summary.csv and compare.md (over seeds), logged to the grid's run."""
     table = collect_runs(experiment_id, keys)
     summary = summarize(table)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "compare.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
+    save_tables(table, summary, out)
     headline = markdown_table(main_table(summary[summary["selected"]]))  # a sweep's selected lrs
     (out / "compare.md").write_text(headline + "\n")
     for name in ("compare.csv", "summary.csv", "compare.md"):

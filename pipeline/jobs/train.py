@@ -12,9 +12,9 @@ from ..errors import UserError, option
 from ..models import load_model, training_dtype
 from ..outputs import check_no_saved_model
 from ..pruning.masks import prunable_linears, sparsity_of
-from ..reconstruction import reconstruct_blocks
+from ..recovery import recover
 from ..settings import flat_values
-from ..training import NonFiniteLoss, train_keeping_masks
+from ..training import NonFiniteLoss
 from ..workload import check_inputs, check_teacher
 from ..zeroshot import check_tasks
 from . import finish_model, job_run
@@ -57,9 +57,7 @@ def train_logged(work, linears: dict, blocks, config: TrainRunConfig, tracker):
     teacher = load_teacher(config, work.model)
     log = lambda step, metrics: tracker.log_dict(step_metrics(metrics), step)  # noqa: E731
     try:
-        if config.train.recovery == "reconstruct":
-            return reconstruct_blocks(work.model, teacher, linears, blocks, config.train, on_log=log)
-        return train_keeping_masks(work.model, linears, blocks, config.train, teacher=teacher, on_log=log)
+        return recover(work.model, linears, blocks, config.train, dense=teacher, on_log=log)
     except NonFiniteLoss as fault:
         raise UserError(
             f"training stopped: the loss became {fault.loss} at step {fault.step}; nothing "
@@ -99,6 +97,7 @@ def run_train(config: TrainRunConfig, tags: dict | None = None) -> dict:
                 "train_steps": result.steps,
                 "train_flops": result.flops,
                 "trained_parameters": result.trained_parameters,
+                "peak_memory_bytes": result.peak_memory_bytes,
             }
         )
         finish_model(

@@ -34,7 +34,8 @@ from .plots import (
     perplexity_vs_budget,
     perplexity_vs_sparsity,
 )
-from .results import collect_runs, planned_lrs, runs_of_row, summarize
+from .recovery_modes import MODES_READING, modes_sentences, modes_table, recovery_modes
+from .results import collect_runs, planned_lrs, runs_of_row, save_tables, summarize
 
 
 def _labels(rows: pd.DataFrame) -> list:
@@ -182,6 +183,21 @@ def crossover_blocks(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> li
     ]
 
 
+def recovery_mode_blocks(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> list:
+    """Where a grid ran more than one way of recovering: every mode against the plain one (recovery_modes.csv
+    beside the report) and its reading."""
+    table = recovery_modes(summary, runs)
+    if table.empty:
+        return []
+    table.to_csv(out / "recovery_modes.csv", index=False)
+    return [
+        ("h2", "Recovery modes, each at its own learning rate, paired against training every parameter"),
+        ("p", MODES_READING),
+        ("table", (modes_table(table), "recovery-modes")),
+        ("list", modes_sentences(table)),
+    ]
+
+
 CROSSOVER_READING = (
     "At each sparsity and budget, the best one-shot method + training and the best step-by-step method (over its "
     "criteria and step sizes), each chosen on the mean validation perplexity at its selected lr; the number is "
@@ -287,8 +303,8 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
     runs = collect_runs(experiment_id, keys)
     if runs.empty:
         raise UserError("this experiment holds no finished comparison runs: run `python -m pipeline compare` first")
-    out.mkdir(parents=True, exist_ok=True)
     every_lr, every_cell = summarize(runs), runs
+    save_tables(runs, every_lr, out)  # the report's numbers beside it, whichever grids made them
     wall_seconds = runs["seconds"].sum()  # every cell the grid ran, at every lr, not only the selected ones
     summary, runs = selected(runs, every_lr)  # a sweep's selected cells; every cell of a grid without one
     targets = sorted(summary.loc[summary["kind"] == "trained", "target_sparsity"].unique())
@@ -301,6 +317,7 @@ def report_blocks(experiment_id: str, out: Path, keys: set | None = None) -> lis
         ("table", (main_table(summary, model_links(summary, runs, experiment_id)), "results")),
         ("list", findings(summary, runs, planned_lrs(experiment_id), every_lr)),
         *crossover_blocks(summary, runs, out),
+        *recovery_mode_blocks(summary, runs, out),
     ]
     for target in targets:
         for budget in trained_budgets(summary, target):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import math
+from pathlib import Path
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -20,6 +21,8 @@ MEASURES = [
     "val_perplexity",
     "train_tokens",
     "train_flops",
+    "trained_parameters",
+    "peak_memory_bytes",
     "seconds",
     "run_id",
 ]
@@ -44,6 +47,9 @@ def _row(run) -> dict:
         "val_perplexity": metrics.get("final_val_perplexity", math.nan),
         "train_tokens": int(metrics.get("train_tokens", 0)),
         "train_flops": metrics.get("train_flops", 0.0),
+        # what the recovery trained and its peak memory (runs of older versions did not log the peak)
+        "trained_parameters": metrics.get("trained_parameters", math.nan),
+        "peak_memory_bytes": metrics.get("peak_memory_bytes", math.nan),
         "seconds": (run.info.end_time - run.info.start_time) / 1000.0,
         "run_id": run.info.run_id,
         **{
@@ -66,6 +72,14 @@ def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
     tasks = sorted({key for row in rows for key in row if key.startswith("acc:")})
     table = pd.DataFrame(rows, columns=RUN_COLUMNS + tasks)
     return table if table.empty else _ordered(table)
+
+
+def save_tables(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
+    """compare.csv (one row per run) and summary.csv (over seeds, every lr) into `out`: the numbers a report
+    is made from, beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out / "compare.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
 
 
 def planned_lrs(experiment_id: str) -> list[float]:
@@ -110,6 +124,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         n=("perplexity", "size"),
         train_tokens=("train_tokens", "mean"),
         train_flops=("train_flops", "mean"),
+        trained_parameters=("trained_parameters", "mean"),
+        peak_memory_bytes=("peak_memory_bytes", "mean"),
         seconds=("seconds", "mean"),
         **{column: (column, "mean") for column in task_columns(runs)},
     ).reset_index()

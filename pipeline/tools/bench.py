@@ -41,6 +41,7 @@ from ..data import eval_tokens
 from ..imp import ImpRun
 from ..local_server import LocalMlflowServer
 from ..machine import cpu_model
+from ..peak_memory import PeakSampler, rss
 from ..perplexity import perplexity
 from ..pruning import prune_model
 from ..pruning.magnitude import magnitude_prune_layerwise
@@ -50,7 +51,7 @@ from ..tracking import MLflowTracker, tracked_run
 from ..tracking.store import use_tracking_store
 from ..training import train_causal_lm, training_flops_per_token
 from ..workload import load_workload
-from .memory import PeakRSS, measuring_pool, rss
+from .memory import measuring_pool
 
 # (result key, comparison, target, what it measures)
 TARGETS = [
@@ -289,7 +290,7 @@ def sparsegpt_at_depth(model_config: dict, layers: int, samples: int, seqlen: in
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before, sampler = rss(), PeakRSS()
+        before, sampler = rss(), PeakSampler(rss)
     result = prune_model(model, PruneConfig(method="sparsegpt", sparsity=0.5), windows, target)
     peak = torch.cuda.max_memory_allocated() if target.type == "cuda" else sampler.stop()
     phases = {}

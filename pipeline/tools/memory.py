@@ -36,8 +36,6 @@ import contextlib
 import copy
 import multiprocessing
 import os
-import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +45,7 @@ from ..adapters import norm_and_bias_parameters
 from ..architecture import decoder_layout, in_features, prunable_modules
 from ..config import TrainConfig
 from ..distillation import CHUNK_BYTES, LIVE_CHUNKS
+from ..peak_memory import PeakSampler, rss
 from ..pruning.magnitude import magnitude_prune_layerwise
 from ..pruning.masks import prunable_linears
 from ..training import train_keeping_masks
@@ -258,30 +257,6 @@ def sparsegpt_device_bytes(config, nsamples: int, seqlen: int, act_bytes: int) -
     return shape.layer_params * act_bytes + 2 * nsamples * seqlen * shape.hidden * act_bytes + hessians + factorization
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS(threading.Thread):
-    """Samples this process's resident memory every 2 ms: the CPU counterpart of max_memory_allocated."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self._done = rss(), threading.Event()
-        self.start()
-
-    def run(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._done.set()
-        self.join()
-        return max(self.peak, rss())
-
-
 @contextlib.contextmanager
 def measuring_pool(fresh_process_per_task: bool = True):
     """One spawned worker, a fresh process per task, so memory peaks do not mix. glibc keeps freed blocks
@@ -358,7 +333,7 @@ def measure_training_peak(
     # imports and one-time state are not the model's
     _train_two_steps(tiny, 1, 8, gradient_checkpointing, distill, train_params)
     before = rss()
-    sampler = PeakRSS()
+    sampler = PeakSampler(rss)
     _train_two_steps(config_dict, batch, seqlen, gradient_checkpointing, distill, train_params)
     return sampler.stop() - before
 
