@@ -17,7 +17,12 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable in CI; fail fast, never retry
     # the outage tests stop a server on purpose: each call to it should fail at once, not after backoff
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # each xdist worker its share of the cores, and so the processes its tests start: OpenMP threads beyond the
+    # cores spin against each other (measured: the grid tests 1.6x slower with 2 workers of 2 threads on 2 cores)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     yield
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -69,6 +71,33 @@ def cli(*args, cwd, env=None, prefix=()):
     )
 
 
+class Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def here(*args, cwd, env=None):
+    """The command run in this process, as `cli` runs it in another (one line on stderr, the exit code, what it
+    printed): a refusal comes before any work, so the interpreter's start-up need not be paid for each case.
+    `env`'s variables that differ from this process's are set for the call."""
+    import click
+
+    from pipeline.cli import cli as click_group
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.chdir(cwd)
+        for name, value in (env or {}).items():
+            if os.environ.get(name) != value:
+                patch.setenv(name, value)
+        try:
+            click_group.main(list(args), standalone_mode=False)
+        except (UserError, click.UsageError) as error:
+            line = user_message(error) if isinstance(error, UserError) else error.format_message()
+            return Result(exit_code_for(error), printed.getvalue(), f"error: {line}\n")
+    return Result(0, printed.getvalue(), "")
+
+
 def assert_one_line(result, code: int, *fragments: str) -> str:
     """The command failed with `code` and said so in one line on stderr, without a traceback."""
     everything = result.stdout + result.stderr
@@ -94,7 +123,7 @@ def assert_one_line(result, code: int, *fragments: str) -> str:
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
-    result = cli(*args, cwd=tmp_path)
+    result = here(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stdout + result.stderr
@@ -105,7 +134,7 @@ def test_resume_of_a_corrupt_checkpoint_exits_1(tmp_path):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"\x00" * 100)
-    result = cli("iterative", "--output-dir", "run", "--resume", cwd=tmp_path)
+    result = here("iterative", "--output-dir", "run", "--resume", cwd=tmp_path)
     assert result.returncode == 1 and "damaged or truncated" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -116,7 +145,7 @@ def test_fsdp1_launch_is_refused_before_any_work(tmp_path, command):
 
     # what `accelerate launch --use_fsdp --fsdp_version 1` puts in every process's environment
     env = dict(os.environ, ACCELERATE_USE_FSDP="true", FSDP_VERSION="1")
-    result = cli(command, "--output-dir", "out", cwd=tmp_path, env=env)
+    result = here(command, "--output-dir", "out", cwd=tmp_path, env=env)
     assert result.returncode == 2 and "--fsdp_version 2" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
@@ -152,7 +181,7 @@ def read_only_dir(path: Path) -> Path:
 def test_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_model_dir, command):
     target = tmp_path / "F"
     target.write_text("a file the user keeps")
-    result = cli(
+    result = here(
         command,
         "--model",
         str(tiny_model_dir),
@@ -249,9 +278,9 @@ def test_an_output_directory_belongs_to_one_live_run(tmp_path, tiny_model_dir, c
         seen.append(line)
         if "Iteration 1/" in line:  # iteration 0 is checkpointed; the directory is held
             break
-    second = cli(*imp_args(tiny_model_dir, corpus_dir, "--output-dir", "D", *long), cwd=tmp_path, env=env)
+    second = here(*imp_args(tiny_model_dir, corpus_dir, "--output-dir", "D", *long), cwd=tmp_path, env=env)
     assert_one_line(second, 1, "D belongs to a run that is still going", f"pid {first.pid}")
-    resumed = cli(*imp_args(tiny_model_dir, corpus_dir, "--output-dir", "D", *long, "--resume"), cwd=tmp_path, env=env)
+    resumed = here(*imp_args(tiny_model_dir, corpus_dir, "--output-dir", "D", *long, "--resume"), cwd=tmp_path, env=env)
     assert_one_line(resumed, 1, f"pid {first.pid}")  # resuming takes the lock too
     first.terminate()
     rest, _ = first.communicate(timeout=120)
@@ -270,7 +299,7 @@ def test_evaluation_text_shorter_than_a_window_is_one_line(tmp_path, tiny_model_
     data.mkdir()
     (data / "train.txt").write_text("Return the value of the thing. " * 200)
     (data / "test.txt").write_text("Return it.")
-    result = cli(
+    result = here(
         "evaluate",
         "--model",
         str(tiny_model_dir),
@@ -305,7 +334,7 @@ def test_evaluation_text_shorter_than_a_window_is_one_line(tmp_path, tiny_model_
 def test_sync_of_a_journal_it_did_not_write_is_one_line(tmp_path, content, fragment):
     journal = tmp_path / "mlflow-pending-r.jsonl"
     journal.write_bytes(content)
-    result = cli("sync", str(journal), cwd=tmp_path, env=store_env(tmp_path))
+    result = here("sync", str(journal), cwd=tmp_path, env=store_env(tmp_path))
     assert_one_line(result, 1, "is not a tracking journal of this pipeline", fragment)
     assert journal.read_bytes() == content  # left as it was
 
@@ -341,7 +370,7 @@ def test_custom_code_and_pickled_weights_are_refused_in_one_line(tmp_path, tiny_
     )
     (custom / "config.json").write_text(json.dumps(config))
     (custom / "evil.py").write_text(f"open({str(tmp_path / 'CODE_RAN')!r}, 'w').write('x')\n")
-    result = cli("evaluate", "--model", str(custom), "--device", "cpu", cwd=tmp_path, env=store_env(tmp_path))
+    result = here("evaluate", "--model", str(custom), "--device", "cpu", cwd=tmp_path, env=store_env(tmp_path))
     assert_one_line(result, 2, "brings its own Python code", "was not run", "--trust-remote-code")
 
     pickled = tmp_path / "pickled"
@@ -355,7 +384,7 @@ def test_custom_code_and_pickled_weights_are_refused_in_one_line(tmp_path, tiny_
         "torch.save({'x': Evil()}, sys.argv[1])\n"
     )
     subprocess.run([sys.executable, str(tmp_path / "make.py"), str(pickled / "pytorch_model.bin")], check=True)
-    result = cli("evaluate", "--model", str(pickled), "--device", "cpu", cwd=tmp_path, env=store_env(tmp_path))
+    result = here("evaluate", "--model", str(pickled), "--device", "cpu", cwd=tmp_path, env=store_env(tmp_path))
     line = assert_one_line(result, 1, "refused to load", "would run code", "not loaded")
     assert "weights_only=False" not in result.stderr + result.stdout and "likely succeed" not in line
     assert not (tmp_path / "CODE_RAN").exists() and not marker.exists()  # neither ran
@@ -384,7 +413,7 @@ def test_every_float_setting_rejects_nan_and_inf(config_class, key, value):
 
 
 def test_lr_nan_is_refused_before_any_work(tmp_path, tiny_model_dir):
-    result = cli(
+    result = here(
         "iterative",
         "--model",
         str(tiny_model_dir),
@@ -400,7 +429,7 @@ def test_lr_nan_is_refused_before_any_work(tmp_path, tiny_model_dir):
 
 
 def test_singular_hessian_says_what_to_raise(tmp_path, tiny_model_dir, corpus_dir):
-    result = cli(
+    result = here(
         "prune",
         "--model",
         str(tiny_model_dir),
@@ -457,7 +486,7 @@ def test_unusable_cache_directory_is_one_line(tmp_path, tiny_model_dir, make, fr
 
 @pytest.mark.parametrize("command", ["train", "iterative"])
 def test_float16_training_is_refused_up_front(tmp_path, command):
-    result = cli(command, "--dtype", "float16", cwd=tmp_path, env=store_env(tmp_path))
+    result = here(command, "--dtype", "float16", cwd=tmp_path, env=store_env(tmp_path))
     assert_one_line(result, 2, "--dtype float16 cannot train", "--dtype auto")
 
 
@@ -475,7 +504,7 @@ def test_float16_training_is_refused_up_front(tmp_path, command):
     ],
 )
 def test_silently_ignored_settings_are_errors(tmp_path, tiny_model_dir, args, code, fragments):
-    result = cli(*args, "--model", str(tiny_model_dir), "--device", "cpu", cwd=tmp_path, env=store_env(tmp_path))
+    result = here(*args, "--model", str(tiny_model_dir), "--device", "cpu", cwd=tmp_path, env=store_env(tmp_path))
     assert_one_line(result, code, *fragments)
     assert runs_in(tmp_path) == []
 

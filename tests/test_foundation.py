@@ -168,7 +168,9 @@ def test_offline_hub_dataset_is_one_clear_error(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
-    result = run_cli("evaluate", *args, cwd=tmp_path)
+    from test_bad_input import here
+
+    result = here("evaluate", *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

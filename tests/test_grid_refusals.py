@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_bad_input import assert_one_line, cli, runs_in, store_env
+from test_bad_input import assert_one_line, runs_in, store_env
 from test_refusals import data_args, here
 from test_tuning import plant, report, rows_of
 
@@ -124,7 +124,7 @@ def test_a_damaged_cell_spec_is_one_line_naming_the_file(tmp_path, tiny_model_di
 def test_a_diverged_cell_says_how_to_go_on_in_compares_own_words(tmp_path, tiny_model_dir, corpus_dir):
     args = ["--methods", "iterative", "--sparsities", "0.5", "--prune-percentage", "0.5", "--epochs-per-iteration"]
     args += ["1", "--max-steps", "3", "--batch-size", "4", "--lr", "1e9", "--no-report", "--no-system-metrics"]
-    result = cli("compare", *data_args(tiny_model_dir, corpus_dir), *args, cwd=tmp_path, env=store_env(tmp_path))
+    result = here("compare", *data_args(tiny_model_dir, corpus_dir), *args, cwd=tmp_path, env=store_env(tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]  # after the training's progress bar
     assert line.startswith("error: iteration 1 stopped: the training loss became nan"), line

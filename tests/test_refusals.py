@@ -12,39 +12,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_bad_input import assert_one_line, cli, runs_in, store_env
+from test_bad_input import assert_one_line, cli, here, runs_in, store_env
 
 from pipeline.cli import COMMANDS, flag, user_message
 from pipeline.cli import cli as click_group
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import ConfigError
 from pipeline.settings import build, flatten
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-class Result:
-    def __init__(self, returncode: int, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, "", stderr
-
-
-def here(*args, cwd, env=None):
-    """The command run in this process, as `cli` runs it in another (one line on stderr, the exit code): a
-    refusal comes before any work, so the interpreter's start-up need not be paid for each case."""
-    import click
-
-    from pipeline.cli import exit_code_for
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        for name in ("MLFLOW_TRACKING_URI", "PATH"):
-            if env and name in env:
-                patch.setenv(name, env[name])
-        try:
-            click_group.main(list(args), standalone_mode=False)
-        except (UserError, click.UsageError) as error:
-            line = user_message(error) if isinstance(error, UserError) else error.format_message()
-            return Result(exit_code_for(error), f"error: {line}\n")
-    return Result(0, "")
 
 
 def copy_model(source: Path, target: Path, *, tokenizer_from: Path | None = None, tokenizer: bool = True) -> Path:
