@@ -146,3 +146,19 @@ def test_the_mlflow_ui_models_tab_shows_one_model_per_iteration_with_its_metrics
             for metric in model.metrics:
                 if metric.key in ("sparsity", "ppl_after_train"):
                     assert f"{metric.key} " in shown and repr(metric.value) in shown, (metric.key, shown[-3000:])
+
+
+def test_every_logged_model_of_a_large_experiment_is_listed(mlflow_store):
+    """The store answers a page of 100 at a time: a grid of more cells than that still finds each cell's model
+    (the report's Model column, `models`)."""
+    from pipeline.tracking.models import logged_models
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("many")
+    made = set()
+    for k in range(130):
+        model = client.create_logged_model(experiment_id, name=f"cell-{k}", params={"method": "sparsegpt+ft"})
+        client.finalize_logged_model(model.model_id, "READY")
+        made.add(model.model_id)
+    assert set(logged_models(experiment_id)["model_id"]) == made
+    assert len(logged_models(experiment_id, method="sparsegpt+ft")) == 130

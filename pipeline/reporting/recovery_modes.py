@@ -27,6 +27,7 @@ COLUMNS = [
     "method",
     "mode",
     "lr",
+    "lr_at_edge",
     "perplexity",
     "perplexity_std",
     "n",
@@ -75,6 +76,7 @@ def recovery_modes(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                     "method": row["method"],
                     "mode": recovery({name: row[name] for name in MODE_AXES}).strip(" []") or PLAIN,
                     "lr": row["lr"],
+                    "lr_at_edge": bool(row.get("lr_at_edge", False)),
                     "perplexity": row["perplexity"],
                     "perplexity_std": row["perplexity_std"],
                     "n": row["n"],
@@ -97,7 +99,11 @@ def _mib(value: float) -> str:
 
 
 def _elements(value: float) -> str:
-    return "-" if pd.isna(value) else f"{value / 1e6:.3g} M" if value >= 1e5 else f"{value / 1e3:.3g} k"
+    return "-" if pd.isna(value) else f"{value / 1e6:.3g} M" if value >= 1e6 else f"{value / 1e3:.3g} k"
+
+
+def _lr(row) -> str:
+    return f"{row['lr']:g}" + ("*" if row["lr_at_edge"] else "")
 
 
 def _paired_text(row) -> str:
@@ -115,7 +121,7 @@ def modes_table(table: pd.DataFrame) -> pd.DataFrame:
             "Budget": ["-" if pd.isna(b) else tokens_text(b) for b in table["budget"]],
             "Method": [display_name({"method": m}) for m in table["method"]],
             "Recovery": list(table["mode"]),
-            "lr": [f"{lr:g}" for lr in table["lr"]],
+            "lr": [_lr(row) for _, row in table.iterrows()],
             "Perplexity": [
                 f"{p:.2f}" + (f" ± {sd:.2f}" if n > 1 else "")
                 for p, sd, n in zip(table["perplexity"], table["perplexity_std"], table["n"])
@@ -154,12 +160,12 @@ def modes_sentences(table: pd.DataFrame) -> list[str]:
                 else f", peak memory {_mib(row['peak_memory_bytes'])} vs {_mib(plain['peak_memory_bytes'])}"
             )
             parts.append(
-                f"{row['mode']} (lr {row['lr']:g}) reaches {row['perplexity']:.2f} and is {verdict_words} "
+                f"{row['mode']} (lr {_lr(row)}) reaches {row['perplexity']:.2f} and is {verdict_words} "
                 f"({_paired_text(row)}, better on {row['mode_better']:.0f} of {row['seeds']:.0f} seeds; "
                 f"{_elements(row['trained_parameters'])} trained parameters{memory})"
             )
         sentences.append(
-            f"{where}, {display_name({'method': method})} trained in full (lr {plain['lr']:g}) reaches "
+            f"{where}, {display_name({'method': method})} trained in full (lr {_lr(plain)}) reaches "
             f"{plain['perplexity']:.2f} with {_elements(plain['trained_parameters'])} trained parameters; "
             + "; ".join(parts)
             + "."
@@ -172,6 +178,7 @@ MODES_READING = (
     "tokens, paired by seed against training every parameter on the language-model loss (the plain mode): the "
     "difference is the mode's test perplexity minus the plain mode's (negative: the mode is better); where the "
     "95% t-interval holds 0 the two are a tie. Trained parameters are the elements the optimizer updated; peak "
-    "memory is the recovery's (on a GPU the allocator's peak of live tensors; on a CPU the process's resident "
-    "set, interpreter and libraries included: compare rows with each other)."
+    "memory is the recovery's peak of live allocated bytes, the model and its data included (on a GPU the "
+    "allocator's; on a CPU the C library's heap, the libraries' own included: compare rows with each other). "
+    "lr*: the selected lr is at the edge of the swept grid."
 )

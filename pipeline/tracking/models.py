@@ -28,7 +28,15 @@ def logged_models(experiment_id: str, sparsity: float | None = None, method: str
         conditions.append(f"params.target_sparsity = '{sparsity:.4f}'")
     if method is not None:
         conditions.append(f"params.method = '{method}'")
-    found = MlflowClient().search_logged_models([experiment_id], filter_string=" AND ".join(conditions) or None)
+    found, token = [], None
+    while True:  # the store answers a page at a time (100 models by default): every page
+        page = MlflowClient().search_logged_models(
+            [experiment_id], filter_string=" AND ".join(conditions) or None, page_token=token
+        )
+        found += page
+        token = page.token
+        if not token:
+            break
     rows = []
     for model in (m for m in found if str(m.status) == "READY"):  # the store's filter takes no status
         metrics = {metric.key: metric.value for metric in model.metrics or []}
