@@ -181,3 +181,20 @@ def test_a_save_in_another_layout_reads_back_and_one_that_differs_says_what_fail
     message = str(refused.value)
     assert "do not read back as the mixtral model in memory" in message and "they differ" in message, message
     assert "free some space" not in message
+
+
+def test_a_sweep_extended_at_one_target_is_complete_at_the_others(mlflow_store, tmp_path):
+    """A grid swept 1e-3 and 1e-2 at 50% and 90%, then extended by 3e-2 at 90% alone (its selection sat at the
+    edge there): nothing is missing, and the report says which lrs each target swept."""
+    rows = [
+        *[row for t in (0.5, 0.9) for lr in (1e-3, 1e-2) for row in rows_of("sparsegpt+ft", lr, [99.0], [98.0], t)],
+        *rows_of("sparsegpt+ft", 3e-2, [97.0], [96.0], 0.9),
+    ]
+    experiment_id = plant("extended", 85.0, rows)
+    for lrs, targets in (([1e-3, 1e-2], [0.5, 0.9]), ([3e-2], [0.9])):
+        grid = MlflowClient().create_run(experiment_id, tags={"kind": "compare"})
+        for key, value in (("lrs", lrs), ("sparsities", targets)):
+            MlflowClient().log_param(grid.info.run_id, key, repr(value))
+    text = report(experiment_id, tmp_path / "out")
+    assert "The sweep has not finished" not in text, text
+    assert "per target: 50% 0.001, 0.01; 90% 0.001, 0.01, 0.03" in text, text

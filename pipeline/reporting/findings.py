@@ -83,13 +83,13 @@ def recipe_check(control, base: float, target: float) -> str:
     )
 
 
-def missing_from_sweep(trained: pd.DataFrame, planned: list) -> list[str]:
-    """What has not finished in a sweep: per cell, the planned lrs it has no run at, and the lrs where fewer seeds
-    finished than at its best-covered one."""
+def missing_from_sweep(trained: pd.DataFrame, planned: dict) -> list[str]:
+    """What has not finished in a sweep: per cell, the lrs planned at its target it has no run at, and the lrs
+    where fewer seeds finished than at its best-covered one."""
     gaps = []
     for _, group in trained.groupby(ROW_AXES, sort=False, dropna=False):
         row, tried = group.iloc[0], set(group["lr"].dropna())
-        missing = [f"{lr:g}" for lr in planned if lr not in tried]
+        missing = [f"{lr:g}" for lr in planned.get(round(row["target_sparsity"], 4), []) if lr not in tried]
         thin = [
             f"{r['lr']:g} ({r['n']} of {group['n'].max()} seeds)"
             for _, r in group.iterrows()
@@ -105,26 +105,39 @@ def missing_from_sweep(trained: pd.DataFrame, planned: list) -> list[str]:
     return gaps
 
 
-def tuning(summary: pd.DataFrame, planned: list | None = None, every_lr: pd.DataFrame | None = None) -> list[str]:
+def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.DataFrame | None = None) -> list[str]:
     """What the learning rates were: one, not tuned; or a sweep (as planned, or as run), its cost, the
     selections at its edge, and what of it has not finished (its selection then is among what has).
-    `summary`: the selected rows; `every_lr`: every row, at every lr (default: `summary`)."""
+    `summary`: the selected rows; `every_lr`: every row, at every lr (default: `summary`); `planned`: per target,
+    the lrs the grids were asked to sweep there (None: at every target)."""
     every_lr = summary if every_lr is None else every_lr
     trained = summary[summary["kind"] == "trained"]
     if trained.empty:
         return []
     every_trained = every_lr[every_lr["kind"] == "trained"]
-    planned = sorted(set(planned or []) | set(every_trained["lr"].dropna()))
-    if len(planned) <= 1:
-        rates = ", ".join(f"{lr:g}" for lr in planned)
+    everywhere = set((planned or {}).get(None, []))
+    planned = {target: set(rates) for target, rates in (planned or {}).items() if target is not None}
+    for target, rates in every_trained.groupby("target_sparsity")["lr"]:
+        planned.setdefault(round(target, 4), set()).update(rates.dropna(), everywhere)
+    planned = {target: sorted(rates) for target, rates in planned.items()}
+    every_rate = sorted(set().union(*planned.values()))
+    if len(every_rate) <= 1:
+        rates = ", ".join(f"{lr:g}" for lr in every_rate)
         return [
             f"Every trained cell ran at one learning rate ({rates or 'its --lr'}), not tuned: a sweep (--lrs) gives "
             "each method its own, selected on the validation split."
         ]
+    counts = sorted({len(rates) for rates in planned.values()})
+    grid = (
+        f"{counts[0]} per method, the same grid for each"
+        if len(set(map(tuple, planned.values()))) == 1
+        else "per target: "
+        + "; ".join(f"{target:.0%} {', '.join(f'{lr:g}' for lr in rates)}" for target, rates in sorted(planned.items()))
+        + "; at a target the same grid for each method"
+    )
     sentences = [
-        f"Learning rates were swept ({len(planned)} per method, the same grid for each) and "
-        "each method's selected on the mean validation perplexity over the seeds; tables and verdicts show the "
-        "selected cells' test perplexity."
+        f"Learning rates were swept ({grid}) and each method's selected on the mean validation perplexity over "
+        "the seeds; tables and verdicts show the selected cells' test perplexity."
     ]
     gaps = missing_from_sweep(every_trained, planned)
     if gaps:
@@ -149,12 +162,12 @@ def tuning(summary: pd.DataFrame, planned: list | None = None, every_lr: pd.Data
 def findings(
     summary: pd.DataFrame,
     runs: pd.DataFrame | None = None,
-    planned: list | None = None,
+    planned: dict | None = None,
     every_lr: pd.DataFrame | None = None,
 ) -> list[str]:
     """Sentences over the selected cells of `summary` (one row per cell) and their runs (for the paired
-    reading; without them, none); `planned`: the lrs the grids were asked to sweep; `every_lr`: the summary at
-    every lr, before the selection (what a sweep's completeness is read from)."""
+    reading; without them, none); `planned`: per target, the lrs the grids were asked to sweep; `every_lr`: the
+    summary at every lr, before the selection (what a sweep's completeness is read from)."""
     runs = runs if runs is not None else summary.iloc[0:0]
     sentences = []
     dense = summary[summary["kind"] == "dense"]

@@ -82,14 +82,19 @@ def save_tables(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
     summary.to_csv(out / "summary.csv", index=False)
 
 
-def planned_lrs(experiment_id: str) -> list[float]:
-    """Every learning rate the experiment's grids were asked to sweep (their compare runs' `lrs`): what a report
-    of cells that have not all finished (a shard, a failed cell) measures its sweep against."""
-    planned = set()
+def planned_lrs(experiment_id: str) -> dict:
+    """Per target sparsity, every learning rate the experiment's grids were asked to sweep there (their compare
+    runs' `lrs` at their `sparsities`): what a report of cells that have not all finished (a shard, a failed
+    cell) measures its sweep against. A grid extended at one target by another lr plans it at that target only."""
+    planned: dict = {}
     for run in MlflowClient().search_runs([experiment_id], "tags.kind = 'compare'", max_results=1000):
         with contextlib.suppress(ValueError, SyntaxError):
-            planned |= {float(lr) for lr in ast.literal_eval(run.data.params.get("lrs", "[]"))}
-    return sorted(planned)
+            rates = {float(lr) for lr in ast.literal_eval(run.data.params.get("lrs", "[]"))}
+            # a run that names no targets planned its lrs at every one (None)
+            targets = ast.literal_eval(run.data.params.get("sparsities", "None"))
+            for target in [None] if targets is None else targets:
+                planned.setdefault(None if target is None else round(float(target), 4), set()).update(rates)
+    return {target: sorted(rates) for target, rates in planned.items()}
 
 
 def runs_of_row(runs: pd.DataFrame, row) -> pd.DataFrame:
