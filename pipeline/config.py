@@ -917,7 +917,8 @@ def preset_help() -> str:
     return (
         "settings a preset changes unless given (demo: the MLproject's main entry point; tuned: its `tuned` entry "
         "point, each method's lr selected on validation; crossover: its `crossover` entry point, every trained method "
-        f"at three budgets and the step-by-step ones at three step sizes) - {described}"
+        "at three budgets and the step-by-step ones at three step sizes; recovery-modes: its `recovery-modes` entry "
+        f"point, SparseGPT then four ways of recovering, each at its own lr) - {described}"
     )
 
 

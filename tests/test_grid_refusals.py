@@ -88,7 +88,9 @@ def test_owl_and_lora_settings_are_accepted_where_they_are_read():
 
 def test_the_preset_help_says_what_each_preset_sets():
     command = click_group.commands["compare"]
-    text = " ".join(command.get_help(command.make_context("compare", [], max_content_width=10_000)).split())
+    text = " ".join(
+        command.get_help(command.make_context("compare", [], max_content_width=10_000, terminal_width=10_000)).split()
+    )
     for name in PRESETS:
         assert f"{name}: prune-percentage" in text
     assert "lrs 3e-05,0.0001,0.0003,0.001,0.003" in text and "1e-4,3e-4,1e-3 selected" not in text

@@ -190,9 +190,10 @@ def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(
     import mlflow
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
+    long = ["--epochs-per-iteration", "50"]  # still training when the signal comes, however fast the machine
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", *long, env=env)
     for line in process.stdout:
-        if "Iteration 1, Epoch 1/1" in line:
+        if "Iteration 1, Epoch 1/50" in line:
             break
     process.send_signal(stop)
     rest, _ = process.communicate(timeout=120)
@@ -204,11 +205,11 @@ def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(
     if stop == signal.SIGINT:
         return
     refused = run_iterative_cli(
-        tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--resume", "--batch-size", "2", env=env
+        tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", *long, "--resume", "--batch-size", "2", env=env
     )
     out, _ = refused.communicate(timeout=120)
     assert refused.returncode == 2 and "batch_size" in out and "Traceback" not in out
-    again = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", env=env)
+    again = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", *long, env=env)
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 2 and "--resume" in out
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import math
 from pathlib import Path
 
@@ -82,18 +80,27 @@ def save_tables(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
     summary.to_csv(out / "summary.csv", index=False)
 
 
+def _floats(text: str | None) -> list[float] | None:
+    """A list parameter as a run logged it, `[0.5, 0.9]` by the grid or `0.5,0.9` by `mlflow run`'s own -P; None
+    when absent or not numbers (`none`)."""
+    if not text:
+        return None
+    try:
+        return [float(part) for part in text.strip("[]()").split(",") if part.strip()]
+    except ValueError:
+        return None
+
+
 def planned_lrs(experiment_id: str) -> dict:
     """Per target sparsity, every learning rate the experiment's grids were asked to sweep there (their compare
     runs' `lrs` at their `sparsities`): what a report of cells that have not all finished (a shard, a failed
-    cell) measures its sweep against. A grid extended at one target by another lr plans it at that target only."""
+    cell) measures its sweep against. A grid extended at one target by another lr plans it at that target only;
+    a run that names no targets plans its lrs at every one (None)."""
     planned: dict = {}
     for run in MlflowClient().search_runs([experiment_id], "tags.kind = 'compare'", max_results=1000):
-        with contextlib.suppress(ValueError, SyntaxError):
-            rates = {float(lr) for lr in ast.literal_eval(run.data.params.get("lrs", "[]"))}
-            # a run that names no targets planned its lrs at every one (None)
-            targets = ast.literal_eval(run.data.params.get("sparsities", "None"))
-            for target in [None] if targets is None else targets:
-                planned.setdefault(None if target is None else round(float(target), 4), set()).update(rates)
+        rates = set(_floats(run.data.params.get("lrs")) or [])
+        for target in _floats(run.data.params.get("sparsities")) or [None]:
+            planned.setdefault(None if target is None else round(target, 4), set()).update(rates)
     return {target: sorted(rates) for target, rates in planned.items()}
 
 
