@@ -53,7 +53,7 @@ def data_args(model: Path, corpus_dir: Path) -> list:
 
 def test_a_second_prune_into_the_same_directory_never_replaces_the_first_model(tmp_path, tiny_model_dir, corpus_dir):
     env = store_env(tmp_path)
-    first = cli(
+    first = here(
         "prune",
         "--prune-method",
         "random",
@@ -66,7 +66,7 @@ def test_a_second_prune_into_the_same_directory_never_replaces_the_first_model(t
     assert first.returncode == 0, first.stderr[-2000:]
     saved = tmp_path / "pruned_models" / f"{tiny_model_dir.name}-random-0.50"
     weights = (saved / "model.safetensors").read_bytes()
-    second = cli(
+    second = here(
         "prune",
         "--prune-method",
         "random",
@@ -78,7 +78,7 @@ def test_a_second_prune_into_the_same_directory_never_replaces_the_first_model(t
     )
     assert_one_line(second, 2, "--output-dir", "already holds a saved model", "--overwrite")
     assert (saved / "model.safetensors").read_bytes() == weights and len(runs_in(tmp_path)) == 1
-    third = cli(
+    third = here(
         "prune",
         "--prune-method",
         "random",

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from test_bad_input import here
 
 from pipeline.settings import build
 
@@ -222,7 +223,7 @@ def test_tasks_that_cannot_run_are_one_line(tmp_path, tiny_model_dir, args, code
         HF_HOME=str(tmp_path / "hf"),
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )
-    result = cli("evaluate", "--model", str(tiny_model_dir), "--device", "cpu", *args, cwd=tmp_path, env=env)
+    result = here("evaluate", "--model", str(tiny_model_dir), "--device", "cpu", *args, cwd=tmp_path, env=env)
     assert result.returncode == code, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stdout + result.stderr
