@@ -191,7 +191,9 @@ def test_sigterm_or_ctrl_c_marks_killed_and_resume_refuses_other_config(
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     long = ["--epochs-per-iteration", "50"]  # still training when the signal comes, however fast the machine
-    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", *long, env=env)
+    # as from a terminal: a shell that starts the suite in the background has its children ignore SIGINT
+    terminal = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+    process = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", *long, env=env, **terminal)
     for line in process.stdout:
         if "Iteration 1, Epoch 1/50" in line:
             break
