@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,7 @@ def test_kill_during_training_then_resume_equals_uninterrupted(
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert any("Iteration 1:" in line for line in seen)
+    time.sleep(4)  # time between the kill and the resume: the run's wall time holds it, the cell's own time not
     resumed = finished_output(
         run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "killed", "--resume", env=env)
     )
@@ -120,6 +122,9 @@ def test_kill_during_training_then_resume_equals_uninterrupted(
     assert runs.iloc[0]["metrics.final_sparsity"] == pytest.approx(final_sparsity(reference), abs=1e-4)
     assert final_sparsity(reference) >= 0.488
     assert runs.iloc[0]["metrics.final_perplexity"] == pytest.approx(final_perplexity(reference), rel=1e-4)
+    wall = (runs.iloc[0]["end_time"] - runs.iloc[0]["start_time"]).total_seconds()
+    iterations = sum(m.value for m in client.get_metric_history(run_id, "iteration_seconds"))
+    assert iterations < runs.iloc[0]["metrics.cell_seconds"] <= wall - 4, (iterations, wall)
 
 
 def test_iterative_api_saves_models_that_reload_to_the_same_numbers(mlflow_store, tiny_model_dir, corpus_dir):

@@ -3,6 +3,7 @@ from its last completed iteration with `resume`, and the final model saved."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..adapters import check_lora
@@ -163,6 +164,7 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None, shared_prun
     this run throughout; returns the history (entry 0: the unpruned model). `shared_pruning`: a directory
     where the first pruning step is shared with other runs that would prune the same (shared_pruning.py)."""
     check_launch(config.train.batch_size)  # first, on every process alike, before the launcher stops them
+    started = time.perf_counter()
     out = Path(config.resolved("output_dir"))
     name = (
         f"iterative {config.prune.method} {Path(config.model.model).name} {config.data.dataset} "
@@ -188,6 +190,7 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None, shared_prun
     ) as job:
         method = (tags or {}).get("cell_method") or method_of_run(config)
         imp = ImpRun.create(config, job.tracker, out, job.resumed, job.inputs, shared_pruning, method)
+        earlier = sum(entry["iteration_seconds"] for entry in imp.history)  # what the processes before ran
         history = imp.run()
         model_paths = save_final_model(imp, config) if config.save_model and is_main_process() else []
         # the final model's LoggedModel (with --log-models every, the last iteration's, logged already)
@@ -200,6 +203,9 @@ def run_iterative(config: IterativeConfig, tags: dict | None = None, shared_prun
             print(f"Final perplexity on the validation split: {validation:.2f}")
             dataset = imp.work.dataset_of("validation")
             job.tracker.log_dict({"final_val_perplexity": validation}, model=final, dataset=dataset)
+        # the cell's own time: this process's and the restored iterations', not the time between a stop and a
+        # resume, which the MLflow run's start and end include
+        job.tracker.log_dict({"cell_seconds": earlier + time.perf_counter() - started})
         print_summary(history, model_paths)
     return history
 

@@ -340,7 +340,8 @@ def _footer(wall_seconds: float, cells: int, lr_at_edge: bool) -> str:
     return (
         f"Measured on {_environment()}. Wall time of all {cells} cells: {_duration(wall_seconds)}. "
         "Perplexity as the SparseGPT reference computes it; ± is one standard deviation over seeds; "
-        "train tokens are those that went into optimizer steps; Time is each run's wall time."
+        "train tokens are those that went into optimizer steps; Time is each cell's own wall time (a cell stopped "
+        "and resumed: its processes' time, not the time between)."
         + (" lr*: the selected learning rate is at the edge of the swept grid." if lr_at_edge else "")
     )
 

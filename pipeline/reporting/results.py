@@ -48,7 +48,8 @@ def _row(run) -> dict:
         # what the recovery trained and its peak memory (runs of older versions did not log the peak)
         "trained_parameters": metrics.get("trained_parameters", math.nan),
         "peak_memory_bytes": metrics.get("peak_memory_bytes", math.nan),
-        "seconds": (run.info.end_time - run.info.start_time) / 1000.0,
+        # a trained cell's own seconds (a stopped and resumed one's wall time holds the stop); else the wall time
+        "seconds": metrics.get("cell_seconds", (run.info.end_time - run.info.start_time) / 1000.0),
         "run_id": run.info.run_id,
         **{
             f"acc:{key.split('/')[1]}": value
