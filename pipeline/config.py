@@ -765,6 +765,17 @@ class GridConfig(Settings):
 EXECUTORS = ("local", "submitit")
 
 
+# Settings that came after runs were first made, each with the value that means "as before": at that value a
+# setting is no part of a grid cell's key, so a cell made before it existed keeps its key and is reused, and a
+# checkpoint made before it existed resumes.
+SINCE = {"budget": None, "recovery": "finetune", "eval_every": 1}
+
+
+def unset_since(key: str, value) -> bool:
+    """Whether `key` is a setting that came later and `value` is its "as before"."""
+    return key in SINCE and value == SINCE[key]
+
+
 def default_threads_per_cell(executor) -> int:
     """this machine's cores split over --parallel; in the compare process itself, its threads as they are"""
     return max(1, (os.cpu_count() or 1) // executor.parallel)

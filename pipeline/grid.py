@@ -31,6 +31,7 @@ from .config import (
     PruneRunConfig,
     TrainConfig,
     parse_pattern,
+    unset_since,
 )
 from .methods import BASELINE, KINDS, METHODS
 from .settings import default_of, flat_values
@@ -52,15 +53,6 @@ NOT_IDENTITY = {
 }
 
 
-# Settings that came after cells were first keyed, each with the value that means "as before": at that value a
-# setting is no part of the key, so a cell made before it existed keeps its key and is reused.
-SINCE = {"budget": None, "recovery": "finetune"}
-
-
-def _unset_since(key: str, value) -> bool:
-    return key in SINCE and value == SINCE[key]
-
-
 @dataclass
 class Cell:
     """One cell: its job's config, the corpus digest, and its place on each axis of the grid (pipeline/axes.py),
@@ -79,7 +71,7 @@ class Cell:
     @property
     def key(self) -> str:
         values = flat_values(self.config)
-        identity = {k: v for k, v in values.items() if k not in NOT_IDENTITY and not _unset_since(k, values[k])}
+        identity = {k: v for k, v in values.items() if k not in NOT_IDENTITY and not unset_since(k, values[k])}
         identity.update(kind=self.kind, corpus=self.corpus)
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -295,3 +295,15 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(mlflow_store
     assert load_checkpoint(Path("run"))["iteration"] == 0  # the last good checkpoint, untouched
     run = mlflow.search_runs(experiment_names=["nan"]).iloc[0]
     assert run["status"] == "FAILED" and "training loss became" in run["tags.error"]
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_as_before_value():
+    """A checkpoint records the settings of its version: one made before --recovery existed holds none, and
+    resumes where --recovery is finetune (what every run did then), not where it is reconstruct."""
+    from pipeline.jobs.iterative import config_differences
+
+    saved = {"lr": 1e-3, "budget": None}
+    assert config_differences(saved, {"lr": 1e-3, "budget": None, "recovery": "finetune", "eval_every": 1}) == []
+    assert config_differences(saved, {"lr": 1e-3, "budget": None, "recovery": "reconstruct"}) == ["recovery"]
+    assert config_differences(saved, {"lr": 1e-3, "budget": None, "max_steps": 20}) == ["max_steps"]
+    assert config_differences({**saved, "recovery": "reconstruct"}, {**saved, "recovery": "finetune"}) == ["recovery"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..adapters import check_lora
 from ..checkpoint import atomic_torch_save, load_checkpoint
-from ..config import IterativeConfig
+from ..config import IterativeConfig, unset_since
 from ..distributed import check_launch, is_main_process
 from ..errors import ConfigError, UserError, option
 from ..imp import ImpRun, planned_schedule
@@ -40,7 +40,15 @@ RESUMABLE_CHANGES = {
 
 
 def config_differences(saved: dict, current: dict) -> list:
-    return sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    """The settings a checkpoint was made with other than these (a setting that came after it, at its "as
+    before" value, is the same)."""
+    return sorted(
+        k
+        for k in set(saved) | set(current)
+        if k not in RESUMABLE_CHANGES
+        and saved.get(k) != current.get(k)
+        and not (k not in saved and unset_since(k, current.get(k)))
+    )
 
 
 def checkpoint_to_continue(config: IterativeConfig, out: Path) -> dict | None:
