@@ -12,6 +12,7 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
@@ -87,6 +88,8 @@ def training_accelerator(cpu: bool):
     the state is switched to FSDP with the plugin read from the launcher's environment, so CPU
     clusters, and the two-process test, take the same FSDP2 path as GPUs.
     """
+    if not launched():
+        _forget_another_devices_state(cpu)
     accelerator = Accelerator(cpu=cpu)
     if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # both shared states: every later AcceleratorState() copies the PartialState's type over its own
@@ -94,6 +97,16 @@ def training_accelerator(cpu: bool):
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     return accelerator
+
+
+def _forget_another_devices_state(cpu: bool) -> None:
+    """Accelerate keeps one state per process, made by its first Accelerator: a process that trains on the CPU
+    and then on a GPU (a notebook, a test session) would have the GPU model moved back to the CPU, and the other
+    way round is refused. One process on its own starts the state afresh when the device changes; a launched
+    one has its device for life."""
+    state = AcceleratorState._shared_state
+    if "device" in state and (state["device"].type == "cpu") != cpu:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def fsdp_requested() -> bool:

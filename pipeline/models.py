@@ -80,7 +80,13 @@ def resolve_device(device: str) -> torch.device:
             f"{option('device')} cuda was asked for but no CUDA device is available; use {option('device')} cpu"
         )
     if device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if rank >= gpus:  # a launcher started more processes on this machine than it has GPUs
+            raise ConfigError(
+                f"process {rank + 1} of this machine wants a GPU of its own and the machine has {gpus}: launch at "
+                f"most {gpus} per machine (accelerate launch --num_processes), or use {option('device')} cpu"
+            )
+        return torch.device("cuda", rank)
     return torch.device(device)
 
 

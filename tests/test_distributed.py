@@ -41,9 +41,9 @@ def accelerate_launch(mode: str, *args) -> list:
 
 
 def run(command, cwd, env=None) -> str:
-    done = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **(env or {}))
-    )
+    # CPU processes on a GPU machine too (its GPUs hidden): the numbers they are held to are the CPU's
+    cpus = dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env or {}))
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=cpus)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stdout
 

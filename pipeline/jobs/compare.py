@@ -32,7 +32,7 @@ from ..settings import flat_values
 from ..tracking.store import finished_cell_runs, mark_orphaned_runs, tracking_uri
 from . import job_run
 from .cell import CELL_FAULT_HINT, Claimed, cell_spec, claim, is_claimed, run_cell
-from .executors import child_environment, require_submitit, run_local_pool, run_submitit
+from .executors import child_environment, gpu_count, require_submitit, run_local_pool, run_submitit
 from .report import publish_report
 
 CLAIM_POLL_SECONDS = 5.0
@@ -70,7 +70,7 @@ def checks(config: CompareConfig):
         )
     settings = config.executor
     if settings.executor == "local" and not settings.in_process:
-        gpus = torch.cuda.device_count()
+        gpus = cell_gpus(config)
         if settings.gpus_per_cell > 1 and not gpus:
             raise ConfigError(
                 f"{option('gpus_per_cell')} {settings.gpus_per_cell} asks for GPUs this machine has "
@@ -97,6 +97,11 @@ def checks(config: CompareConfig):
                 f"{tracking_uri()})"
             )
     return corpus
+
+
+def cell_gpus(config: CompareConfig) -> int:
+    """The GPUs the cells share out: none where they run on the CPU (`--device cpu` on a GPU machine)."""
+    return 0 if config.model.device == "cpu" else gpu_count()
 
 
 @contextlib.contextmanager
@@ -163,7 +168,7 @@ def run_cells(
     with store_for_cell_processes(config, out) as uri:
         env = child_environment(uri, threads)
         if settings.executor == "local":
-            outcomes = run_local_pool(specs, settings.parallel, settings.gpus_per_cell, out, env)
+            outcomes = run_local_pool(specs, settings.parallel, settings.gpus_per_cell, cell_gpus(config), out, env)
         else:
             os.environ.update(MLFLOW_TRACKING_URI=uri)
             outcomes = run_submitit(specs, settings, out / "submitit", settings.wait)

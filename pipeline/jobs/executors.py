@@ -48,10 +48,9 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def run_local_pool(specs: list, parallel: int, gpus_per_cell: int, folder: Path, env: dict) -> list:
-    """`parallel` cells at a time, each its own process with its log in folder/logs/<key>.log; on CUDA each
-    gets `gpus_per_cell` GPUs of its own (CUDA_VISIBLE_DEVICES). Ctrl-C or SIGTERM stops them all."""
-    gpus = gpu_count()
+def run_local_pool(specs: list, parallel: int, gpus_per_cell: int, gpus: int, folder: Path, env: dict) -> list:
+    """`parallel` cells at a time, each its own process with its log in folder/logs/<key>.log; with `gpus` to
+    share out, each gets `gpus_per_cell` of its own (CUDA_VISIBLE_DEVICES). Ctrl-C or SIGTERM stops them all."""
     pending, running, outcomes = list(specs), {}, []
     free = list(range(parallel))
     progress = Progress(len(specs))
