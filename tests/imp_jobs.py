@@ -12,11 +12,9 @@ PER_ITERATION = ("sparsity", "ppl_after_prune", "ppl_after_train", "recovery_pct
 
 
 # 3 iterations: 20%, 36%, 48.8% (= 1 - 0.8^3)
-def run_iterative_cli(workdir: Path, model_dir, corpus_dir, *extra, env=None, unset=(), **popen):
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline",
+def iterative_args(model_dir, corpus_dir, *extra) -> list:
+    """The command's words after `python -m pipeline` (for tests/test_bad_input.here, in this process)."""
+    return [
         "iterative",
         "--model",
         str(model_dir),
@@ -48,6 +46,10 @@ def run_iterative_cli(workdir: Path, model_dir, corpus_dir, *extra, env=None, un
         "8",
         *extra,
     ]  # SparseGPT: kills can land in pruning
+
+
+def run_iterative_cli(workdir: Path, model_dir, corpus_dir, *extra, env=None, unset=(), **popen):
+    args = [sys.executable, "-m", "pipeline", *iterative_args(model_dir, corpus_dir, *extra)]
     full_env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k not in unset}
     return subprocess.Popen(
         args, cwd=workdir, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen

@@ -189,15 +189,10 @@ def test_ptb_and_c4_are_read_as_the_reference_reads_them():
 
 
 def test_text_data_problems_exit_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "evaluate", "--dataset", f"text:{tmp_path / 'none'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2 and "no such file or directory" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    from test_bad_input import assert_one_line, here
+
+    result = here("evaluate", "--dataset", f"text:{tmp_path / 'none'}", cwd=tmp_path)
+    assert_one_line(result, 2, "no such file or directory")
 
 
 def test_the_gpu_dtype_path_on_a_cpu(tmp_path, tiny_model_dir, corpus_dir):
