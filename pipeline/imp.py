@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import atomic_torch_save, restore_rng_state, save_checkpoint
 from .config import IterativeConfig, ScheduleConfig, TrainConfig
+from .dense_cache import dense_perplexity
 from .distributed import is_main_process, sync_from_main
 from .errors import Continuable, UserError
 from .logged_models import model_name, model_record
@@ -174,7 +175,7 @@ class ImpRun:
     ):
         self.config, self.work, self.tracker, self.out = config, work, tracker, Path(out)
         self.method = method or config.prune.method  # what its LoggedModels are called after (a grid's method)
-        self.shared_pruning = shared_pruning  # where the first pruning step is shared with same-pruning runs
+        self.shared_pruning = shared_pruning  # a grid's: the first pruning step and the dense perplexity, shared
         self.model = work.model
         self.targets, self.uncapped = planned_schedule(config.schedule)
         self.blocks = work.training_blocks(config.resolved("train_seqlen"))
@@ -269,9 +270,22 @@ class ImpRun:
 
     def evaluate_dense(self) -> dict:
         started = time.perf_counter()
-        record = dense_record(sparsity_of(self.linears), self.evaluate(), time.perf_counter() - started)
+        if self.shared_pruning is None:
+            perplexity = self.evaluate()
+        else:  # a grid's cells all start from the same model: its perplexity is measured once per grid
+            perplexity, read = dense_perplexity(self.work, self.config.eval_split, self.dense_scope())
+            self.tracker.set_tags({"dense_shared": "read" if read else "computed"})
+        record = dense_record(sparsity_of(self.linears), perplexity, time.perf_counter() - started)
         print(f"Iteration 0 (unpruned): perplexity {record['ppl_after_train']:.2f}")
         return record
+
+    def dense_scope(self) -> str:
+        """What the unpruned model's perplexity depends on besides the model, data, split, window and dtype
+        setting (dense_cache's key): the grid (its shared directory, of one store's experiment), the weights'
+        dtype and device, and the threads (a sum in another order differs in the last bits)."""
+        parameter = next(self.model.parameters())
+        shared = Path(self.shared_pruning).resolve()
+        return f"{shared}|{parameter.dtype}|{self.work.device.type}|{torch.get_num_threads()}"
 
     def prune(self, k: int) -> float:
         """Prunes to the schedule's k-th target (a zero stays a zero); returns the sparsity reached."""

@@ -196,3 +196,26 @@ def test_a_count_of_tokens_reads_k_and_m():
     for bad in ("1.3x", "k", "-5", "0.5"):
         with pytest.raises(ValueError):
             Tokens(bad)
+
+
+def test_a_grids_trained_cells_measure_the_unpruned_model_once(grid, tiny_model_dir, corpus_dir):
+    """Every trained cell starts from the same model: the first measures its perplexity, the others read it; the
+    number is the one an evaluation here gives."""
+    from loading import load_model_and_tokenizer
+
+    from pipeline.data import load_corpus
+    from pipeline.perplexity import evaluate_on
+
+    root, _, _, cells = grid
+    trained = [cell for cell in cells if cell.data.tags.get("cell_kind") == "trained"]
+    assert [cell.data.tags["dense_shared"] for cell in trained].count("computed") == 1
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    dense = {
+        metric.value
+        for cell in trained
+        for metric in client.get_metric_history(cell.info.run_id, "ppl_after_train")
+        if metric.step == 0
+    }
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
+    expected = evaluate_on(model, tokenizer, load_corpus(f"text:{corpus_dir}"), "test", 64, "cpu").perplexity
+    assert len(dense) == 1 and dense.pop() == pytest.approx(expected, rel=1e-6)
