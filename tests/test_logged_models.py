@@ -119,8 +119,9 @@ def test_the_mlflow_ui_models_tab_shows_one_model_per_iteration_with_its_metrics
     from pipeline.local_server import LocalMlflowServer
 
     workdir, experiment_id = logged
-    models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     store = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)  # the logged run's store, whichever test of this module ran before
+    models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     with LocalMlflowServer(tmp_path / "ui", backend_store_uri=store, artifacts=workdir / "mlartifacts") as server:
 
         def page(fragment: str, ready: str) -> str:
