@@ -13,6 +13,7 @@ import pytest
 import torch
 from imp_jobs import final_perplexity, final_sparsity, finished_output, run_iterative_cli
 from loading import load_model_and_tokenizer
+from test_crossover import settings as crossover_settings
 
 from pipeline.config import CompareConfig, PruneConfig, TrainConfig
 from pipeline.data import calibration_windows, load_corpus, training_blocks
@@ -114,23 +115,10 @@ def test_the_imp_loop_on_the_gpu_ends_where_the_cpus_does(mlflow_store, tmp_path
 
 
 def test_a_grid_on_the_gpu_trains_every_cell_its_budget(mlflow_store, tiny_model_dir, corpus_dir):
-    settings = dict(
-        model=str(tiny_model_dir),
-        dataset=f"text:{corpus_dir}",
-        sparsities=[0.75],
-        budgets=["1000"],
-        prune_percentages=[0.5],
-        lrs=[3e-3],
-        seeds=[0],
-        batch_size=4,
-        nsamples=4,
-        seqlen=64,
-        eval_every=0,
-        device="cuda",
-        experiment="gpu-grid",
-        output_dir="reports/gpu-grid",
-        methods=["sparsegpt", "iterative", "iterative-sparsegpt", "sparsegpt+ft"],
-    )
+    settings = crossover_settings(tiny_model_dir, corpus_dir, ["1000"])  # the crossover test's grid, smaller
+    settings.update(prune_percentages=[0.5], lrs=[3e-3], seeds=[0], device="cuda", experiment="gpu-grid")
+    methods = ["sparsegpt", "iterative", "iterative-sparsegpt", "sparsegpt+ft"]
+    settings.update(output_dir="reports/gpu-grid", methods=methods)
     run_compare(build(CompareConfig, settings))
     cells = pd.read_csv("reports/gpu-grid/compare.csv")
     trained = cells[cells["kind"] == "trained"]
