@@ -32,7 +32,9 @@ def test_unreachable_tracking_server_fails_fast_before_any_work(tmp_path, tiny_m
     assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking store http://127.0.0.1:"), out
     assert "start the server" in lines[0]
     assert not (tmp_path / "run").exists()  # no work was done
-    assert time.monotonic() - started < 20  # about 10 s of it is starting Python and torch
+    # ours back off about 3 s in all, MLflow's own (7 retries, factor 2) over 4 minutes; the rest is starting
+    # Python and torch, 10 s here and 20 s on a machine that runs 14 tests at once
+    assert time.monotonic() - started < 60
 
 
 def test_cells_logging_one_new_dataset_at_once_all_link_it(mlflow_server):
