@@ -8,19 +8,18 @@ training.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from datasets import load_dataset
 from transformers.utils import logging as hf_logging
 
+from .caching import cache_dir, replace_atomically
 from .errors import ConfigError, UserError, option
 from .hub import offline_when_unreachable
-from .outputs import write_error
 from .pydocs import build_pydocs_splits, python_version
 
 DATASETS = ("wikitext2", "ptb", "c4", "pydocs", "text:PATH")
@@ -167,7 +166,7 @@ def _c4() -> Corpus:
 
 
 def _pydocs() -> Corpus:
-    splits = build_pydocs_splits()
+    splits = build_pydocs_splits(cache_dir())
     return Corpus(
         "pydocs",
         splits["train"],
@@ -227,23 +226,6 @@ def load_corpus(name: str) -> Corpus:
 # --- tokenization, cached on disk ---------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """Where tokenized streams and dense perplexities are kept: PIPELINE_CACHE_DIR, else ~/.cache/pipeline."""
-    path = Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "pipeline")
-    return _usable_cache_dir(path)
-
-
-@cache
-def _usable_cache_dir(path: Path) -> Path:
-    error = write_error(path)
-    if error:
-        raise UserError(
-            f"the cache directory {path} (PIPELINE_CACHE_DIR, default ~/.cache/pipeline) cannot be "
-            f"written ({error.strerror or error}): point PIPELINE_CACHE_DIR at a writable directory"
-        )
-    return path
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     identity = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
@@ -269,9 +251,7 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
         ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
     finally:
         hf_logging.set_verbosity(verbosity)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(ids, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save(ids, tmp))
     return ids
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from .data import cache_dir
+from .caching import cache_dir, replace_atomically
 from .distributed import from_main, is_main_process
 from .models import resolve_model_source
 from .workload import Workload
@@ -50,9 +49,7 @@ def remember_dense_perplexity(key: str, value: float) -> None:
     except (OSError, ValueError):
         table = {}
     table[key] = value
-    tmp = _path().with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, _path())
+    replace_atomically(_path(), lambda tmp: tmp.write_text(json.dumps(table, indent=1)))
 
 
 def dense_perplexity(work: Workload, split: str, scope: str = "") -> tuple[float, bool]:

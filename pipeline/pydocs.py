@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import sys
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
 from pydoc_data.topics import topics
+
+from .caching import replace_atomically
 
 # Directories that hold tests, third-party code or GUI demos rather than library documentation.
 SKIPPED_DIRS = {
@@ -57,13 +60,13 @@ def _stdlib_source_files(stdlib: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(stdlib).as_posix())
 
 
-@lru_cache(maxsize=1)
-def collect_documents() -> tuple[str, ...]:
-    """All documents in a deterministic order, exact duplicates dropped. Read once per process: the corpus and
-    the pydocs-cloze task both start from them, and a grid builds the task again for every cell."""
+# what is collected: raise it when SKIPPED_DIRS or the docstring filter changes, so cached documents are rebuilt
+COLLECTION_VERSION = 1
+
+
+def _documents_of(files: list[Path]) -> tuple[str, ...]:
     documents = [topics[key].strip() for key in sorted(topics)]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in _stdlib_source_files(stdlib):
+    for path in files:
         documents += _docstrings_of_source(path.read_text(encoding="utf-8", errors="replace"))
     seen, unique = set(), []
     for doc in documents:
@@ -71,6 +74,43 @@ def collect_documents() -> tuple[str, ...]:
             seen.add(doc)
             unique.append(doc)
     return tuple(unique)
+
+
+def _sources_fingerprint(stdlib: Path, files: list[Path]) -> str:
+    """What the documents depend on: this Python, the collection rules, and every source file's size and mtime."""
+    digest = hashlib.sha256(f"{COLLECTION_VERSION}|{sys.version}|{stdlib}".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(stdlib).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _read_cached(path: Path) -> tuple[str, ...] | None:
+    try:
+        documents = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(documents, list) or not all(isinstance(doc, str) for doc in documents):
+        return None
+    return tuple(documents)
+
+
+@lru_cache(maxsize=4)
+def collect_documents(cache: Path | None = None, stdlib: Path | None = None) -> tuple[str, ...]:
+    """All documents in a deterministic order, exact duplicates dropped. Read once per process (the corpus and the
+    pydocs-cloze task both start from them); with `cache`, a directory, parsed once per Python installation:
+    parsing some 600 source files takes about 7 CPU seconds, reading the cached entry a few hundredths, and a
+    changed source file, another Python or other collection rules make another entry."""
+    stdlib = stdlib or Path(sysconfig.get_paths()["stdlib"])
+    files = _stdlib_source_files(stdlib)
+    if cache is None:
+        return _documents_of(files)
+    path = cache / f"pydocs-{_sources_fingerprint(stdlib, files)}.json"
+    documents = _read_cached(path)
+    if documents is None:
+        documents = _documents_of(files)
+        replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(documents), encoding="utf-8"))
+    return documents
 
 
 def split_of(document: str) -> str:
@@ -88,10 +128,10 @@ def python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 
 
-@lru_cache(maxsize=1)
-def build_pydocs_splits() -> dict:
-    """Split name -> text, documents joined with a blank line."""
+@lru_cache(maxsize=2)
+def build_pydocs_splits(cache: Path | None = None) -> dict:
+    """Split name -> text, documents joined with a blank line (`cache`: as collect_documents)."""
     grouped = {name: [] for name in SPLIT_PERCENT}
-    for doc in collect_documents():
+    for doc in collect_documents(cache):
         grouped[split_of(doc)].append(doc)
     return {name: "\n\n".join(docs) for name, docs in grouped.items()}

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .caching import cache_dir
 from .config import DataConfig, ModelConfig, PruneConfig
-from .data import Corpus, cache_dir, calibration_windows, eval_tokens, load_corpus, training_blocks
+from .data import Corpus, calibration_windows, eval_tokens, load_corpus, training_blocks
 from .errors import ConfigError, option
 from .models import load_model, load_tokenizer, model_skeleton, resolve_device, resolve_seqlen, training_dtype
 from .perplexity import PerplexityResult, evaluate_on

@@ -51,9 +51,10 @@ def mlflow_store(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A text:PATH directory cut from the pydocs corpus (train/validation/test)."""
+    from pipeline.caching import cache_dir
     from pipeline.pydocs import build_pydocs_splits
 
-    splits = build_pydocs_splits()
+    splits = build_pydocs_splits(cache_dir())  # parsed once; the suite's other processes read the cache
     root = tmp_path_factory.mktemp("corpus")
     (root / "train.txt").write_text(splits["train"][:120_000], encoding="utf-8")
     (root / "validation.txt").write_text(splits["validation"][:20_000], encoding="utf-8")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -88,17 +90,19 @@ def test_text_path_bad_files_are_one_clear_error(tmp_path, content, message):
         load_corpus(f"text:{tmp_path / 'missing.txt'}")
 
 
-def test_pydocs_is_deterministic_and_splits_disjoint():
+def test_pydocs_is_deterministic_and_splits_disjoint(tmp_path):
+    from pipeline.caching import cache_dir
     from pipeline.pydocs import collect_documents, split_of
 
-    first = load_corpus("pydocs")
+    first = load_corpus("pydocs")  # as this suite's other processes read it: from the cache
     code = (
         "from pipeline.data import load_corpus; c = load_corpus('pydocs'); "
         "print(c.digest, len(c.train_text), len(c.eval_texts['test']))"
     )
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert other == [first.digest, str(len(first.train_text)), str(len(first.eval_texts["test"]))]
-    documents = collect_documents()
+    parsed = dict(os.environ, PIPELINE_CACHE_DIR=str(tmp_path))  # another process, parsing the sources itself
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=parsed)
+    assert other.stdout.split() == [first.digest, str(len(first.train_text)), str(len(first.eval_texts["test"]))]
+    documents = collect_documents(cache_dir())
     by_split = {}
     for doc in documents:
         by_split.setdefault(split_of(doc), set()).add(doc)
@@ -108,6 +112,33 @@ def test_pydocs_is_deterministic_and_splits_disjoint():
     share = {k: sum(len(d) for d in v) / total for k, v in by_split.items()}
     assert 0.85 < share["train"] < 0.95 and 0.02 < share["test"] < 0.08
     assert 1_000_000 < first.describe()["corpus_bytes"] < 4_000_000
+
+
+def test_pydocs_documents_are_parsed_once_per_python_and_again_when_a_source_changes(tmp_path):
+    from pydoc_data.topics import topics
+
+    from pipeline.pydocs import collect_documents
+
+    stdlib, cache = tmp_path / "lib", tmp_path / "cache"
+    (stdlib / "test").mkdir(parents=True)
+    cache.mkdir()
+    (stdlib / "walk.py").write_text('"""Walks a tree of nodes in order."""\ndef f():\n    """Too short."""\n')
+    (stdlib / "test" / "test_walk.py").write_text('"""Tests are not documentation at all."""\n')
+    reference = tuple(dict.fromkeys(topics[key].strip() for key in sorted(topics)))
+
+    def collected():
+        collect_documents.cache_clear()  # what another process would see
+        return collect_documents(cache, stdlib)
+
+    assert collected() == (*reference, "Walks a tree of nodes in order.")
+    [entry] = cache.iterdir()
+    entry.write_text(json.dumps(["read from the entry"]))
+    assert collected() == ("read from the entry",)  # not parsed again
+    entry.write_text('["cut short by a kil')
+    assert collected() == (*reference, "Walks a tree of nodes in order.")  # an unreadable entry is rebuilt
+    (stdlib / "walk.py").write_text('"""Walks a tree of nodes, depth first."""\n')
+    assert collected() == (*reference, "Walks a tree of nodes, depth first.")
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_calibration_windows_follow_the_reference_draw(tiny_model_dir, corpus_dir):

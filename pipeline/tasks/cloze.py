@@ -13,6 +13,7 @@ import random
 
 import datasets
 
+from pipeline.caching import cache_dir
 from pipeline.pydocs import collect_documents, split_of
 
 CONTEXT_WORDS = 24
@@ -24,7 +25,7 @@ SEED = 0
 def passages() -> list[tuple[int, str, str]]:
     """(document index, context, continuation) of every whole passage of the test documents."""
     found = []
-    documents = [doc for doc in collect_documents() if split_of(doc) == "test"]
+    documents = [doc for doc in collect_documents(cache_dir()) if split_of(doc) == "test"]
     size = CONTEXT_WORDS + CONTINUATION_WORDS
     for index, document in enumerate(documents):
         words = document.split()
