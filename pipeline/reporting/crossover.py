@@ -108,31 +108,37 @@ def _percents(targets) -> str:
     return ", ".join(f"{t:.0%}" for t in targets)
 
 
+def _verdicts(rows: pd.DataFrame) -> str:
+    """What the intervals say along the sparsities, neighbours with one verdict together: "one-shot + ft is ahead
+    at 50%, 70%, the two tie at 80%, iterative is ahead at 90%"."""
+    groups: list[tuple[str, list]] = []
+    for target, said in zip(rows["target_sparsity"], rows["verdict"]):
+        if groups and groups[-1][0] == said:
+            groups[-1][1].append(target)
+        else:
+            groups.append((said, [target]))
+    phrases = {ITERATIVE: f"{ITERATIVE} is ahead at", ONE_SHOT: f"{ONE_SHOT} is ahead at", "tie": "the two tie at"}
+    return ", ".join(f"{phrases.get(said, said + ' at')} {_percents(targets)}" for said, targets in groups)
+
+
 def crossover_sentences(table: pd.DataFrame) -> list[str]:
-    """One sentence per budget: between which sparsities the sign of the difference changes (from which side
-    to which), or that it does not change in the measured range; and where the interval excludes 0."""
+    """One sentence per budget: where each side is ahead and where the two tie by the 95% intervals, then between
+    which sparsities the sign of the mean difference changes (from which side to which), or that it does not
+    change in the measured range. A tie is never called a lead."""
     sentences = []
     for budget, rows in table.groupby("budget", sort=True):
         rows = rows.sort_values("target_sparsity")
         targets, sides = list(rows["target_sparsity"]), [_side(d) for d in rows["difference"]]
-        resolved = rows[rows["verdict"].isin([ITERATIVE, ONE_SHOT])]
-        beyond = (
-            f"; the 95% interval excludes 0 at {_percents(resolved['target_sparsity'])}"
-            if len(resolved)
-            else "; the 95% interval holds 0 at every sparsity (ties)"
-        )
-        where = f"At {tokens_text(budget)} training tokens per cell"
+        said = f"At {tokens_text(budget)} training tokens per cell, by the 95% intervals {_verdicts(rows)}"
         changes = [k for k in range(1, len(sides)) if sides[k] != sides[k - 1]]
         if not changes:
             sentences.append(
-                f"{where}, {sides[0]} is ahead at every measured sparsity ({targets[0]:.0%} to {targets[-1]:.0%}): "
-                f"the sign does not change in the measured range{beyond}."
+                f"{said}; by the means {sides[0]} is ahead at every measured sparsity ({targets[0]:.0%} to "
+                f"{targets[-1]:.0%}): the sign does not change in the measured range."
             )
             continue
         flips = [f"between {targets[k - 1]:.0%} and {targets[k]:.0%} (to {sides[k]})" for k in changes]
-        sentences.append(
-            f"{where}, {sides[0]} is ahead at {targets[0]:.0%} and the sign changes {', '.join(flips)}{beyond}."
-        )
+        sentences.append(f"{said}; by the means the sign changes {', '.join(flips)}.")
     return sentences
 
 
