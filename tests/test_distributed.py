@@ -66,7 +66,7 @@ def test_two_processes_keep_one_mask_and_train_like_one(mode, distill, tmp_path,
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name  # the processes stayed in lockstep
         # data parallel sums a split batch's gradients in another order; Adam's normalised steps carry those last
-        # bits into rarely seen embedding rows (past 1e-4 on a 16-core Xeon), while a wrong split or mask moves
+        # bits into rarely seen embedding rows (past 1e-4 on a 16-core machine), while a wrong split or mask moves
         # weights by the lr (2e-3)
         assert torch.allclose(value, single["state"][name], atol=1e-3), name
     for result in ranks:
