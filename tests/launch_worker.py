@@ -29,6 +29,7 @@ def train_and_record(model_dir: str, corpus_dir: str, out: Path, distill: str = 
     blocks = training_blocks(corpus, tokenizer, 64)
     keeper = MaskKeeper(linears)
     teacher, _ = load_model_and_tokenizer(model_dir)  # the dense model, the same on every rank
+    start = {name: value.clone() for name, value in model.state_dict().items()}  # what training moves away from
     result = train_causal_lm(
         model,
         blocks,
@@ -42,6 +43,7 @@ def train_and_record(model_dir: str, corpus_dir: str, out: Path, distill: str = 
     torch.save(
         {
             "masks": model_masks(linears),
+            "start": start,
             "state": model.state_dict(),
             "losses": result.epoch_losses,
             "tokens": result.tokens,

@@ -3,6 +3,7 @@ process and keep one mask."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -65,10 +66,15 @@ def test_two_processes_keep_one_mask_and_train_like_one(mode, distill, tmp_path,
         assert torch.equal(ranks[0]["masks"][name], mask) and torch.equal(ranks[1]["masks"][name], mask), name
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name  # the processes stayed in lockstep
-        # data parallel sums a split batch's gradients in another order; Adam's normalised steps carry those last
-        # bits into rarely seen embedding rows (past 1e-4 on a 16-core machine), while a wrong split or mask moves
-        # weights by the lr (2e-3)
-        assert torch.allclose(value, single["state"][name], atol=1e-3), name
+    # Data parallel sums a split batch's gradients in another order, and Adam turns the last bits of a near-zero
+    # gradient into a whole step of either sign: single weights may differ by the lr (2.2e-3 measured on a
+    # 16-core machine). What training did must not: the distance between the two runs' weights is a small part
+    # of how far training moved them (1e-5 of it here), where a wrong split or mask would be most of it.
+    moved, apart = (
+        math.sqrt(sum(float(((ends[name] - starts[name]) ** 2).sum()) for name in single["state"]))
+        for ends, starts in ((single["state"], single["start"]), (ranks[0]["state"], single["state"]))
+    )
+    assert apart < 0.02 * moved, (apart, moved)
     for result in ranks:
         assert result["sparsity"] == pytest.approx(0.5, abs=1e-12) and result["changed"] == []
         assert result["tokens"] == single["tokens"]  # batch 4 is the global batch: 2 windows per process
