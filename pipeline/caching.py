@@ -29,7 +29,11 @@ def _usable_cache_dir(path: Path) -> Path:
 
 
 def replace_atomically(path: Path, write) -> None:
-    """`write(temporary_path)` writes the entry, which then replaces `path` in one rename."""
+    """`write(temporary_path)` writes the entry, which then replaces `path` in one rename; a write that fails (a
+    full disk) leaves no temporary file behind."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
