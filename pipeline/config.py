@@ -734,6 +734,13 @@ class GridConfig(Settings):
         above=0,
         hint="give positive learning rates, e.g. 1e-4,3e-4,1e-3",
     )
+    extend_lrs: int = setting(
+        0,
+        "where the lr selected for a method, target and recovery is the smallest or largest of those tried, run "
+        "one more rung of the --lrs ladder past it (1e-4,3e-4,1e-3 goes on 3e-3, 1e-2 or 3e-5, 1e-5), every seed, "
+        "and select again: at most N rungs per edge; 0: the sweep as given",
+        at_least=0,
+    )
     budgets: list[Tokens] = setting(
         [],
         "comma-separated training budgets, each a cell of its own: the training tokens of every trained cell "
@@ -893,6 +900,7 @@ PRESETS["crossover"] = {
         "dense+ft",
     ],
     "lrs": [1e-4, 3e-4, 1e-3],
+    "extend_lrs": 2,  # where a selection is at an edge: two rungs more at most (3e-3, 1e-2 or 3e-5, 1e-5)
     "budgets": [16384, 65536, 262144],
     "prune_percentages": [0.1, 0.3, 0.5],
     "max_iterations": 29,  # 0.1 of the remainder per step reaches 95% in 29
@@ -969,6 +977,11 @@ class CompareConfig(RunConfig):
         self.check_recoveries()
         refuse_unused_owl(self.prune, any(METHODS[name].profile == "owl" for name in self.grid.methods))
         refuse_unused_lora(self.train, bool(trained) and "lora" in self.grid.train_params)
+        if self.grid.extend_lrs and len(self.grid.lrs) < 2:
+            raise ConfigError(
+                f"{option('extend_lrs')} {self.grid.extend_lrs} continues the ladder of an lr sweep past its edges, "
+                f"which needs {option('lrs')} with two learning rates or more, e.g. 1e-4,3e-4,1e-3"
+            )
         if not trained and self.grid.lrs:
             raise ConfigError(
                 f"{option('lrs')} {','.join(f'{lr:g}' for lr in self.grid.lrs)} are the trained cells' learning "

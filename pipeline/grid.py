@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import numbers
 from dataclasses import dataclass, replace
 
-from .axes import AXES, RECOVERY_AXES, SELECTION, combinable, display_name
+from .axes import AXES, RECOVERY_AXES, ROW_AXES, SELECTION, combinable, display_name
 from .config import (
     LORA_SETTINGS,
     CompareConfig,
@@ -190,3 +191,48 @@ def shard_of(cells: list, k: int, n: int) -> list:
     far more than a one-shot one)."""
     ordered = sorted(cells, key=lambda cell: (KINDS.index(cell.kind), cell.key))
     return ordered[k - 1 :: n]
+
+
+def next_rung(tried: list[float], upward: bool) -> float:
+    """The lr one rung past the edge of those tried, at the ratio of the two rungs next to that edge, so a 1-3
+    ladder stays one: 1e-4, 3e-4, 1e-3 goes on 3e-3, 1e-2 upward and 3e-5, 1e-5 downward (three significant
+    figures, as lrs are written, so a rung made here is the cell `--lrs` would make)."""
+    rates = sorted(tried)
+    inner = rates[-3:-1] if upward else rates[1:3]
+    ratio = inner[1] / inner[0] if len(inner) == 2 else rates[-1] / rates[0]
+    return float(f"{rates[-1] * ratio if upward else rates[0] / ratio:.3g}")
+
+
+def _row_identity(values) -> tuple:
+    """A trained row's place on the row axes, alike for a Cell's values and a summary row (where a missing value
+    is NaN and an integer may be a float)."""
+
+    def plain(value):
+        if value is None or (isinstance(value, float) and value != value):
+            return None
+        return round(float(value), 12) if isinstance(value, numbers.Real) else value
+
+    return tuple(plain(values[name]) for name in ROW_AXES)
+
+
+def lr_extension_cells(config: CompareConfig, cells: list[Cell], summary) -> list[Cell]:
+    """The next rung of the lr ladder, at every seed of the grid, for each of the grid's trained rows whose
+    selected lr (results.select_lrs, on the validation split) is the smallest or largest of those it tried."""
+    planned = {_row_identity(cell.values): cell for cell in cells if cell.kind == "trained"}
+    trained = summary[summary["kind"] == "trained"]
+    tried = {}
+    for _, row in trained.iterrows():
+        tried.setdefault(_row_identity(row), []).append(float(row["lr"]))
+    extensions = []
+    for _, row in trained[trained["selected"] & trained["lr_at_edge"]].iterrows():
+        cell = planned.get(_row_identity(row))
+        if cell is None:
+            continue  # a row of the experiment that this grid does not plan
+        rates = tried[_row_identity(row)]
+        recovery = {axis.name: cell.values[axis.name] for axis in RECOVERY_AXES}
+        recovery["lr"] = next_rung(rates, upward=float(row["lr"]) == max(rates))
+        for seed in config.grid.seeds:
+            cell_config = trained_cell_config(config, cell.method, cell.target_sparsity, seed, recovery)
+            values = cell_values("trained", cell.method, cell.target_sparsity, seed, **recovery)
+            extensions.append(Cell(cell_config, cell.corpus, values))
+    return extensions

@@ -186,6 +186,7 @@ def test_the_sentence_of_a_budget_names_where_the_sign_changes_or_that_it_does_n
         (["--budgets", "80k", "--methods", "sparsegpt"], "are the trained cells' training tokens"),
         (["--budgets", "80k,1.3x"], "'1.3x' is not a count of tokens"),
         (["--budgets", "80k", "--prune-percentages", "0.3", "--methods", "sparsegpt+ft"], "has none: add iterative"),
+        (["--extend-lrs", "1", "--lrs", "1e-3"], "--extend-lrs 1 continues the ladder of an lr sweep"),
     ],
 )
 def test_budgets_and_step_sizes_are_refused_where_they_cannot_mean_anything(tmp_path, args, words):

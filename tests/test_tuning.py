@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from test_refusals import here
 
 from pipeline.config import CompareConfig
+from pipeline.grid import next_rung
 from pipeline.jobs.compare import run_compare
 from pipeline.pruning.masks import prunable_linears
 from pipeline.reporting.paired import paired_difference
@@ -230,3 +231,55 @@ def test_a_sweep_runs_every_trained_cell_at_every_lr_and_selects_on_validation(
         for model in fine_tuned:
             for (name, a), b in zip(prunable_linears(one_shot).items(), prunable_linears(model).values()):
                 assert torch.equal(a.weight == 0, b.weight == 0), name
+
+
+def test_the_lr_ladder_goes_on_at_the_ratio_of_the_rungs_next_to_its_edge():
+    assert next_rung([1e-4, 3e-4, 1e-3], upward=True) == 3e-3  # a 1-3 ladder stays one
+    assert next_rung([1e-4, 3e-4, 1e-3, 3e-3], upward=True) == 1e-2
+    assert next_rung([1e-4, 3e-4, 1e-3], upward=False) == 3e-5
+    assert next_rung([3e-5, 1e-4, 3e-4], upward=False) == 1e-5
+    assert next_rung([1e-3, 2e-3], upward=True) == 4e-3
+    assert next_rung([1e-4, 1e-3], upward=False) == 1e-5
+
+
+def test_a_selection_at_the_edge_of_the_lrs_is_extended_rung_by_rung_and_reused_after(
+    mlflow_store, tmp_path, tiny_model_dir, corpus_dir
+):
+    settings = dict(
+        model=str(tiny_model_dir),
+        dataset=f"text:{corpus_dir}",
+        sparsities=[0.5],
+        max_steps=2,
+        batch_size=4,
+        lrs=[1e-5, 3e-5],  # far below what 2 steps want: the top is selected, so the ladder climbs
+        extend_lrs=2,
+        seeds=[0, 1],
+        nsamples=4,
+        seqlen=64,
+        device="cpu",
+        experiment="ladder",
+        output_dir="reports/ladder",
+        methods=["sparsegpt+ft"],
+    )
+    run_compare(build(CompareConfig, settings))
+    runs = pd.read_csv(tmp_path / "reports/ladder/compare.csv")
+    trained = runs[runs["kind"] == "trained"]
+    # the ladder walked again from the recorded validation perplexities: up or down a rung (x3 here) while the
+    # selection is at an edge, at most twice
+    tried = [1e-5, 3e-5]
+    for _ in range(2):
+        means = trained[trained["lr"].isin(tried)].groupby("lr")["val_perplexity"].mean()
+        best = means.idxmin()
+        if best not in (min(tried), max(tried)):
+            break
+        tried.append(best * 3 if best == max(tried) else best / 3)
+    assert len(tried) > 2  # the ladder was climbed
+    assert sorted(trained["lr"].unique()) == pytest.approx(sorted(tried))
+    assert (trained.groupby("lr")["seed"].apply(sorted) == [[0, 1]] * len(tried)).all()  # every rung, every seed
+    summary = pd.read_csv(tmp_path / "reports/ladder/summary.csv")
+    chosen = summary[(summary["kind"] == "trained") & summary["selected"]]
+    assert list(chosen["lr"]) == [trained.groupby("lr")["val_perplexity"].mean().idxmin()]
+    # the same command again: every cell reused, the extensions too
+    run_compare(build(CompareConfig, settings))
+    again = pd.read_csv(tmp_path / "reports/ladder/compare.csv")
+    assert sorted(again["run_id"]) == sorted(runs["run_id"])

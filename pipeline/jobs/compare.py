@@ -20,7 +20,7 @@ from ..config import REPORTS, CompareConfig
 from ..data import load_corpus
 from ..distributed import from_main, is_main_process, num_processes
 from ..errors import ConfigError, UserError, option
-from ..grid import plan_cells, shard_of
+from ..grid import lr_extension_cells, plan_cells, shard_of
 from ..local_server import LocalMlflowServer
 from ..models import model_skeleton, resolve_model_source
 from ..outputs import check_writable_dir
@@ -180,6 +180,32 @@ def run_cells(
     return failed, claimed
 
 
+def extend_lr_sweeps(
+    config: CompareConfig, cells: list, failed: list, experiment: str, experiment_id: str, grid_run_id: str, out: Path
+) -> tuple[list, list]:
+    """`--extend-lrs N`: up to N times, the next rung of the lr ladder where a row's selection is at an edge of
+    the lrs it tried (grid.lr_extension_cells), run like the grid's own cells; returns the grid's cells with
+    them, and the failed ones."""
+    for _ in range(config.grid.extend_lrs):
+        planned = {cell.key for cell in cells}
+        if is_main_process():
+            summary = summarize(collect_runs(experiment_id, planned))
+            extensions = [cell for cell in lr_extension_cells(config, cells, summary) if cell.key not in planned]
+            done = finished_cell_runs(experiment_id, {cell.key for cell in extensions}) if not config.grid.force else {}
+        extensions, done = from_main((extensions, done) if is_main_process() else None)
+        if not extensions:
+            break
+        print(f"\n{len(extensions)} cell(s) one rung of the lr ladder past a selection at its edge", flush=True)
+        cells = cells + extensions
+        more_failed, claimed = run_cells(
+            config, [cell for cell in extensions if cell.key not in done], experiment, experiment_id, grid_run_id, out
+        )
+        if is_main_process():
+            wait_for_claimed(claimed, experiment_id, grid_run_id, out / "claims")
+        failed = failed + more_failed
+    return cells, failed
+
+
 def run_compare(config: CompareConfig) -> pd.DataFrame | None:
     """Runs every cell that has no finished run yet, then writes the tables and the report; returns the runs'
     table (None from a shard, a `--no-wait` submission, or a non-main process of a launch).
@@ -225,6 +251,7 @@ def run_compare(config: CompareConfig) -> pd.DataFrame | None:
                 "without --shard once every shard has finished"
             )
             return None
+        cells, failed = extend_lr_sweeps(config, cells, failed, experiment, experiment_id, job.tracker.run_id, out)
         if not main:
             return None
         keys = {cell.key for cell in cells}
