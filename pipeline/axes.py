@@ -70,11 +70,14 @@ def _scaled_lr(cell_config, lr: float, grid_config):
 
 def _budgeted(cell_config, budget: int, grid_config):
     """A cell trains `budget` tokens in all: its steps come from the budget, so --epochs-per-iteration and
-    --max-steps are no part of its identity, nor (for one iteration of training) its --prune-percentage."""
+    --max-steps are no part of its identity, nor (for one iteration of training) its --prune-percentage, nor
+    (for a cell that never prunes) its target."""
     defaults = {name: default_of(TrainConfig, name) for name in ("epochs", "max_steps")}
     schedule = replace(cell_config.schedule, budget=budget)
     if schedule.schedule in SPARSITY_SCHEDULES_ONCE:
         schedule = replace(schedule, prune_percentage=default_of(ScheduleConfig, "prune_percentage"))
+    if schedule.schedule == "dense":  # it prunes nothing: one cell at every target, which the report reads at each
+        schedule = replace(schedule, target_sparsity=default_of(ScheduleConfig, "target_sparsity"))
     return replace(cell_config, schedule=schedule, train=replace(cell_config.train, **defaults))
 
 

@@ -182,7 +182,12 @@ def plan_cells(config: CompareConfig, corpus_digest: str) -> list[Cell]:
     """The grid's cells: the dense baseline, the untrained prunings, the trained cells."""
     shared = {"model": config.model, "data": config.data, "tracking": config.tracking, "tasks": config.tasks}
     dense = Cell(EvaluateConfig(**shared, split="test"), corpus_digest, cell_values("dense", BASELINE, 0.0, None))
-    return [dense, *_one_shot_cells(config, corpus_digest, shared), *_trained_cells(config, corpus_digest)]
+    cells = [dense, *_one_shot_cells(config, corpus_digest, shared), *_trained_cells(config, corpus_digest)]
+    # one cell per key: under a budget dense+ft is the same cell at every target (the report reads it at each)
+    unique: dict = {}
+    for cell in cells:
+        unique.setdefault(cell.key, cell)
+    return list(unique.values())
 
 
 def shard_of(cells: list, k: int, n: int) -> list:
@@ -223,7 +228,7 @@ def lr_extension_cells(config: CompareConfig, cells: list[Cell], summary) -> lis
     tried = {}
     for _, row in trained.iterrows():
         tried.setdefault(_row_identity(row), []).append(float(row["lr"]))
-    extensions = []
+    extensions = {}
     for _, row in trained[trained["selected"] & trained["lr_at_edge"]].iterrows():
         cell = planned.get(_row_identity(row))
         if cell is None:
@@ -234,5 +239,6 @@ def lr_extension_cells(config: CompareConfig, cells: list[Cell], summary) -> lis
         for seed in config.grid.seeds:
             cell_config = trained_cell_config(config, cell.method, cell.target_sparsity, seed, recovery)
             values = cell_values("trained", cell.method, cell.target_sparsity, seed, **recovery)
-            extensions.append(Cell(cell_config, cell.corpus, values))
-    return extensions
+            extension = Cell(cell_config, cell.corpus, values)
+            extensions.setdefault(extension.key, extension)  # dense+ft's one cell is a row at every target
+    return list(extensions.values())

@@ -12,10 +12,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 from test_refusals import here
+from test_tuning import plant
 
 from pipeline.config import CompareConfig
+from pipeline.grid import lr_extension_cells, plan_cells
 from pipeline.jobs.compare import run_compare
 from pipeline.reporting.crossover import ITERATIVE, ONE_SHOT, crossover_sentences
+from pipeline.reporting.render import equal_budget_table
+from pipeline.reporting.results import collect_runs, summarize
 from pipeline.settings import Tokens, build
 
 pytestmark = pytest.mark.xdist_group("crossover")  # one worker runs the module, so the grid is run once
@@ -223,3 +227,55 @@ def test_a_grids_trained_cells_measure_the_unpruned_model_once(grid, tiny_model_
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     expected = evaluate_on(model, tokenizer, load_corpus(f"text:{corpus_dir}"), "test", 64, "cpu").perplexity
     assert len(dense) == 1 and dense.pop() == pytest.approx(expected, rel=1e-6)
+
+
+def test_under_a_budget_dense_ft_is_one_cell_read_at_every_target(mlflow_store):
+    """It prunes nothing, so its target changes nothing (measured on opt-tiny: its five targets' cells gave one
+    perplexity to the last digit): the grid plans it once per budget, lr and seed, the report reads it at each."""
+    config = build(
+        CompareConfig,
+        dict(
+            model="opt-tiny",
+            sparsities=[0.5, 0.9],
+            methods=["iterative", "dense+ft"],
+            budgets=["1000", "2000"],
+            prune_percentages=[0.5],
+            lrs=[1e-3, 3e-3],
+            seeds=[0, 1],
+        ),
+    )
+    cells = plan_cells(config, "corpus")
+    trained = [cell for cell in cells if cell.kind == "trained"]
+    assert len({cell.key for cell in cells}) == len(cells)
+    assert sum(cell.method == "dense+ft" for cell in trained) == 2 * 2 * 2  # budgets x lrs x seeds
+    assert sum(cell.method == "iterative" for cell in trained) == 2 * 2 * 2 * 2  # and targets
+    # the cell ran at the first target; its run is read at the other, with its own numbers and run id
+    rows = [("iterative", target, 1e-3, seed, 150.0 + seed, 160.0) for target in (0.5, 0.9) for seed in (0, 1)]
+    rows += [
+        ("dense+ft", 0.5, lr, seed, ppl + seed, val)
+        for lr, ppl, val in [(1e-3, 90, 95), (3e-3, 92, 94)]
+        for seed in (0, 1)
+    ]
+    runs = collect_runs(plant("budgeted", 85.0, rows, budget=1000))
+    control = runs[(runs["method"] == "dense+ft") & (runs["lr"] == 1e-3)].sort_values(["target_sparsity", "seed"])
+    assert list(zip(control["target_sparsity"], control["perplexity"])) == [
+        (0.5, 90.0),
+        (0.5, 91.0),
+        (0.9, 90.0),
+        (0.9, 91.0),
+    ]
+    assert control["run_id"].nunique() == 2
+    summary = summarize(runs)
+    table = equal_budget_table(summary[summary["selected"]], 0.9, 1000)  # dense+ft at 3e-3, selected on validation
+    assert list(table["vs dense+ft"]) == [f"{100 * (150.5 - 92.5) / 92.5:+.1f}%", "+0.0%"]
+    # its selection is at the top of its lrs at both targets: one rung more is one cell per seed, not one per target
+    extensions = lr_extension_cells(config, cells, summary)
+    assert sorted((cell.method, cell.lr, cell.budget, cell.seed) for cell in extensions) == [
+        ("dense+ft", 9e-3, 1000, 0),
+        ("dense+ft", 9e-3, 1000, 1),
+    ]
+    # a store where it ran at each target (as grids did before): each target reads its own run, nothing added
+    rows = [("iterative", 0.9, 1e-3, 0, 150.0, 160.0), ("dense+ft", 0.5, 1e-3, 0, 90.0, 95.0)]
+    rows += [("dense+ft", 0.9, 1e-3, 0, 92.0, 95.0)]
+    runs = collect_runs(plant("per-target", 85.0, rows, budget=1000))
+    assert sorted(runs.loc[runs["method"] == "dense+ft", "perplexity"]) == [90.0, 92.0]

@@ -24,9 +24,9 @@ from pipeline.settings import build
 TOKENS = 3000
 
 
-def plant(experiment: str, dense: float, rows: list) -> str:
+def plant(experiment: str, dense: float, rows: list, budget: int | None = None) -> str:
     """An experiment of finished cell runs: the dense model, and per row (method, target, lr, seed, test,
-    validation) a trained cell as the grid records it, each a minute long."""
+    validation) a trained cell as the grid records it, each a minute long (at `budget` tokens, if given)."""
     client = MlflowClient()
     experiment_id = client.create_experiment(experiment)
     run = client.create_run(experiment_id, tags={"cell_key": "dense", "cell_kind": "dense", "cell_target": "0.0"})
@@ -40,6 +40,7 @@ def plant(experiment: str, dense: float, rows: list) -> str:
             "cell_method": method,
             "cell_seed": str(seed),
             "cell_lr": repr(lr),
+            **({"cell_budget": str(budget)} if budget else {}),
         }
         started = int(time.time() * 1000)
         run_id = client.create_run(experiment_id, start_time=started, tags=tags).info.run_id

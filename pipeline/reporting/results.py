@@ -9,7 +9,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from ..axes import AXES, COLUMNS, ROW_AXES, SELECTION_AXES, sort_keys
-from ..methods import BASELINE
+from ..methods import BASELINE, METHODS
 from ..tracking.store import finished_cell_runs
 from .numbers import change_pct
 
@@ -70,7 +70,31 @@ def collect_runs(experiment_id: str, keys: set | None = None) -> pd.DataFrame:
     rows = [_row(run) for run in finished_cell_runs(experiment_id, keys).values()]
     tasks = sorted({key for row in rows for key in row if key.startswith("acc:")})
     table = pd.DataFrame(rows, columns=RUN_COLUMNS + tasks)
-    return table if table.empty else _ordered(table)
+    return table if table.empty else _ordered(_unpruned_at_every_target(table))
+
+
+def _unpruned_at_every_target(table: pd.DataFrame) -> pd.DataFrame:
+    """Under a budget a trained cell that prunes nothing (dense+ft) is one cell whatever the target (the grid
+    plans it once), so its run is read at every target the pruned trained cells have at that budget: a row
+    for each, with its run id, where that target has no run of its own at that place on the other axes."""
+    trained = (table["kind"] == "trained") & table["budget"].notna()
+    unpruned = trained & ~table["method"].map(lambda name: METHODS[name].prunes if name in METHODS else True)
+    if not unpruned.any():
+        return table
+    targets = table[trained & ~unpruned].groupby("budget")["target_sparsity"].unique()
+    axes = [name for name in ROW_AXES + SELECTION_AXES + ["seed"] if name != "target_sparsity"]
+
+    def place(row, target) -> tuple:
+        return (target, *(None if pd.isna(row[name]) else row[name] for name in axes))
+
+    taken = {place(row, row["target_sparsity"]) for _, row in table[unpruned].iterrows()}
+    copies = [
+        row.to_frame().T.assign(target_sparsity=target)
+        for _, row in table[unpruned].iterrows()
+        for target in targets.get(row["budget"], [])
+        if place(row, target) not in taken
+    ]
+    return pd.concat([table, *copies], ignore_index=True).astype(table.dtypes.to_dict()) if copies else table
 
 
 def save_tables(runs: pd.DataFrame, summary: pd.DataFrame, out: Path) -> None:
