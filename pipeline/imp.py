@@ -78,6 +78,11 @@ def planned_schedule(schedule: ScheduleConfig) -> tuple[list, int]:
     return full[: schedule.max_iterations], len(full)
 
 
+def _ppl(value: float) -> str:
+    """A perplexity as the console shows it; an iteration --eval-every skips was not measured."""
+    return "not measured (--eval-every)" if math.isnan(value) else f"{value:.2f}"
+
+
 def recovery_pct(ppl_after_prune: float, ppl_after_train: float) -> float:
     """(ppl_after_prune - ppl_after_train) / ppl_after_prune, in percent: 32.45 -> 28.67 is 11.7%."""
     return 100.0 * (ppl_after_prune - ppl_after_train) / ppl_after_prune
@@ -232,7 +237,7 @@ class ImpRun:
             sparsity = self.prune(k)
             measured = self.measures(k)
             ppl_pruned = self.history[-1]["ppl_after_train"] if sparsity == before else self.evaluate(measured)
-            print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {ppl_pruned:.2f}")
+            print(f"Pruned: sparsity {before:.2%} -> {sparsity:.2%}; perplexity after pruning {_ppl(ppl_pruned)}")
             self.rewind(k)
             trained = self.train(k)
             ppl_trained = self.evaluate(measured)
@@ -500,8 +505,14 @@ class ImpRun:
         record, n = self.history[-1], len(self.targets)
         done = [h["iteration_seconds"] for h in self.history[1:]]
         remaining = (n - record["iteration"]) * sum(done) / len(done)
+        measured = not math.isnan(record["ppl_after_train"])
         print(
-            f"Iteration {record['iteration']}: perplexity {record['ppl_after_prune']:.2f} -> "
-            f"{record['ppl_after_train']:.2f} after training (recovery {record['recovery_pct']:.1f}%), "
-            f"{record['iteration_seconds']:.0f}s; about {remaining / 60:.1f} min left"
+            f"Iteration {record['iteration']}: "
+            + (
+                f"perplexity {_ppl(record['ppl_after_prune'])} -> {record['ppl_after_train']:.2f} after training "
+                f"(recovery {record['recovery_pct']:.1f}%), "
+                if measured
+                else "trained, "
+            )
+            + f"{record['iteration_seconds']:.0f}s; about {remaining / 60:.1f} min left"
         )

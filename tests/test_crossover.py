@@ -4,6 +4,8 @@ finished grid by a budget runs only the new cells, and the report's map equals a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import mlflow
@@ -49,13 +51,15 @@ def settings(model, corpus, budgets) -> dict:
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tiny_model_dir, corpus_dir):
     """The grid at two budgets (1000 tokens: 3.9 steps, rounded to 4; 1.5k: 5.9, rounded to 6), then extended
-    by a third; the store's runs before and after the extension."""
+    by a third; the store's runs before and after the extension (the first grid's console in console.txt)."""
     root = tmp_path_factory.mktemp("crossover")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-        run_compare(build(CompareConfig, settings(tiny_model_dir, corpus_dir, ["1000", "1.5k"])))
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            run_compare(build(CompareConfig, settings(tiny_model_dir, corpus_dir, ["1000", "1.5k"])))
+        (root / "console.txt").write_text(printed.getvalue())
         first = pd.read_csv(root / "reports/crossover/compare.csv")
         run_compare(build(CompareConfig, settings(tiny_model_dir, corpus_dir, ["1000", "1.5k", "2k"])))
         experiment = MlflowClient().get_experiment_by_name("crossover").experiment_id
@@ -227,6 +231,14 @@ def test_a_grids_trained_cells_measure_the_unpruned_model_once(grid, tiny_model_
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     expected = evaluate_on(model, tokenizer, load_corpus(f"text:{corpus_dir}"), "test", 64, "cpu").perplexity
     assert len(dense) == 1 and dense.pop() == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_iteration_that_eval_every_skips_says_it_was_not_measured(grid):
+    console = (grid[0] / "console.txt").read_text()
+    skipped = [line for line in console.splitlines() if line.startswith(("Pruned:", "Iteration "))]
+    assert any("perplexity after pruning not measured (--eval-every)" in line for line in skipped)
+    assert any(line.startswith("Iteration 1: trained, ") for line in skipped)
+    assert not any("nan" in line for line in skipped), [line for line in skipped if "nan" in line]
 
 
 def test_under_a_budget_dense_ft_is_one_cell_read_at_every_target(mlflow_store):
