@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,6 +114,14 @@ def reference_iterative_run(tmp_path_factory, tiny_model_dir, corpus_dir) -> str
     of the same job are compared with."""
     from imp_jobs import finished_output, run_iterative_cli
 
-    workdir = tmp_path_factory.mktemp("reference-imp")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-    return finished_output(run_iterative_cli(workdir, tiny_model_dir, corpus_dir, "--output-dir", "ref", env=env))
+    # made once for all of a run's xdist workers (their common temp root), as pytest-xdist's docs do it: the
+    # first worker to ask runs the job, the others wait on the lock and read its output
+    shared = tmp_path_factory.getbasetemp().parent
+    with FileLock(shared / "reference-imp.lock"):
+        output = shared / "reference-imp.txt"
+        if not output.exists():
+            workdir = tmp_path_factory.mktemp("reference-imp")
+            env = {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+            run = run_iterative_cli(workdir, tiny_model_dir, corpus_dir, "--output-dir", "ref", env=env)
+            output.write_text(finished_output(run))
+        return output.read_text()

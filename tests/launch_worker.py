@@ -1,6 +1,6 @@
 """Run by test_distributed under `accelerate launch` (DDP or FSDP2; and alone, as the reference): prunes a
 model, trains it with the pipeline's loop, evaluates it, and saves what this process ended with to
-<out>/rank<i>.pt."""
+<out>/rank<i>.pt (one launch runs it for each loss it is given)."""
 
 import sys
 from pathlib import Path
@@ -59,5 +59,6 @@ def train_and_record(model_dir: str, corpus_dir: str, out: Path, distill: str = 
     )
 
 
-if __name__ == "__main__":
-    train_and_record(sys.argv[1], sys.argv[2], Path(sys.argv[3]), *sys.argv[4:])
+if __name__ == "__main__":  # each recovery loss named in turn, in this one launch: <out>/<loss>/rank<i>.pt
+    for loss in sys.argv[4].split(","):
+        train_and_record(sys.argv[1], sys.argv[2], Path(sys.argv[3]) / loss, loss)

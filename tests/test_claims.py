@@ -10,19 +10,22 @@ import sys
 import mlflow
 import pytest
 import torch
-from imp_jobs import final_perplexity, finished_output, run_iterative_cli
+from imp_jobs import final_perplexity, iterative_args
 
 
 def test_nan_loss_through_the_cli_then_resume_with_a_lower_lr(
     tmp_path, tiny_model_dir, corpus_dir, reference_iterative_run
 ):
+    """The command in this process (test_bad_input.here: its exit code and its one line, as a shell sees them)."""
+    from test_bad_input import here
+
     from pipeline.checkpoint import load_checkpoint
 
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    failed = run_iterative_cli(tmp_path, tiny_model_dir, corpus_dir, "--output-dir", "run", "--lr", "1e6", env=env)
-    out, _ = failed.communicate(timeout=600)
-    assert failed.returncode == 1 and "Traceback" not in out
-    error = out.strip().splitlines()[-1]
+    command = iterative_args(tiny_model_dir, corpus_dir, "--output-dir", "run")
+    failed = here(*command, "--lr", "1e6", cwd=tmp_path, env=env)
+    assert failed.returncode == 1 and "Traceback" not in failed.stdout + failed.stderr
+    error = failed.stderr.strip().splitlines()[-1]
     assert error.startswith("error: iteration 1 stopped: the training loss became") and "(lr 1e+06)" in error
     assert "lower --lr" in error and "--resume" in error
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
@@ -30,27 +33,13 @@ def test_nan_loss_through_the_cli_then_resume_with_a_lower_lr(
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assert mlflow.search_runs(experiment_names=["imp"]).iloc[0]["status"] == "FAILED"
     # --lr, --final-lr, --max-iterations and --device may change on resume; the rest may not
-    resumed = finished_output(
-        run_iterative_cli(
-            tmp_path,
-            tiny_model_dir,
-            corpus_dir,
-            "--output-dir",
-            "run",
-            "--resume",
-            "--lr",
-            "2e-3",
-            "--final-lr",
-            "2e-3",
-            "--max-iterations",
-            "25",
-            "--device",
-            "cpu",
-            env=env,
-        )
-    )
-    assert "Resuming after iteration 0" in resumed
-    assert final_perplexity(resumed) == final_perplexity(reference_iterative_run)  # the reference's lr: its result
+    changed = ["--lr", "2e-3", "--final-lr", "2e-3", "--max-iterations", "25", "--device", "cpu"]
+    resumed = here(*command, "--resume", *changed, cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming after iteration 0" in resumed.stdout
+    # the reference's lr: its result
+    assert final_perplexity(resumed.stdout) == final_perplexity(reference_iterative_run)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["imp"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # the failed run, continued
     mlflow.set_tracking_uri(None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 
 pytest.importorskip("submitit")
 
@@ -71,6 +72,22 @@ def compare(tmp_path, model, corpus, *extra, experiment="grid", wait=True, **pop
     return done.stdout
 
 
+def compare_here(tmp_path, model, corpus, *extra, experiment="grid") -> str:
+    """`compare` in this process (test_bad_input.here), for the runs whose cells run in the compare's own process
+    anyway: the same command, without an interpreter's start-up (its one thread per cell is restored after)."""
+    from test_bad_input import here
+
+    threads = torch.get_num_threads()
+    try:
+        args = ["--model", str(model), "--dataset", f"text:{corpus}", *GRID, "--experiment", experiment, *extra]
+        done = here("compare", *args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    finally:
+        torch.set_num_threads(threads)
+        mlflow.set_tracking_uri(None)  # the job pointed this process's MLflow at the test's store
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def processes_working_in(folder) -> list:
     """The command lines of the live processes whose working directory is in `folder` (a grid's cells and its
     local server with its workers all are)."""
@@ -99,7 +116,7 @@ def perplexities(tmp_path, experiment="grid") -> pd.Series:
 def test_parallel_and_submitit_cells_give_the_in_process_numbers_bit_for_bit(tmp_path, tiny_model_dir, corpus_dir):
     """One thread per cell everywhere (--threads-per-cell 1), so the three ways compute the same floats."""
     model, corpus = tiny_model_dir, corpus_dir
-    compare(tmp_path, model, corpus, "--max-steps", "2", experiment="in-process")
+    compare_here(tmp_path, model, corpus, "--max-steps", "2", experiment="in-process")
     parallel = compare(tmp_path, model, corpus, "--max-steps", "2", "--parallel", "2", experiment="parallel")
     assert "one writer" in parallel and "cells: 3 done, 0 running, 0 failed" in parallel
     compare(
@@ -118,8 +135,8 @@ def test_parallel_and_submitit_cells_give_the_in_process_numbers_bit_for_bit(tmp
 
 
 def test_shards_run_disjoint_cells_and_a_last_compare_only_reports(tmp_path, tiny_model_dir, corpus_dir):
-    first = compare(tmp_path, tiny_model_dir, corpus_dir, "--max-steps", "2", "--shard", "1/2")
-    second = compare(tmp_path, tiny_model_dir, corpus_dir, "--max-steps", "2", "--shard", "2/2")
+    first = compare_here(tmp_path, tiny_model_dir, corpus_dir, "--max-steps", "2", "--shard", "1/2")
+    second = compare_here(tmp_path, tiny_model_dir, corpus_dir, "--max-steps", "2", "--shard", "2/2")
     assert "shard 1/2" in first and "shard 2/2" in second
     assert not (tmp_path / "reports" / "grid" / "compare.csv").exists()  # a shard writes no report
     cells = runs(tmp_path).dropna(subset=["tags.cell_key"])
@@ -128,7 +145,7 @@ def test_shards_run_disjoint_cells_and_a_last_compare_only_reports(tmp_path, tin
         for grid in runs(tmp_path).query("`tags.kind` == 'compare'").sort_values("start_time")["run_id"]
     ]
     assert by_shard[0] and by_shard[1] and not by_shard[0] & by_shard[1] and len(by_shard[0] | by_shard[1]) == 3
-    last = compare(tmp_path, tiny_model_dir, corpus_dir, "--max-steps", "2")
+    last = compare_here(tmp_path, tiny_model_dir, corpus_dir, "--max-steps", "2")
     assert last.count("reusing finished run") == 3 and ": running" not in last
     assert len(perplexities(tmp_path)) == 3 and len(runs(tmp_path).dropna(subset=["tags.cell_key"])) == 3
 

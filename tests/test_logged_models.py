@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from test_bad_input import cli, store_env
 from test_compare_report import CHROMIUM, FLAGS
 
+pytestmark = pytest.mark.xdist_group("logged-models")  # one worker runs the module, so its run is made once
 ITERATIVE = ["--target-sparsity", "0.5", "--prune-percentage", "0.3", "--epochs-per-iteration", "1"]
 ITERATIVE += ["--max-steps", "2", "--batch-size", "4", "--seqlen", "32", "--device", "cpu", "--experiment", "lm"]
 ITERATIVE += ["--no-system-metrics", "--validate"]
