@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
-from test_bad_input import cli, store_env
+from test_bad_input import here, store_env
 from test_compare_report import CHROMIUM, FLAGS
 
 pytestmark = pytest.mark.xdist_group("logged-models")  # one worker runs the module, so its run is made once
@@ -48,9 +48,9 @@ def logged(tmp_path_factory, tiny_model_dir, corpus_dir):
     workdir = tmp_path_factory.mktemp("logged")
     data = ["--model", str(tiny_model_dir), "--dataset", f"text:{corpus_dir}"]
     args = ["iterative", *data, *ITERATIVE, "--log-models", "every", "--output-dir", "run"]
-    first = cli(*args, cwd=workdir, env=store_env(workdir))
+    first = here(*args, cwd=workdir, env=store_env(workdir))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    again = cli(*args, "--resume", cwd=workdir, env=store_env(workdir))  # finished already: logs its end again
+    again = here(*args, "--resume", cwd=workdir, env=store_env(workdir))  # finished already: logs its end again
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment_id = mlflow.get_experiment_by_name("lm").experiment_id
@@ -86,11 +86,11 @@ def test_each_iteration_is_one_logged_model_with_its_metrics_and_its_masks_finge
 
 def test_models_lists_them_best_validation_first(logged):
     workdir, _ = logged
-    done = cli("models", "--experiment", "lm", cwd=workdir, env=store_env(workdir))
+    done = here("models", "--experiment", "lm", cwd=workdir, env=store_env(workdir))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert rows[0].split(" | ")[1] == "iterative-s50-it2"  # the only one with a validation perplexity
-    filtered = cli("models", "--experiment", "lm", "--method", "sparsegpt+ft", cwd=workdir, env=store_env(workdir))
+    filtered = here("models", "--experiment", "lm", "--method", "sparsegpt+ft", cwd=workdir, env=store_env(workdir))
     assert filtered.returncode == 1 and "no logged model of that sparsity or method" in filtered.stderr
 
 
@@ -98,7 +98,7 @@ def test_the_default_logs_each_cells_final_model_and_the_report_links_to_it(tmp_
     args = ["compare", "--model", str(tiny_model_dir), "--dataset", f"text:{corpus_dir}", "--sparsities", "0.5"]
     args += ["--methods", "magnitude,magnitude+ft", "--prune-percentage", "0.5", "--epochs-per-iteration", "1"]
     args += ["--max-steps", "2", "--batch-size", "4", "--seqlen", "32", "--experiment", "grid", "--no-system-metrics"]
-    done = cli(*args, cwd=tmp_path, env=store_env(tmp_path))
+    done = here(*args, cwd=tmp_path, env=store_env(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = mlflow.get_experiment_by_name("grid").experiment_id
