@@ -265,8 +265,9 @@ def layer_sparsities(runs: pd.DataFrame, out: Path) -> list[Path]:
 
 def crossover_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
     """The crossover map: sparsity down, budget across, one-shot + training minus iterative in a diverging
-    colour (blue: iterating pays, red: one-shot + training does), a cell whose interval holds 0 grey (a tie);
-    each cell with its difference, interval and the winning step size."""
+    colour (blue: iterating pays, red: one-shot + training does) on a log scale of its size, since the gaps
+    grow a hundredfold with sparsity and a linear scale would wash out all but the largest; a cell whose
+    interval holds 0 grey (a tie); each cell with its difference, interval and the winning step size."""
     if table.empty:
         return []
     targets, budgets = sorted(table["target_sparsity"].unique()), sorted(table["budget"].unique())
@@ -280,7 +281,8 @@ def crossover_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
                 continue
             cell = cells.loc[(target, budget)]
             tie = cell["verdict"] not in (ITERATIVE, ONE_SHOT)
-            face = "lightgrey" if tie else colours(0.5 + 0.5 * cell["difference"] / reach)
+            shade = math.copysign(math.log1p(abs(cell["difference"])) / math.log1p(reach), cell["difference"])
+            face = "lightgrey" if tie else colours(0.5 + 0.5 * shade)
             ax.add_patch(
                 plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=face, edgecolor="white", hatch="//" if tie else None)
             )
@@ -292,13 +294,17 @@ def crossover_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
                 ha="center",
                 va="center",
                 fontsize=7,
+                color="white" if not tie and abs(shade) > 0.6 else "black",  # legible on the dark ends
             )
     ax.set_xlim(-0.5, len(budgets) - 0.5)
     ax.set_ylim(len(targets) - 0.5, -0.5)
     ax.set_xticks(range(len(budgets)), [f"{tokens_text(b)}" for b in budgets])
     ax.set_yticks(range(len(targets)), [f"{t:.0%}" for t in targets])
     ax.set(xlabel="training tokens per cell", ylabel="target sparsity")
-    ax.set_title("One-shot + FT minus iterative, test perplexity\n(blue: iterating pays; grey: a tie)", fontsize=9)
+    ax.set_title(
+        "One-shot + FT minus iterative, test perplexity\n(blue: iterating pays; grey: a tie; colour: log of the size)",
+        fontsize=9,
+    )
     return [_save(fig, out / "crossover_map.png")]
 
 
