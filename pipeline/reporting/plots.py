@@ -322,18 +322,25 @@ def perplexity_vs_budget(summary: pd.DataFrame, out: Path) -> list[Path]:
             line = line.sort_values("budget")
             name = method if pd.isna(step) else f"{method} step {step:g}"
             style = cell_style({"method": method})
+            calibrated = METHODS[method].prunes_step_by_step and METHODS[method].criterion is not None
             ax.errorbar(
                 line["budget"],
                 line["perplexity"],
                 yerr=line["perplexity_std"].fillna(0),
                 capsize=2,
                 markersize=4,
-                marker="o",
+                marker="s" if calibrated else "o",  # iterative-sparsegpt apart from iterative, in its colour
                 label=name,
                 color=style["color"],
                 linestyle={0.1: "-", 0.3: "--", 0.5: ":"}.get(step, "-."),
             )
         ax.set(xscale="log", yscale="log", xlabel="training tokens per cell", ylabel="test perplexity")
+        budgets = sorted(trained["budget"].unique())
+        ax.set_xticks(budgets, [tokens_text(budget) for budget in budgets])  # the grid's budgets, as the tables
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        # 90 as it is written, not 9.0 x 10^1
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
         ax.set_title(f"{target:.0%} sparsity", fontsize=9)
     axes[0][0].legend(fontsize=6)
     return [_save(fig, out / "perplexity_vs_budget.png")]
