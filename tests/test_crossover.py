@@ -19,8 +19,8 @@ from test_tuning import plant
 from pipeline.config import CompareConfig
 from pipeline.grid import lr_extension_cells, plan_cells
 from pipeline.jobs.compare import run_compare
-from pipeline.reporting.crossover import ITERATIVE, ONE_SHOT, crossover_sentences
-from pipeline.reporting.render import equal_budget_table
+from pipeline.reporting.crossover import ITERATIVE, ONE_SHOT, crossover_map, crossover_sentences
+from pipeline.reporting.render import equal_budget_table, selected
 from pipeline.reporting.results import collect_runs, summarize
 from pipeline.settings import Tokens, build
 
@@ -151,6 +151,38 @@ def test_the_reports_map_equals_a_recomputation_from_compare_csv(grid):
         assert f"{difference:+.2f}" in report
     assert (root / "reports/crossover/crossover_map.png").stat().st_size > 0
     assert (root / "reports/crossover/perplexity_vs_budget.png").stat().st_size > 0
+
+
+def test_a_step_that_reaches_the_target_at_once_is_no_candidate_for_the_map():
+    """At 50%, iterative at step 0.5 prunes once and trains: magnitude+ft by another name. Made the best on
+    validation, the map still sets sparsegpt+ft against the best cell that iterates (step 0.3)."""
+    test = {  # test perplexity by cell and seed; validation is the test + 1 but for the single-step cell
+        ("sparsegpt+ft", math.nan): [90.0, 91.0, 92.0],
+        ("iterative", 0.3): [89.0, 91.5, 90.5],
+        ("iterative", 0.5): [80.0, 80.0, 80.0],
+    }
+    rows = []
+    for (method, step), perplexities in test.items():
+        for seed, perplexity in enumerate(perplexities):
+            validation = 70.0 if step == 0.5 else perplexity + 1
+            rows.append(trained_run(method, 0.5, step, seed, perplexity, validation))
+    summary = summarize(pd.DataFrame(rows))
+    chosen, runs = selected(pd.DataFrame(rows), summary)
+    (row,) = crossover_map(chosen, runs).to_dict("records")
+    assert (row["one_shot"], row["iterative"], row["step"]) == ("sparsegpt+ft", "iterative", 0.3)
+    differences = [one - it for one, it in zip(test[("sparsegpt+ft", math.nan)], test[("iterative", 0.3)])]
+    assert row["difference"] == pytest.approx(sum(differences) / 3)
+    assert row["iterative_better"] == 2
+
+
+def trained_run(method, target, step, seed, perplexity, validation) -> dict:
+    """One trained cell's row as compare.csv writes it (one budget, one lr)."""
+    return dict(
+        method=method, kind="trained", target_sparsity=target, pattern="unstructured", distill="none",
+        train_params="all", recovery="finetune", budget=1000.0, prune_percentage=step, lr=1e-3, seed=seed,
+        sparsity=target, perplexity=perplexity, val_perplexity=validation, train_tokens=1024, train_flops=1.0,
+        trained_parameters=1.0, peak_memory_bytes=1.0, seconds=1.0, run_id=f"{method}-{step}-{seed}",
+    )  # fmt: skip
 
 
 def table(*cells) -> pd.DataFrame:

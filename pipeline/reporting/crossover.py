@@ -2,10 +2,12 @@
 
 For each target sparsity and budget of a grid swept over `--budgets`, the best one-shot method + training is
 set against the best step-by-step method (over its criteria and step sizes), each chosen on the validation
-split (mean over seeds, at the lr the sweep selected for it), never on the test split. The map's number is
-their paired difference of test perplexity over the seeds, one-shot + training minus iterative: positive where
-iterating pays, with its 95% t-interval and on how many seeds iterative was the better. Where the interval
-holds 0 the two are not told apart: a tie.
+split (mean over seeds, at the lr the sweep selected for it), never on the test split. A step size that reaches
+the target in one step (0.5 at 50%) is not step by step: that cell prunes once and then trains, the one-shot +
+training cell of its criterion under another name (their numbers are equal), so it is not a candidate. The
+map's number is their paired difference of test perplexity over the seeds, one-shot + training minus
+iterative: positive where iterating pays, with its 95% t-interval and on how many seeds iterative was the
+better. Where the interval holds 0 the two are not told apart: a tie.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pandas as pd
 
 from ..axes import ROW_AXES, cell_name
 from ..methods import METHODS
+from ..schedules import iterations_to_reach
 from .numbers import tokens_text
 from .paired import paired_difference
 from .results import runs_of_row
@@ -47,6 +50,13 @@ def family(method: str) -> str | None:
     return ITERATIVE if entry.prunes_step_by_step else ONE_SHOT
 
 
+def _in_one_step(row) -> bool:
+    """A step-by-step cell whose step size reaches its target in one step (nan: a grid with one step size,
+    checked when it was planned)."""
+    step = row["prune_percentage"]
+    return not pd.isna(step) and iterations_to_reach(row["target_sparsity"], step) <= 1
+
+
 def verdict(paired) -> str:
     """Which side the interval is on: iterative, one-shot + ft, a tie (it holds 0), or unknown with one seed."""
     if paired.seeds < 2:
@@ -72,6 +82,7 @@ def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     trained = summary[(summary["kind"] == "trained") & summary["budget"].notna()]
     trained = trained.assign(_family=trained["method"].map(family))
+    trained = trained[(trained["_family"] != ITERATIVE) | ~trained.apply(_in_one_step, axis=1)]
     place = [name for name in ROW_AXES if name not in CHOSEN_AMONG]
     rows = []
     for _, group in trained.groupby(place, sort=False, dropna=False):

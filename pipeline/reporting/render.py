@@ -202,7 +202,9 @@ CROSSOVER_READING = (
     "At each sparsity and budget, the best one-shot method + training and the best step-by-step method (over its "
     "criteria and step sizes), each chosen on the mean validation perplexity at its selected lr; the number is "
     "their paired difference of test perplexity over the seeds, one-shot + FT minus iterative: positive where "
-    "iterating pays. Where the 95% t-interval holds 0 the two are a tie."
+    "iterating pays. Where the 95% t-interval holds 0 the two are a tie. A step size that reaches the target in "
+    "one step (0.5 at 50%) is no candidate: that cell prunes once and trains, the one-shot + FT cell of its "
+    "criterion."
 )
 
 
