@@ -149,6 +149,9 @@ def test_the_reports_map_equals_a_recomputation_from_compare_csv(grid):
     assert "Where iterating pays" in report and "crossover_map.png" in report
     for difference in written["difference"]:
         assert f"{difference:+.2f}" in report
+    budgets = sorted(runs.loc[runs["kind"] == "trained", "train_tokens"].unique())  # 4, 6 and 8 steps of 256
+    assert budgets == [1024, 1536, 2048]
+    assert "the selected cells each its budget (1.0 k, 1.5 k, 2.0 k)." in report
     assert (root / "reports/crossover/crossover_map.png").stat().st_size > 0
     assert (root / "reports/crossover/perplexity_vs_budget.png").stat().st_size > 0
 

@@ -147,9 +147,15 @@ def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.Data
         )
     for target, group in trained.groupby("target_sparsity", sort=True):
         cost = ", ".join(f"{_name(row)} {tokens_text(row['sweep_train_tokens'])}" for _, row in group.iterrows())
+        budgets = sorted(group["train_tokens"].unique())  # several under --budgets: each cell trains its own
+        each = (
+            f"{tokens_text(budgets[0])} each"
+            if len(budgets) == 1
+            else "each its budget (" + ", ".join(tokens_text(b) for b in budgets) + ")"
+        )
         sentences.append(
             f"At {target:.0%} the sweep spent, over every lr and seed: {cost} training tokens; the selected cells "
-            f"{tokens_text(group['train_tokens'].iloc[0])} each."
+            f"{each}."
         )
         for _, row in group[group["lr_at_edge"]].iterrows():
             sentences.append(
