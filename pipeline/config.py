@@ -886,7 +886,7 @@ PRESETS["tuned"] = {
 
 # where iterating pays: every method at three budgets spanning 16x (8, 32 and 128 steps of 8 x 256 tokens), the
 # step-by-step methods at three step sizes, five targets to 95%, three lrs around the tuned optima, three seeds;
-# only the final models are measured. 1,107 trained cells, about 17 hours on 2 cores (measured medians per cell)
+# only the final models are measured. 1,107 trained cells, about nine hours on 2 cores alone (docs/commands.md)
 PRESETS["crossover"] = {
     **PRESETS["tuned"],
     "sparsities": [0.5, 0.7, 0.8, 0.9, 0.95],
