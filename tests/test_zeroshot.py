@@ -142,7 +142,8 @@ def test_a_run_records_its_dataset_system_metrics_and_registered_model(
     from pipeline.data import load_corpus
     from pipeline.jobs.train import run_train
 
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    # the run is shorter than one interval: its one sample is the one taken at its end
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "60")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     result = run_train(
         build(

@@ -243,7 +243,20 @@ def _open_run(run_name: str, experiment: str | None, resume_run_id: str | None, 
     return mlflow.start_run(run_name=run_name, **monitor)
 
 
-def _end_run(run, tracker: MLflowTracker, status: str) -> None:
+def _log_a_system_sample_if_none(client: MlflowClient, run_id: str) -> None:
+    """MLflow's monitor logs its first sample one sampling interval (10 s by default) after the run
+    starts, so a shorter run would show no System metrics at all: give it one, taken at its end."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    if any(key.startswith("system/") for key in client.get_run(run_id).data.metrics):
+        return
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri())
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    monitor.mlflow_logger.flush()
+
+
+def _end_run(run, tracker: MLflowTracker, status: str, system_metrics: bool) -> None:
     try:
         tracker.close()
     finally:
@@ -254,6 +267,10 @@ def _end_run(run, tracker: MLflowTracker, status: str) -> None:
                 if not is_outage(error):
                     raise
                 tracker.journal.append([{"kind": "status", "status": status, "end_time": int(time.time() * 1000)}])
+            else:
+                if system_metrics:  # after end_run: MLflow's monitor has stopped and flushed by then
+                    with contextlib.suppress(Exception):  # a missing sample is not worth failing a finished run
+                        _log_a_system_sample_if_none(tracker.client, run.info.run_id)
         if tracker.journal.exists():
             print(
                 f"MLflow tracking store {tracking_uri()} is still unreachable: this run's remaining "
@@ -311,4 +328,4 @@ def tracked_run(
         tracker.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         raise
     finally:
-        _end_run(run, tracker, status)
+        _end_run(run, tracker, status, system_metrics)
