@@ -16,7 +16,16 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from .errors import ConfigError, option
-from .methods import CRITERIA, CRITERION_NAMES, DEFAULT_GRID, GRID_METHODS, METHODS, Criterion, criterion
+from .methods import (
+    CRITERIA,
+    CRITERION_NAMES,
+    DEFAULT_CRITERION,
+    DEFAULT_GRID,
+    GRID_METHODS,
+    METHODS,
+    Criterion,
+    criterion,
+)
 from .schedules import SPARSITY_SCHEDULES, iterations_to_reach
 from .settings import Settings, Tokens, default_of, group, setting
 
@@ -281,7 +290,7 @@ class OwlSettings(Settings):
 @dataclass
 class PruneConfig(Settings):
     method: str = setting(
-        "magnitude",
+        DEFAULT_CRITERION,
         "pruning criterion; ria: relative importance and activations (Zhang et al. 2024); dsnot: Wanda's mask, then "
         "training-free prune-and-grow cycles (Zhang et al. 2024); random: a uniformly random mask of the same size, "
         "the control that shows whether a criterion's choice carries information",

@@ -19,7 +19,14 @@ from test_tuning import plant
 from pipeline.config import CompareConfig
 from pipeline.grid import lr_extension_cells, plan_cells
 from pipeline.jobs.compare import run_compare
-from pipeline.reporting.crossover import ITERATIVE, ONE_SHOT, crossover_map, crossover_sentences
+from pipeline.reporting.crossover import (
+    ITERATIVE,
+    ONE_SHOT,
+    criterion_maps,
+    criterion_sentences,
+    crossover_map,
+    crossover_sentences,
+)
 from pipeline.reporting.render import equal_budget_table, selected
 from pipeline.reporting.results import collect_runs, summarize
 from pipeline.settings import Tokens, build
@@ -176,6 +183,46 @@ def test_a_step_that_reaches_the_target_at_once_is_no_candidate_for_the_map():
     differences = [one - it for one, it in zip(test[("sparsegpt+ft", math.nan)], test[("iterative", 0.3)])]
     assert row["difference"] == pytest.approx(sum(differences) / 3)
     assert row["iterative_better"] == 2
+
+
+def test_the_map_per_criterion_sets_each_criterion_against_itself_step_by_step():
+    """SparseGPT + FT is the best one-shot cell and iterative SparseGPT the best iterative one, so the map sets
+    those two side by side; per criterion, magnitude + FT is set against iterative (magnitude, step by step)
+    and SparseGPT + FT against iterative SparseGPT, each difference the mean over seeds with Student's t."""
+    test = {  # test perplexity by cell and seed; validation is the test + 1
+        ("sparsegpt+ft", math.nan): [90.0, 91.0, 92.5],
+        ("iterative-sparsegpt", 0.3): [88.0, 90.5, 90.0],
+        ("magnitude+ft", math.nan): [99.0, 101.0, 100.5],
+        ("iterative", 0.3): [96.0, 97.5, 98.5],
+    }
+    rows = [
+        trained_run(method, 0.7, step, seed, perplexity, perplexity + 1)
+        for (method, step), perplexities in test.items()
+        for seed, perplexity in enumerate(perplexities)
+    ]
+    chosen, runs = selected(pd.DataFrame(rows), summarize(pd.DataFrame(rows)))
+    (best,) = crossover_map(chosen, runs).to_dict("records")
+    assert (best["one_shot"], best["iterative"]) == ("sparsegpt+ft", "iterative-sparsegpt")
+    by_criterion = criterion_maps(chosen, runs).set_index("criterion")
+    assert list(by_criterion.index) == ["sparsegpt", "magnitude"]  # the registry's order
+    for criterion, one_shot, iterative in [
+        ("magnitude", "magnitude+ft", "iterative"),
+        ("sparsegpt", "sparsegpt+ft", "iterative-sparsegpt"),
+    ]:
+        differences = [a - b for a, b in zip(test[(one_shot, math.nan)], test[(iterative, 0.3)])]
+        mean = sum(differences) / 3
+        half = stats.t.ppf(0.975, 2) * pd.Series(differences).std(ddof=1) / math.sqrt(3)
+        row = by_criterion.loc[criterion]
+        assert (row["one_shot"], row["iterative"], row["step"]) == (one_shot, iterative, 0.3)
+        assert (row["difference"], row["low"], row["high"]) == pytest.approx((mean, mean - half, mean + half), abs=1e-3)
+        assert row["iterative_better"] == sum(d > 0 for d in differences)
+    (sparsegpt, magnitude) = criterion_sentences(by_criterion.reset_index())
+    assert magnitude.startswith("Magnitude: at 1.0 k training tokens per cell, by the 95% intervals iterative is")
+    assert sparsegpt.startswith("SparseGPT: at 1.0 k training tokens per cell, by the 95% intervals the two tie")
+    assert magnitude.endswith(
+        "by the means iterative is ahead at the one measured sparsity (70%): the sign does not change in the "
+        "measured range."
+    )
 
 
 def trained_run(method, target, step, seed, perplexity, validation) -> dict:

@@ -161,9 +161,9 @@ def test_batch_that_does_not_split_over_the_processes_is_refused_before_any_work
         text=True,
         timeout=300,
     )
-    assert done.returncode != 0
+    assert done.returncode != 0, done.stderr
     ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(ours) == 2 and "must split evenly over the 2 processes" in ours[0]  # one line per process
+    assert len(ours) == 2 and "must split evenly over the 2 processes" in ours[0], done.stderr  # one line per process
     assert not (tmp_path / "out").exists()
 
 

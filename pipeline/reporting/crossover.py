@@ -8,6 +8,10 @@ training cell of its criterion under another name (their numbers are equal), so 
 map's number is their paired difference of test perplexity over the seeds, one-shot + training minus
 iterative: positive where iterating pays, with its 95% t-interval and on how many seeds iterative was the
 better. Where the interval holds 0 the two are not told apart: a tie.
+
+The same map per criterion (`criterion_maps`) sets each criterion at once + training against that criterion
+step by step (magnitude+ft against iterative, sparsegpt+ft against iterative-sparsegpt): it separates what
+pruning step by step is worth from what a better criterion is worth, which the map above mixes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import pandas as pd
 
 from ..axes import ROW_AXES, cell_name
-from ..methods import METHODS
+from ..methods import CRITERION_NAMES, METHODS, criterion, criterion_of
 from ..schedules import iterations_to_reach
 from .numbers import tokens_text
 from .paired import paired_difference
@@ -75,12 +79,15 @@ def _best(rows: pd.DataFrame):
     return rows.loc[rows["val_perplexity"].idxmin()]
 
 
-def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame, criterion: str | None = None) -> pd.DataFrame:
     """One row per (target, budget) of the selected summary (`summary`: one row per cell at its selected lr) and
-    the runs of those cells: COLUMNS, ordered by budget then target."""
+    the runs of those cells: COLUMNS, ordered by budget then target. With `criterion`, only the methods that
+    prune by it take part."""
     if "budget" not in summary:
         return pd.DataFrame(columns=COLUMNS)
     trained = summary[(summary["kind"] == "trained") & summary["budget"].notna()]
+    if criterion is not None:
+        trained = trained[trained["method"].map(criterion_of) == criterion]
     trained = trained.assign(_family=trained["method"].map(family))
     trained = trained[(trained["_family"] != ITERATIVE) | ~trained.apply(_in_one_step, axis=1)]
     place = [name for name in ROW_AXES if name not in CHOSEN_AMONG]
@@ -109,6 +116,16 @@ def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         )
     table = pd.DataFrame(rows, columns=COLUMNS)
     return table.sort_values(["budget", "target_sparsity"]).reset_index(drop=True)
+
+
+def criterion_maps(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The map once per criterion that the grid ran both at once + training and step by step: COLUMNS after a
+    `criterion` column, in the registry's order of criteria."""
+    maps = [crossover_map(summary, runs, name).assign(criterion=name) for name in CRITERION_NAMES]
+    maps = [table for table in maps if not table.empty]
+    if not maps:
+        return pd.DataFrame(columns=["criterion", *COLUMNS])
+    return pd.concat(maps, ignore_index=True)[["criterion", *COLUMNS]]
 
 
 def _side(difference: float) -> str:
@@ -143,9 +160,13 @@ def crossover_sentences(table: pd.DataFrame) -> list[str]:
         said = f"At {tokens_text(budget)} training tokens per cell, by the 95% intervals {_verdicts(rows)}"
         changes = [k for k in range(1, len(sides)) if sides[k] != sides[k - 1]]
         if not changes:
+            where = (
+                f"at the one measured sparsity ({targets[0]:.0%})"
+                if len(targets) == 1
+                else f"at every measured sparsity ({targets[0]:.0%} to {targets[-1]:.0%})"
+            )
             sentences.append(
-                f"{said}; by the means {sides[0]} is ahead at every measured sparsity ({targets[0]:.0%} to "
-                f"{targets[-1]:.0%}): the sign does not change in the measured range."
+                f"{said}; by the means {sides[0]} is ahead {where}: the sign does not change in the measured range."
             )
             continue
         flips = [f"between {targets[k - 1]:.0%} and {targets[k]:.0%} (to {sides[k]})" for k in changes]
@@ -153,14 +174,25 @@ def crossover_sentences(table: pd.DataFrame) -> list[str]:
     return sentences
 
 
+def criterion_sentences(table: pd.DataFrame) -> list[str]:
+    """crossover_sentences for each criterion of `criterion_maps`, each under its criterion's name."""
+    return [
+        f"{criterion(name).display}: {sentence[0].lower()}{sentence[1:]}"
+        for name, rows in table.groupby("criterion", sort=False)
+        for sentence in crossover_sentences(rows)
+    ]
+
+
 def map_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The map as the report prints it."""
+    """The map as the report prints it (a map per criterion with its criterion first)."""
 
     def interval(row) -> str:
         return "-" if math.isnan(row["low"]) else f"{row['low']:+.2f} to {row['high']:+.2f}"
 
+    named = {"Criterion": [criterion(name).display for name in table["criterion"]]} if "criterion" in table else {}
     return pd.DataFrame(
         {
+            **named,
             "Budget": [tokens_text(b) for b in table["budget"]],
             "Sparsity": [f"{t:.0%}" for t in table["target_sparsity"]],
             "One-shot + FT (best)": list(table["one_shot"]),

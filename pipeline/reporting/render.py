@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..machine import cpu_model
 from ..methods import methods_where
 from ..tracking.models import logged_models
-from .crossover import crossover_map, crossover_sentences, map_table
+from .crossover import criterion_maps, criterion_sentences, crossover_map, crossover_sentences, map_table
 from .findings import findings
 from .numbers import markdown_table, tokens_text
 from .plots import (
@@ -169,17 +169,29 @@ def _budget_id(target: float, budget: float) -> str:
 
 def crossover_blocks(summary: pd.DataFrame, runs: pd.DataFrame, out: Path) -> list:
     """Where a grid swept budgets: the crossover map (crossover.csv beside the report), its reading per budget,
-    the map as a figure and perplexity against the budget."""
+    the map as a figure and perplexity against the budget; then the map per criterion (crossover_by_criterion.csv)
+    where the grid ran a criterion both at once + training and step by step."""
     table = crossover_map(summary, runs)
     if table.empty:
         return []
     table.to_csv(out / "crossover.csv", index=False)
-    return [
+    blocks = [
         ("h2", "Where iterating pays: best one-shot + FT minus best iterative"),
         ("p", CROSSOVER_READING),
         ("table", (map_table(table), "crossover")),
         ("list", crossover_sentences(table)),
         ("images", [*crossover_heatmap(table, out), *perplexity_vs_budget(summary, out)]),
+    ]
+    by_criterion = criterion_maps(summary, runs)
+    if by_criterion.empty:
+        return blocks
+    by_criterion.to_csv(out / "crossover_by_criterion.csv", index=False)
+    return [
+        *blocks,
+        ("h2", "The same criterion at once or step by step: X + FT minus iterative X"),
+        ("p", CRITERION_READING),
+        ("table", (map_table(by_criterion), "crossover-by-criterion")),
+        ("list", criterion_sentences(by_criterion)),
     ]
 
 
@@ -205,6 +217,13 @@ CROSSOVER_READING = (
     "iterating pays. Where the 95% t-interval holds 0 the two are a tie. A step size that reaches the target in "
     "one step (0.5 at 50%) is no candidate: that cell prunes once and trains, the one-shot + FT cell of its "
     "criterion."
+)
+
+CRITERION_READING = (
+    "The map again, each criterion against itself: the best cell that prunes by it once and then trains against "
+    "the best that prunes by it step by step (over the step sizes), chosen on validation as above. Where the map "
+    "above sets a calibrated criterion step by step against another at once, this separates what iterating is "
+    "worth from what the criterion is worth."
 )
 
 
