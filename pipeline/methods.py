@@ -120,9 +120,8 @@ METHODS = _methods()
 BASELINE = "unpruned"
 CRITERION_NAMES = tuple(c.name for c in CRITERIA)
 GRID_METHODS = tuple(name for name, m in METHODS.items() if m.kind != "dense")  # the baseline always runs
-DEFAULT_CRITERION = (
-    "magnitude"  # --prune-method's default; a grid's `iterative` prunes by it (compare has no such flag)
-)
+# --prune-method's default; a grid's `iterative` prunes by it (compare has no such flag)
+DEFAULT_CRITERION = "magnitude"
 DEFAULT_GRID = ("sparsegpt", "magnitude", "wanda", "iterative", "magnitude+ft", "sparsegpt+ft", "dense+ft")
 
 
@@ -151,9 +150,9 @@ def one_shot_method_of(criterion_name: str, profile: str = "uniform") -> str:
 
 def criterion_of(name: str) -> str | None:
     """The criterion a grid cell of this method prunes by: its own, or `iterative`'s, DEFAULT_CRITERION; None for
-    a method that does not prune."""
-    entry = METHODS[name]
-    if not entry.prunes:
+    a method that does not prune or that the registry does not know (from a store written by another version)."""
+    entry = METHODS.get(name)
+    if entry is None or not entry.prunes:
         return None
     return entry.criterion.name if entry.criterion is not None else DEFAULT_CRITERION
 

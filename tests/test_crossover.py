@@ -19,6 +19,7 @@ from test_tuning import plant
 from pipeline.config import CompareConfig
 from pipeline.grid import lr_extension_cells, plan_cells
 from pipeline.jobs.compare import run_compare
+from pipeline.methods import criterion_of
 from pipeline.reporting.crossover import (
     ITERATIVE,
     ONE_SHOT,
@@ -205,6 +206,7 @@ def test_the_map_per_criterion_sets_each_criterion_against_itself_step_by_step()
     assert (best["one_shot"], best["iterative"]) == ("sparsegpt+ft", "iterative-sparsegpt")
     by_criterion = criterion_maps(chosen, runs).set_index("criterion")
     assert list(by_criterion.index) == ["sparsegpt", "magnitude"]  # the registry's order
+    assert criterion_of("dense+ft") is None and criterion_of("a-method-of-another-version") is None
     for criterion, one_shot, iterative in [
         ("magnitude", "magnitude+ft", "iterative"),
         ("sparsegpt", "sparsegpt+ft", "iterative-sparsegpt"),

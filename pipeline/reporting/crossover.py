@@ -79,15 +79,15 @@ def _best(rows: pd.DataFrame):
     return rows.loc[rows["val_perplexity"].idxmin()]
 
 
-def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame, criterion: str | None = None) -> pd.DataFrame:
+def crossover_map(summary: pd.DataFrame, runs: pd.DataFrame, by_criterion: str | None = None) -> pd.DataFrame:
     """One row per (target, budget) of the selected summary (`summary`: one row per cell at its selected lr) and
-    the runs of those cells: COLUMNS, ordered by budget then target. With `criterion`, only the methods that
-    prune by it take part."""
+    the runs of those cells: COLUMNS, ordered by budget then target. With `by_criterion`, only the methods that
+    prune by that criterion take part."""
     if "budget" not in summary:
         return pd.DataFrame(columns=COLUMNS)
     trained = summary[(summary["kind"] == "trained") & summary["budget"].notna()]
-    if criterion is not None:
-        trained = trained[trained["method"].map(criterion_of) == criterion]
+    if by_criterion is not None:
+        trained = trained[trained["method"].map(criterion_of) == by_criterion]
     trained = trained.assign(_family=trained["method"].map(family))
     trained = trained[(trained["_family"] != ITERATIVE) | ~trained.apply(_in_one_step, axis=1)]
     place = [name for name in ROW_AXES if name not in CHOSEN_AMONG]
