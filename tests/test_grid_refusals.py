@@ -200,3 +200,28 @@ def test_a_sweep_extended_at_one_target_is_complete_at_the_others(mlflow_store, 
     text = report(experiment_id, tmp_path / "out")
     assert "The sweep has not finished" not in text, text
     assert "per target: 50% 0.001, 0.01; 90% 0.001, 0.01, 0.03" in text, text
+
+
+def test_rungs_of_the_lr_ladder_are_not_an_unfinished_sweep(mlflow_store, tmp_path):
+    """A grid swept 1e-3 and 1e-2; sparsegpt+ft's selection sat at 1e-2, so the ladder ran 3e-2 for it alone
+    (--extend-lrs): iterative has no run at 3e-2 by design. The report names the rung, says the sweep is
+    whole, and keeps saying what a seed short at a planned lr still is."""
+    rows = [
+        *rows_of("sparsegpt+ft", 1e-3, [99.0, 99.0], [98.0, 98.0]),
+        *rows_of("sparsegpt+ft", 1e-2, [97.0, 97.0], [96.0, 96.0]),
+        *rows_of("sparsegpt+ft", 3e-2, [98.0, 98.0], [97.0, 97.0]),
+        *rows_of("iterative", 1e-3, [95.0, 95.0], [94.0, 94.0]),
+        *rows_of("iterative", 1e-2, [96.0, 96.0], [95.0, 95.0]),
+    ]
+    experiment_id = plant("laddered", 85.0, rows)
+    grid = MlflowClient().create_run(experiment_id, tags={"kind": "compare"})
+    MlflowClient().log_param(grid.info.run_id, "lrs", repr([1e-3, 1e-2]))
+    text = report(experiment_id, tmp_path / "out")
+    assert "The sweep has not finished" not in text, text
+    assert "2 per method, the same grid for each: 0.001, 0.01, and past it" in text, text
+    assert "the next rungs of the ladder for that method alone (0.03)" in text, text
+    planted = plant("laddered-short", 85.0, rows[:-1])  # iterative one seed short at a planned lr
+    grid = MlflowClient().create_run(planted, tags={"kind": "compare"})
+    MlflowClient().log_param(grid.info.run_id, "lrs", repr([1e-3, 1e-2]))
+    text = report(planted, tmp_path / "short")
+    assert "iterative at 90% has fewer seeds at lr 0.01 (1 of 2 seeds)" in text, text

@@ -116,11 +116,17 @@ def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.Data
         return []
     every_trained = every_lr[every_lr["kind"] == "trained"]
     everywhere = set((planned or {}).get(None, []))
-    planned = {target: set(rates) for target, rates in (planned or {}).items() if target is not None}
+    asked = {target: set(rates) for target, rates in (planned or {}).items() if target is not None}
+    planned, ran = {}, {}
     for target, rates in every_trained.groupby("target_sparsity")["lr"]:
-        planned.setdefault(round(target, 4), set()).update(rates.dropna(), everywhere)
-    planned = {target: sorted(rates) for target, rates in planned.items()}
-    every_rate = sorted(set().union(*planned.values()))
+        target = round(target, 4)
+        ran[target] = set(rates.dropna())
+        # a target no grid names (cells a grid did not plan): what ran there is all a report can measure it by
+        planned[target] = sorted(asked.get(target, set()) | everywhere or ran[target])
+    # rates past the plan: rungs of the lr ladder (--extend-lrs), each run only by the rows whose selection sat
+    # at an edge, so the other rows have no run there by design, not because the sweep stopped short
+    rungs = sorted(set().union(*(ran[target] - set(planned[target]) for target in ran)))
+    every_rate = sorted(set().union(*ran.values()))
     if len(every_rate) <= 1:
         rates = ", ".join(f"{lr:g}" for lr in every_rate)
         return [
@@ -129,12 +135,17 @@ def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.Data
         ]
     counts = sorted({len(rates) for rates in planned.values()})
     grid = (
-        f"{counts[0]} per method, the same grid for each"
+        f"{counts[0]} per method, the same grid for each: {', '.join(f'{lr:g}' for lr in planned[min(planned)])}"
         if len(set(map(tuple, planned.values()))) == 1
         else "per target: "
         + "; ".join(f"{target:.0%} {', '.join(f'{lr:g}' for lr in rates)}" for target, rates in sorted(planned.items()))
         + "; at a target the same grid for each method"
     )
+    if rungs:
+        grid += (
+            ", and past it, where a method's selection sat at an edge of the rates it tried, the next rungs of the "
+            f"ladder for that method alone ({', '.join(f'{lr:g}' for lr in rungs)})"
+        )
     sentences = [
         f"Learning rates were swept ({grid}) and each method's selected on the mean validation perplexity over "
         "the seeds; tables and verdicts show the selected cells' test perplexity."
