@@ -105,34 +105,22 @@ def missing_from_sweep(trained: pd.DataFrame, planned: dict) -> list[str]:
     return gaps
 
 
-def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.DataFrame | None = None) -> list[str]:
-    """What the learning rates were: one, not tuned; or a sweep (as planned, or as run), its cost, the
-    selections at its edge, and what of it has not finished (its selection then is among what has).
-    `summary`: the selected rows; `every_lr`: every row, at every lr (default: `summary`); `planned`: per target,
-    the lrs the grids were asked to sweep there (None: at every target)."""
-    every_lr = summary if every_lr is None else every_lr
-    trained = summary[summary["kind"] == "trained"]
-    if trained.empty:
-        return []
-    every_trained = every_lr[every_lr["kind"] == "trained"]
-    everywhere = set((planned or {}).get(None, []))
-    asked = {target: set(rates) for target, rates in (planned or {}).items() if target is not None}
-    planned, ran = {}, {}
+def sweep_plan(every_trained: pd.DataFrame, asked: dict | None) -> tuple[dict, list]:
+    """Per target, the lrs the grids planned there (`asked`, per target, None: at every one), and the rates that
+    ran past that plan: rungs of the lr ladder (--extend-lrs), each run only by the rows whose selection sat at an
+    edge, so the other rows have no run there by design, not because the sweep stopped short."""
+    everywhere = set((asked or {}).get(None, []))
+    planned, rungs = {}, set()
     for target, rates in every_trained.groupby("target_sparsity")["lr"]:
-        target = round(target, 4)
-        ran[target] = set(rates.dropna())
+        target, ran = round(target, 4), set(rates.dropna())
         # a target no grid names (cells a grid did not plan): what ran there is all a report can measure it by
-        planned[target] = sorted(asked.get(target, set()) | everywhere or ran[target])
-    # rates past the plan: rungs of the lr ladder (--extend-lrs), each run only by the rows whose selection sat
-    # at an edge, so the other rows have no run there by design, not because the sweep stopped short
-    rungs = sorted(set().union(*(ran[target] - set(planned[target]) for target in ran)))
-    every_rate = sorted(set().union(*ran.values()))
-    if len(every_rate) <= 1:
-        rates = ", ".join(f"{lr:g}" for lr in every_rate)
-        return [
-            f"Every trained cell ran at one learning rate ({rates or 'its --lr'}), not tuned: a sweep (--lrs) gives "
-            "each method its own, selected on the validation split."
-        ]
+        planned[target] = sorted(set((asked or {}).get(target, [])) | everywhere or ran)
+        rungs |= ran - set(planned[target])
+    return planned, sorted(rungs)
+
+
+def sweep_text(planned: dict, rungs: list) -> str:
+    """The sweep as planned, and the ladder's rungs past it."""
     counts = sorted({len(rates) for rates in planned.values()})
     grid = (
         f"{counts[0]} per method, the same grid for each: {', '.join(f'{lr:g}' for lr in planned[min(planned)])}"
@@ -146,6 +134,28 @@ def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.Data
             ", and past it, where a method's selection sat at an edge of the rates it tried, the next rungs of the "
             f"ladder for that method alone ({', '.join(f'{lr:g}' for lr in rungs)})"
         )
+    return grid
+
+
+def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.DataFrame | None = None) -> list[str]:
+    """What the learning rates were: one, not tuned; or a sweep (as planned, or as run), its cost, the
+    selections at its edge, and what of it has not finished (its selection then is among what has).
+    `summary`: the selected rows; `every_lr`: every row, at every lr (default: `summary`); `planned`: per target,
+    the lrs the grids were asked to sweep there (None: at every target)."""
+    every_lr = summary if every_lr is None else every_lr
+    trained = summary[summary["kind"] == "trained"]
+    if trained.empty:
+        return []
+    every_trained = every_lr[every_lr["kind"] == "trained"]
+    planned, rungs = sweep_plan(every_trained, planned)
+    every_rate = sorted(set(rungs).union(*planned.values()))
+    if len(every_rate) <= 1:
+        rates = ", ".join(f"{lr:g}" for lr in every_rate)
+        return [
+            f"Every trained cell ran at one learning rate ({rates or 'its --lr'}), not tuned: a sweep (--lrs) gives "
+            "each method its own, selected on the validation split."
+        ]
+    grid = sweep_text(planned, rungs)
     sentences = [
         f"Learning rates were swept ({grid}) and each method's selected on the mean validation perplexity over "
         "the seeds; tables and verdicts show the selected cells' test perplexity."
