@@ -302,7 +302,8 @@ def crossover_heatmap(table: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_yticks(range(len(targets)), [f"{t:.0%}" for t in targets])
     ax.set(xlabel="training tokens per cell", ylabel="target sparsity")
     ax.set_title(
-        "One-shot + FT minus iterative, test perplexity\n(blue: iterating pays; grey: a tie; colour: log of the size)",
+        "One-shot + FT minus iterative, test perplexity\n"
+        "(blue: iterating pays; red: one-shot + FT does; grey, hatched: a tie; shade: log of the size)",
         fontsize=9,
     )
     return [_save(fig, out / "crossover_map.png")]
