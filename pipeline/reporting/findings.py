@@ -109,30 +109,35 @@ def sweep_plan(every_trained: pd.DataFrame, asked: dict | None) -> tuple[dict, l
     """Per target, the lrs the grids planned there (`asked`, per target, None: at every one), and the rates that
     ran past that plan: rungs of the lr ladder (--extend-lrs), each run only by the rows whose selection sat at an
     edge, so the other rows have no run there by design, not because the sweep stopped short."""
-    everywhere = set((asked or {}).get(None, []))
+    asked = asked or {}
+    everywhere = set(asked.get(None, []))
     planned, rungs = {}, set()
     for target, rates in every_trained.groupby("target_sparsity")["lr"]:
         target, ran = round(target, 4), set(rates.dropna())
         # a target no grid names (cells a grid did not plan): what ran there is all a report can measure it by
-        planned[target] = sorted(set((asked or {}).get(target, [])) | everywhere or ran)
+        planned[target] = sorted(set(asked.get(target, [])) | everywhere or ran)
         rungs |= ran - set(planned[target])
     return planned, sorted(rungs)
 
 
 def sweep_text(planned: dict, rungs: list) -> str:
     """The sweep as planned, and the ladder's rungs past it."""
+
+    def listed(rates):
+        return ", ".join(f"{lr:g}" for lr in rates)
+
     counts = sorted({len(rates) for rates in planned.values()})
     grid = (
-        f"{counts[0]} per method, the same grid for each: {', '.join(f'{lr:g}' for lr in planned[min(planned)])}"
+        f"{counts[0]} per method, the same grid for each: {listed(planned[min(planned)])}"
         if len(set(map(tuple, planned.values()))) == 1
         else "per target: "
-        + "; ".join(f"{target:.0%} {', '.join(f'{lr:g}' for lr in rates)}" for target, rates in sorted(planned.items()))
+        + "; ".join(f"{target:.0%} {listed(rates)}" for target, rates in sorted(planned.items()))
         + "; at a target the same grid for each method"
     )
     if rungs:
         grid += (
             ", and past it, where a method's selection sat at an edge of the rates it tried, the next rungs of the "
-            f"ladder for that method alone ({', '.join(f'{lr:g}' for lr in rungs)})"
+            f"ladder for that method alone ({listed(rungs)})"
         )
     return grid
 
