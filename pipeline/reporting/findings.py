@@ -120,12 +120,13 @@ def sweep_plan(every_trained: pd.DataFrame, asked: dict | None) -> tuple[dict, l
     return planned, sorted(rungs)
 
 
+def listed(rates) -> str:
+    """Learning rates as a report writes them."""
+    return ", ".join(f"{lr:g}" for lr in rates)
+
+
 def sweep_text(planned: dict, rungs: list) -> str:
     """The sweep as planned, and the ladder's rungs past it."""
-
-    def listed(rates):
-        return ", ".join(f"{lr:g}" for lr in rates)
-
     counts = sorted({len(rates) for rates in planned.values()})
     grid = (
         f"{counts[0]} per method, the same grid for each: {listed(planned[min(planned)])}"
@@ -155,10 +156,9 @@ def tuning(summary: pd.DataFrame, planned: dict | None = None, every_lr: pd.Data
     planned, rungs = sweep_plan(every_trained, planned)
     every_rate = sorted(set(rungs).union(*planned.values()))
     if len(every_rate) <= 1:
-        rates = ", ".join(f"{lr:g}" for lr in every_rate)
         return [
-            f"Every trained cell ran at one learning rate ({rates or 'its --lr'}), not tuned: a sweep (--lrs) gives "
-            "each method its own, selected on the validation split."
+            f"Every trained cell ran at one learning rate ({listed(every_rate) or 'its --lr'}), not tuned: "
+            "a sweep (--lrs) gives each method its own, selected on the validation split."
         ]
     grid = sweep_text(planned, rungs)
     sentences = [
